@@ -1,0 +1,371 @@
+"""Validation and layout normalisation for ``ring_attention_update`` (SPEC sections 2, 4 and 5).
+
+Every backend receives an :class:`UpdateProblem`: the validated user tensors plus the facts derived from
+them. Backends never re-validate and never see NumPy arrays.
+
+Note [canonical rows]
+---------------------
+All layouts are read as *rows*: one row is one (token, head) pair with ``D`` output elements and one
+statistics entry of 8 equal lanes. :meth:`UpdateProblem.attn_rows` views an attention tensor as
+``(P, Q, N, D)`` and :meth:`UpdateProblem.stats_rows` views a statistics tensor as ``(P, Q, N, 8)``,
+both without copying (strides are kept):
+
+=========================  ==============  ==================  =====================================
+layout / statistics         (P, Q)          attention view       statistics view
+=========================  ==============  ==================  =====================================
+SBH                         (S, B)          (S, B, H) split H    (B, N, S, 8) permuted to (S, B, N, 8)
+TND, token-major            (T, 1)          (T, N, D)            (T, N, 8) as (T, 1, N, 8)
+TND, per-batch (default)    (T, 1)          (T, N, D)            see below
+=========================  ==============  ==================  =====================================
+
+For the first two, attention row ``[p, q, n]`` uses statistics row ``[p, q, n]`` of the views. For the
+per-batch TND layout (SPEC section 4) the statistics tensor, read as ``(T*N, 8)`` rows in its logical
+row-major order, holds batch ``i`` as a contiguous ``(N, S_i)`` block starting at row ``c_i * N``. Token
+``t`` of batch ``i`` and head ``n`` therefore use logical row::
+
+    r(t, n) = row_base[t] + n * row_step[t],   row_base[t] = c_i * (N - 1) + t,   row_step[t] = S_i
+
+and that row lives at ``stats[r // N, r % N]`` of the ``(T, N, 8)`` tensor. :meth:`per_batch_row_map`
+returns ``(row_base, row_step)`` as int64 tensors on the inputs' device, computed without a host sync.
+The map is a bijection between attention rows and statistics rows, so a kernel that walks attention
+rows reads and writes every statistics row exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .errors import (
+    AliasError,
+    DeviceError,
+    DTypeError,
+    HardwareLimitError,
+    LayoutError,
+    SeqLenError,
+    ShapeError,
+    expected,
+)
+
+STATS_LANES = 8
+ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LAYOUTS = ("SBH", "TND")
+SOFTMAX_LAYOUTS = (None, "TND")
+# SPEC section 5: the Ascend kernel's unified-buffer budget for one TND row block.
+ASCEND_UB_BYTES = 192 * 1024
+ASCEND_HEAD_DIM_ALIGN = 64
+
+_ATTN_NAMES = ("prev_attn_out", "cur_attn_out")
+_STATS_NAMES = ("prev_softmax_max", "prev_softmax_sum", "cur_softmax_max", "cur_softmax_sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateProblem:
+    """A validated ``ring_attention_update`` call. See Note [canonical rows]."""
+
+    layout: str  # "SBH" | "TND"
+    stats_order: str  # "SBH" | "token_major" | "per_batch"
+    prev_o: torch.Tensor
+    prev_m: torch.Tensor
+    prev_l: torch.Tensor
+    cur_o: torch.Tensor
+    cur_m: torch.Tensor
+    cur_l: torch.Tensor
+    seq_offsets: torch.Tensor | None  # int64 (batches + 1,), on the inputs' device; TND only
+    num_heads: int
+    head_dim: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.prev_o.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prev_o.dtype
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        return self.prev_m.dtype
+
+    @property
+    def num_rows(self) -> int:
+        return self.prev_o.numel() // max(self.head_dim, 1) if self.head_dim else 0
+
+    def attn_rows(self, o: torch.Tensor) -> torch.Tensor:
+        """View an attention-shaped tensor as ``(P, Q, N, D)`` rows (no copy)."""
+        if self.layout == "SBH":
+            return o.unflatten(2, (self.num_heads, self.head_dim))
+        return o.unsqueeze(1)
+
+    def stats_rows(self, s: torch.Tensor) -> torch.Tensor:
+        """View a statistics-shaped tensor as ``(P, Q, N, 8)`` rows (no copy).
+
+        For the per-batch TND order the view is the raw ``(T, 1, N, 8)`` tensor: rows must then be
+        located through :meth:`per_batch_row_map`.
+        """
+        if self.layout == "SBH":
+            return s.permute(2, 0, 1, 3)
+        return s.unsqueeze(1)
+
+    def per_batch_row_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row_base, row_step)``, int64 ``(T,)`` each: see Note [canonical rows]."""
+        assert self.seq_offsets is not None, "per_batch_row_map needs a TND problem"
+        return per_batch_row_map(self.seq_offsets, self.prev_o.shape[0], self.num_heads)
+
+
+def per_batch_row_map(
+    seq_offsets: torch.Tensor, total_tokens: int, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(row_base, row_step)`` of the per-batch statistics layout, on ``seq_offsets``'s device.
+
+    Pure device arithmetic (no host sync), so it can be captured in a CUDA graph.
+    """
+    offsets = seq_offsets.to(torch.int64)
+    tokens = torch.arange(total_tokens, device=offsets.device, dtype=torch.int64)
+    # right=True picks, among repeated offsets of empty batches, the batch that really holds the token.
+    batch = torch.searchsorted(offsets, tokens, right=True) - 1
+    start = offsets[batch]
+    length = offsets[batch + 1] - start
+    return start * (num_heads - 1) + tokens, length
+
+
+def normalise_layout(layout: Any) -> str:
+    if not isinstance(layout, str) or layout.upper() not in LAYOUTS:
+        raise LayoutError(expected("layout", "'SBH' or 'TND' (case-insensitive)", layout))
+    return layout.upper()
+
+
+def _check_tensor(name: str, value: Any) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise DTypeError(expected(name, "a torch.Tensor or numpy.ndarray", type(value).__name__))
+    return value
+
+
+def _check_rank(name: str, t: torch.Tensor, rank: int, letters: str) -> None:
+    if t.dim() != rank:
+        raise ShapeError(expected(name, f"rank {rank} {letters}", f"rank {t.dim()} with shape {tuple(t.shape)}"))
+
+
+def _check_same_shape(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.shape != ref.shape:
+        raise ShapeError(expected(name, f"shape {tuple(ref.shape)} (the shape of {ref_name})", tuple(t.shape)))
+
+
+def _check_dtypes(attn: Sequence[torch.Tensor], stats: Sequence[torch.Tensor]) -> None:
+    prev_o, cur_o = attn
+    if prev_o.dtype not in ATTN_DTYPES:
+        raise DTypeError(expected("prev_attn_out", "float16, bfloat16, float32 or float64", prev_o.dtype))
+    if cur_o.dtype != prev_o.dtype:
+        raise DTypeError(expected("cur_attn_out", f"{prev_o.dtype} (the dtype of prev_attn_out)", cur_o.dtype))
+    allowed = (torch.float32, torch.float64) if prev_o.dtype == torch.float64 else (torch.float32,)
+    want = "float32 (or float64 with float64 attention)" if len(allowed) == 2 else "float32"
+    for name, s in zip(_STATS_NAMES, stats):
+        if s.dtype not in allowed:
+            raise DTypeError(expected(name, want, s.dtype))
+        if s.dtype != stats[0].dtype:
+            raise DTypeError(expected(name, f"{stats[0].dtype} (the dtype of prev_softmax_max)", s.dtype))
+
+
+def _check_devices(named: Sequence[tuple[str, torch.Tensor]]) -> None:
+    device = named[0][1].device
+    for name, t in named[1:]:
+        if t.device != device:
+            raise DeviceError(expected(name, f"device {device} (the device of {named[0][0]})", f"device {t.device}"))
+
+
+def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch.device) -> torch.Tensor:
+    """Validate ``actual_seq_qlen`` and return it as int64 on ``device``.
+
+    A tensor on an accelerator is copied to the host to be validated: one synchronisation. Pass a list or
+    a CPU tensor to avoid it (the offsets are then copied to ``device`` asynchronously).
+    """
+    if actual_seq_qlen is None:
+        raise SeqLenError(expected("actual_seq_qlen", "a 1-D int64 tensor of cumulative lengths for layout 'TND'", "None"))
+    if isinstance(actual_seq_qlen, torch.Tensor):
+        offsets = actual_seq_qlen
+    else:
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            np = None  # type: ignore[assignment]
+        if np is not None and isinstance(actual_seq_qlen, np.ndarray):
+            offsets = torch.from_numpy(actual_seq_qlen)
+        elif isinstance(actual_seq_qlen, (list, tuple)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in actual_seq_qlen):
+                raise DTypeError(expected("actual_seq_qlen", "integers", actual_seq_qlen))
+            offsets = torch.tensor(list(actual_seq_qlen), dtype=torch.int64)
+        else:
+            raise DTypeError(expected("actual_seq_qlen", "an int64 tensor, array or a list of ints", type(actual_seq_qlen).__name__))
+    if offsets.dtype != torch.int64:
+        raise DTypeError(expected("actual_seq_qlen", "dtype int64", offsets.dtype))
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise SeqLenError(expected("actual_seq_qlen", "a non-empty 1-D tensor", f"shape {tuple(offsets.shape)}"))
+    host = offsets.cpu()  # the documented host sync for device tensors
+    first, last = int(host[0]), int(host[-1])
+    if first != 0:
+        raise SeqLenError(expected("actual_seq_qlen", "a sequence starting at 0", f"first value {first}"))
+    if last != total_tokens:
+        raise SeqLenError(expected("actual_seq_qlen", f"a sequence ending at T = {total_tokens}", f"last value {last}"))
+    steps = host[1:] - host[:-1]
+    if bool((steps < 0).any()):
+        at = int(torch.nonzero(steps < 0)[0, 0])
+        raise SeqLenError(
+            expected("actual_seq_qlen", "a non-decreasing sequence", f"{int(host[at])} followed by {int(host[at + 1])} at index {at}")
+        )
+    return offsets.to(device, non_blocking=True)
+
+
+def _check_ascend_limits(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    if head_dim % ASCEND_HEAD_DIM_ALIGN:
+        raise HardwareLimitError(
+            expected("prev_attn_out", f"head size D a multiple of {ASCEND_HEAD_DIM_ALIGN} for layout 'TND' "
+                     "(an Ascend limit; lift it with ascend_limits=False)", f"D = {head_dim}")
+        )
+    data_size = torch.empty((), dtype=dtype).element_size()
+
+    def align_up(x: int, a: int = 64) -> int:
+        return (x + a - 1) // a * a
+
+    need = align_up(num_heads * head_dim) * (data_size * 6 + 8) + align_up(num_heads * 8) * 56
+    if need > ASCEND_UB_BYTES:
+        raise HardwareLimitError(
+            expected("prev_attn_out", f"AlignUp(N*D, 64)*(DataSize*6+8) + AlignUp(N*8, 64)*56 <= {ASCEND_UB_BYTES} "
+                     "for layout 'TND' (an Ascend limit; lift it with ascend_limits=False)",
+                     f"{need} with N = {num_heads}, D = {head_dim}, DataSize = {data_size}")
+        )
+
+
+def validate_update(
+    prev_attn_out: Any,
+    prev_softmax_max: Any,
+    prev_softmax_sum: Any,
+    cur_attn_out: Any,
+    cur_softmax_max: Any,
+    cur_softmax_sum: Any,
+    actual_seq_qlen: Any,
+    layout: Any,
+    softmax_layout: Any = None,
+    ascend_limits: bool = True,
+) -> UpdateProblem:
+    """Check a ``ring_attention_update`` call against SPEC section 5 and normalise it."""
+    layout = normalise_layout(layout)
+    if softmax_layout is not None:
+        if not isinstance(softmax_layout, str) or softmax_layout.upper() != "TND":
+            raise LayoutError(expected("softmax_layout", "None or 'TND'", softmax_layout))
+        if layout != "TND":
+            raise LayoutError(expected("softmax_layout", "None for layout 'SBH'", softmax_layout))
+    attn = [_check_tensor(n, t) for n, t in zip(_ATTN_NAMES, (prev_attn_out, cur_attn_out))]
+    stats = [
+        _check_tensor(n, t)
+        for n, t in zip(_STATS_NAMES, (prev_softmax_max, prev_softmax_sum, cur_softmax_max, cur_softmax_sum))
+    ]
+    attn_letters, stats_rank, stats_letters = (
+        ("(S, B, H)", 4, "(B, N, S, 8)") if layout == "SBH" else ("(T, N, D)", 3, "(T, N, 8)")
+    )
+    for name, t in zip(_ATTN_NAMES, attn):
+        _check_rank(name, t, 3, attn_letters)
+    for name, s in zip(_STATS_NAMES, stats):
+        _check_rank(name, s, stats_rank, stats_letters)
+        if s.shape[-1] != STATS_LANES:
+            raise ShapeError(expected(name, f"last dimension {STATS_LANES}", f"shape {tuple(s.shape)}"))
+    prev_o, cur_o = attn
+    prev_m = stats[0]
+    if layout == "SBH":
+        seq, batch, hidden = prev_o.shape
+        b_stats, num_heads, s_stats = prev_m.shape[0], prev_m.shape[1], prev_m.shape[2]
+        if (s_stats, b_stats) != (seq, batch):
+            raise ShapeError(
+                expected("prev_softmax_max", f"(B, N, S, 8) with S = {seq} and B = {batch} from prev_attn_out",
+                         f"shape {tuple(prev_m.shape)}")
+            )
+        if num_heads == 0 and hidden != 0 or num_heads and hidden % num_heads:
+            raise ShapeError(
+                expected("prev_attn_out", f"H divisible by N = {num_heads} (N from prev_softmax_max)", f"H = {hidden}")
+            )
+        head_dim = hidden // num_heads if num_heads else 0
+    else:
+        tokens, num_heads, head_dim = prev_o.shape
+        if tuple(prev_m.shape[:2]) != (tokens, num_heads):
+            raise ShapeError(
+                expected("prev_softmax_max", f"(T, N, 8) with T = {tokens} and N = {num_heads} from prev_attn_out",
+                         f"shape {tuple(prev_m.shape)}")
+            )
+    _check_same_shape("cur_attn_out", cur_o, "prev_attn_out", prev_o)
+    for name, s in zip(_STATS_NAMES[1:], stats[1:]):
+        _check_same_shape(name, s, "prev_softmax_max", prev_m)
+    _check_dtypes(attn, stats)
+    _check_devices(list(zip(_ATTN_NAMES + _STATS_NAMES, attn + stats)))
+
+    seq_offsets = None
+    stats_order = "SBH"
+    if layout == "TND":
+        seq_offsets = normalise_seq_offsets(actual_seq_qlen, prev_o.shape[0], prev_o.device)
+        stats_order = "token_major" if softmax_layout is not None else "per_batch"
+        if ascend_limits:
+            _check_ascend_limits(num_heads, head_dim, prev_o.dtype)
+    return UpdateProblem(
+        layout=layout,
+        stats_order=stats_order,
+        prev_o=prev_o,
+        prev_m=stats[0],
+        prev_l=stats[1],
+        cur_o=cur_o,
+        cur_m=stats[2],
+        cur_l=stats[3],
+        seq_offsets=seq_offsets,
+        num_heads=num_heads,
+        head_dim=head_dim,
+    )
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    if t.numel() == 0:
+        return (0, 0)
+    start = t.data_ptr()
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return start, start + (extent + 1) * t.element_size()
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+def check_outputs(
+    out: Any, problem: UpdateProblem, inputs: Sequence[tuple[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate ``out=(attn_out, softmax_max, softmax_sum)`` for ``problem``.
+
+    An output may be exactly the same view as an input (in-place accumulation); any other overlap with an
+    input, between outputs, or inside one output (expanded strides) raises :class:`AliasError`.
+    """
+    if not isinstance(out, (tuple, list)) or len(out) != 3:
+        raise ShapeError(expected("out", "a tuple (attn_out, softmax_max, softmax_sum)", type(out).__name__))
+    names = ("out[0] (attn_out)", "out[1] (softmax_max)", "out[2] (softmax_sum)")
+    refs = (problem.prev_o, problem.prev_m, problem.prev_m)
+    outs = tuple(_check_tensor(n, t) for n, t in zip(names, out))
+    for name, t, ref in zip(names, outs, refs):
+        if t.shape != ref.shape:
+            raise ShapeError(expected(name, f"shape {tuple(ref.shape)}", tuple(t.shape)))
+        if t.dtype != ref.dtype:
+            raise DTypeError(expected(name, f"dtype {ref.dtype}", t.dtype))
+        if t.device != ref.device:
+            raise DeviceError(expected(name, f"device {ref.device}", f"device {t.device}"))
+        if torch._debug_has_internal_overlap(t) == 1:
+            raise AliasError(expected(name, "a tensor without internally overlapping memory", f"strides {t.stride()}"))
+    others = list(inputs) + list(zip(names, outs))
+    for i, (name, t) in enumerate(zip(names, outs)):
+        lo, hi = _byte_range(t)
+        for other_name, other in others:
+            if other is t or other_name == name or other.numel() == 0 or t.numel() == 0:
+                continue
+            o_lo, o_hi = _byte_range(other)
+            overlaps = lo < o_hi and o_lo < hi
+            is_output = other_name in names
+            if overlaps and (is_output or not _same_view(t, other)):
+                raise AliasError(
+                    expected(name, f"no overlap with {other_name} other than being exactly the same view", "a partial overlap")
+                )
+    return outs  # type: ignore[return-value]

@@ -1,0 +1,144 @@
+"""Public operations of ringattn."""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+from . import backends
+from ._contract import check_outputs, validate_update
+from .errors import DTypeError, expected
+
+__all__ = ["ring_attention_update"]
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def _to_torch(name: str, value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
+
+
+def ring_attention_update(
+    prev_attn_out: ArrayLike,
+    prev_softmax_max: ArrayLike,
+    prev_softmax_sum: ArrayLike,
+    cur_attn_out: ArrayLike,
+    cur_softmax_max: ArrayLike,
+    cur_softmax_sum: ArrayLike,
+    actual_seq_qlen: ArrayLike | list[int] | None = None,
+    layout: str = "SBH",
+    *,
+    softmax_layout: str | None = None,
+    ascend_limits: bool = True,
+    out: tuple[ArrayLike, ArrayLike, ArrayLike] | None = None,
+    backend: str = "auto",
+) -> tuple[Any, Any, Any]:
+    """Merge two partial FlashAttention results into the attention over the union of their keys.
+
+    A drop-in for ``mindspore.ops.ring_attention_update`` (contract: SPEC.md). For each (token, head) row,
+    with ``M = max(prev_max, cur_max)``, ``a = prev_sum * exp(prev_max - M)``, ``b = cur_sum * exp(cur_max
+    - M)`` and ``L = a + b``::
+
+        attn_out    = prev_attn_out * (a / L) + cur_attn_out * (b / L)   # float32, rounded once
+        softmax_max = M
+        softmax_sum = L
+
+    Shape letters: S sequence, B batch, N heads, D head size, H = N * D, T total tokens of a packed batch.
+
+    Parameters
+    ----------
+    prev_attn_out, cur_attn_out : Tensor ``(S, B, H)`` (SBH) or ``(T, N, D)`` (TND)
+        Partial outputs, each normalised over its own keys. float16, bfloat16, float32 or float64, the
+        same dtype for both.
+    prev_softmax_max, cur_softmax_max : Tensor ``(B, N, S, 8)`` (SBH) or ``(T, N, 8)`` (TND), float32
+        Row maximum of the *scaled* scores (natural-exponent convention: the softmax is ``exp(s - max)``).
+        The 8 lanes hold the same number (Ascend alignment); lane 0 decides the output weights.
+    prev_softmax_sum, cur_softmax_sum : same shape and dtype as the maxima
+        ``sum(exp(s - max))`` over the row's keys. A row that saw no keys is ``(out 0, max -inf, sum 0)``.
+        float64 statistics are accepted with float64 attention.
+    actual_seq_qlen : int64 Tensor/array or list of ints, ``(batches + 1,)``; TND only (ignored for SBH)
+        Cumulative query lengths ``[0, c1, ..., T]``, non-decreasing; zero-length batches allowed. It is
+        validated: a tensor on an accelerator costs one host synchronisation, so pass a list or a CPU
+        tensor in hot loops.
+    layout : ``"SBH"`` or ``"TND"``, case-insensitive
+    softmax_layout : None or ``"TND"``, keyword-only
+        TND statistics layout. None (default, as FlashAttention on Ascend produces them): per batch,
+        head-major: batch i is an ``(N, S_i)`` block of rows starting at row ``c_i * N`` of the ``(T*N, 8)``
+        view. ``"TND"``: token-major, row ``t * N + n``.
+    ascend_limits : bool, keyword-only, default True
+        Enforce the Ascend-only TND limits (D a multiple of 64; the unified-buffer size bound) so that code
+        that runs here also runs on Ascend. False lifts those two and nothing else.
+    out : tuple ``(attn_out, softmax_max, softmax_sum)``, optional, keyword-only
+        Destinations with the output shapes and dtypes. Each may be exactly the same view as an input
+        (``out=(prev_attn_out, prev_softmax_max, prev_softmax_sum)`` accumulates in place); any other
+        overlap raises AliasError.
+    backend : ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"`` or ``"triton"``, keyword-only
+        ``auto`` takes the fused kernel of the inputs' device when available, else ``torch``.
+
+    Returns
+    -------
+    (attn_out, softmax_max, softmax_sum)
+        ``attn_out`` with the shape and dtype of ``prev_attn_out``; ``softmax_max``, ``softmax_sum`` with
+        the shape and dtype of ``prev_softmax_max``. New tensors unless ``out`` is given (then ``out``
+        itself). NumPy inputs give NumPy outputs. Inputs are never modified (unless aliased by ``out``).
+
+    Raises
+    ------
+    LayoutError (ValueError)
+        ``layout`` or ``softmax_layout`` unknown.
+    ShapeError (ValueError, RuntimeError)
+        Ranks, the statistics' last dimension, or sizes disagree (the message names both arguments).
+    DTypeError (TypeError, RuntimeError)
+        Attention dtypes differ or are unsupported; statistics not float32; ``actual_seq_qlen`` not int64.
+    SeqLenError (ValueError, RuntimeError)
+        TND without ``actual_seq_qlen``, or it does not rise from 0 to T.
+    HardwareLimitError (ValueError, RuntimeError)
+        TND beyond the Ascend limits while ``ascend_limits=True``.
+    DeviceError, AliasError, BackendError (ValueError)
+        Mixed devices; outputs overlapping inputs other than exactly; unknown or unavailable backend.
+
+    Notes
+    -----
+    Deviations from the Ascend original (SPEC section 7): merging two empty rows gives the empty row
+    ``(0, -inf, 0)`` instead of NaN; merging an empty row with x gives x. NaN inputs still give NaN and
+    ``+inf`` statistics follow IEEE arithmetic (NaN weights), as in the original.
+    """
+    as_numpy = isinstance(prev_attn_out, np.ndarray)
+    tensors = [
+        _to_torch(n, v)
+        for n, v in zip(
+            ("prev_attn_out", "prev_softmax_max", "prev_softmax_sum", "cur_attn_out", "cur_softmax_max", "cur_softmax_sum"),
+            (prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum),
+        )
+    ]
+    problem = validate_update(
+        *tensors, actual_seq_qlen, layout, softmax_layout=softmax_layout, ascend_limits=ascend_limits
+    )
+    runner = backends.select(backend, problem)
+    if out is None:
+        outs = (
+            torch.empty(problem.prev_o.shape, dtype=problem.dtype, device=problem.device),
+            torch.empty(problem.prev_m.shape, dtype=problem.stats_dtype, device=problem.device),
+            torch.empty(problem.prev_m.shape, dtype=problem.stats_dtype, device=problem.device),
+        )
+    else:
+        if not isinstance(out, (tuple, list)):
+            raise DTypeError(expected("out", "a tuple of three tensors", type(out).__name__))
+        named_inputs = list(
+            zip(
+                ("prev_attn_out", "prev_softmax_max", "prev_softmax_sum", "cur_attn_out", "cur_softmax_max", "cur_softmax_sum"),
+                (problem.prev_o, problem.prev_m, problem.prev_l, problem.cur_o, problem.cur_m, problem.cur_l),
+            )
+        )
+        outs = check_outputs([_to_torch("out", o) for o in out], problem, named_inputs)
+    if problem.prev_o.numel() or problem.prev_m.numel():
+        runner.ring_attention_update(problem, *outs)
+    if out is not None:
+        return tuple(out)  # type: ignore[return-value]
+    if as_numpy:
+        return tuple(t.numpy() for t in outs)  # type: ignore[return-value]
+    return outs

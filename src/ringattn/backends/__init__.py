@@ -1,0 +1,96 @@
+"""Backends: one module each (``torch_eager``, ``numba_cpu``, ``triton_cuda``, ``reference_backend``).
+
+Every fused backend implements one row-merge kernel, and every public op is a call of it.
+
+Note [row merge]
+----------------
+``merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, *, row_map=None, lse_scale=1.0)`` merges K
+partial results row by row (a row is one (token, head) pair; see Note [canonical rows] in
+``_contract.py``):
+
+* ``parts_o``: K tensors ``(P, Q, N, D)``, one dtype (fp16/bf16/fp32/fp64), any strides.
+* ``parts_m``: K tensors ``(P, Q, N, lanes)`` float32 (float64 allowed with float64 outputs), any
+  strides; only lane 0 is read. Stats form (``parts_l`` given): the row max of the scaled scores.
+  LSE form (``parts_l`` is None): the log-sum-exp ``lse``, in natural log after multiplying by
+  ``lse_scale`` (``ln 2`` for base-2 producers); ``+inf`` (old FlashAttention's empty rows) reads as
+  ``-inf``.
+* ``parts_l``: K sums ``sum(exp(s - max))`` shaped like ``parts_m``, or None (LSE form).
+* ``out_o``: ``(P, Q, N, D)``; ``out_m`` ``(P, Q, N, lanes_out)``: max (stats form) or LSE (LSE form,
+  in the caller's base, i.e. divided by ``lse_scale``), written to every lane; ``out_l``: the sum (stats
+  form) or None. Outputs may be exactly the same views as inputs (in-place accumulation).
+* ``row_map``: None, or ``(row_base, row_step)`` for the per-batch TND statistics layout; then every stats
+  view is the raw ``(T, 1, N, lanes)`` tensor and row ``(t, n)`` is located as in Note [canonical rows].
+
+Per row, in float32 (float64 for float64 outputs)::
+
+    M = max_k m_k;  shift = 0 if M == -inf else M     # all parts empty -> weights 0, never NaN
+    w_k = l_k * exp(m_k - shift);  L = sum_k w_k
+    out_o = sum_k o_k * (w_k / L)  (weights 0 where M == -inf), rounded once to the output dtype
+    stats form: out_m = M, out_l = L;   LSE form: out_m = (M + ln L) / lse_scale, -inf where M == -inf
+
+For K = 2 this is SPEC section 3 exactly (two products then one add).
+
+Each backend module has:
+
+``unavailable_reason() -> str | None``
+    Why the backend cannot run in this process (a missing package), or None.
+``unsupported_reason(problem) -> str | None``
+    Why it cannot run this particular problem (device, dtype), or None.
+``ring_attention_update(problem, out_o, out_m, out_l) -> None``
+    Write the merge into preallocated outputs, which may be exactly the input views (in place).
+``merge_rows(...)``
+    Note [row merge] (not the reference backend, which is a separate transcription of the SPEC).
+
+``auto`` picks the fused backend for the inputs' device when it is available and supports the problem,
+else the portable ``torch`` backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .._contract import UpdateProblem
+from ..errors import BackendError, expected
+
+_MODULES = {
+    "reference": "reference_backend",
+    "torch": "torch_eager",
+    "cpu": "numba_cpu",
+    "triton": "triton_cuda",
+}
+# Preference order of `auto` per device type; `torch` always ends the list.
+_AUTO = {"cpu": ("cpu",), "cuda": ("triton",)}
+
+BACKEND_NAMES = ("auto", *_MODULES)
+
+
+def load(name: str) -> ModuleType:
+    return importlib.import_module(f".{_MODULES[name]}", __name__)
+
+
+def _installed(name: str) -> bool:
+    try:
+        module = load(name)
+    except ModuleNotFoundError:
+        return False
+    return module.unavailable_reason() is None
+
+
+def select(name: str, problem: UpdateProblem) -> ModuleType:
+    """The backend module that runs ``problem``; raises BackendError when ``name`` cannot."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise BackendError(expected("backend", f"one of {', '.join(map(repr, BACKEND_NAMES))}", name))
+    if name == "auto":
+        for candidate in _AUTO.get(problem.device.type, ()):
+            if _installed(candidate) and load(candidate).unsupported_reason(problem) is None:
+                return load(candidate)
+        return load("torch")
+    try:
+        module = load(name)
+    except ModuleNotFoundError as exc:
+        raise BackendError(expected("backend", f"an available backend ({name!r} needs {exc.name})", name)) from exc
+    reason = module.unavailable_reason() or module.unsupported_reason(problem)
+    if reason is not None:
+        raise BackendError(f"backend: {name!r} cannot run this call: {reason}")
+    return module

@@ -1,0 +1,75 @@
+"""Exception classes of ringattn and the one message formatter.
+
+Every class inherits the builtin type MindSpore raises for the condition *and* RuntimeError where the
+Ascend kernel (or the MindSpore page) promises RuntimeError, so ``except ValueError`` written against
+MindSpore and ``except RuntimeError`` written against torch_npu both keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "RingAttnError",
+    "LayoutError",
+    "ShapeError",
+    "DTypeError",
+    "DeviceError",
+    "SeqLenError",
+    "HardwareLimitError",
+    "BackendError",
+    "AliasError",
+    "expected",
+]
+
+
+class RingAttnError(Exception):
+    """Base class of every error ringattn raises for bad input."""
+
+
+class LayoutError(RingAttnError, ValueError):
+    """A layout string is not one of the supported layouts."""
+
+
+class ShapeError(RingAttnError, ValueError, RuntimeError):
+    """Ranks or sizes of the inputs disagree with each other or with the layout."""
+
+
+class DTypeError(RingAttnError, TypeError, RuntimeError):
+    """A dtype is outside the supported table, or two inputs that must agree do not."""
+
+
+class DeviceError(RingAttnError, ValueError, RuntimeError):
+    """Inputs live on different devices, or a backend cannot run on their device."""
+
+
+class SeqLenError(RingAttnError, ValueError, RuntimeError):
+    """``actual_seq_qlen`` is missing or is not a non-decreasing sequence from 0 to T."""
+
+
+class HardwareLimitError(RingAttnError, ValueError, RuntimeError):
+    """An Ascend hardware limit is exceeded (lift it with ``ascend_limits=False``)."""
+
+
+class BackendError(RingAttnError, ValueError):
+    """An unknown backend name, or a backend that is not available here."""
+
+
+class AliasError(RingAttnError, ValueError):
+    """An output overlaps an input (or itself) in a way other than being exactly the same view."""
+
+
+def _describe(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "dtype"):
+        return f"{type(value).__name__} of shape {tuple(shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def expected(argument: str, want: str, got: Any) -> str:
+    """The one message format: ``"<argument>: expected <want>, got <got>"``.
+
+    ``got`` may be any value; arrays and tensors are described by shape and dtype, never printed.
+    """
+    text = got if isinstance(got, str) else _describe(got)
+    return f"{argument}: expected {want}, got {text}"
