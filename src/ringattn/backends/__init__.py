@@ -50,6 +50,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
+
 from .._contract import UpdateProblem
 from ..errors import BackendError, expected
 
@@ -94,3 +96,19 @@ def select(name: str, problem: UpdateProblem) -> ModuleType:
     if reason is not None:
         raise BackendError(f"backend: {name!r} cannot run this call: {reason}")
     return module
+
+
+def for_device(device: torch.device, name: str = "auto") -> ModuleType:
+    """The backend module for ``device`` when no full problem is at hand (row merges, ring attention).
+
+    ``auto`` prefers the device's fused backend when it is installed, else ``torch``. Backends state what
+    they cannot run through ``unsupported_reason``; row-level callers check dtypes themselves.
+    """
+    if name == "auto":
+        for candidate in _AUTO.get(device.type, ()):
+            if _installed(candidate):
+                return load(candidate)
+        return load("torch")
+    if name not in _MODULES or name == "reference":
+        raise BackendError(expected("backend", "'auto', 'torch', 'cpu' or 'triton'", name))
+    return load(name)
