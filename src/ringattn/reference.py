@@ -74,8 +74,8 @@ def ring_attention_update_reference(
     if softmax_layout is not None:  # token-major: stats[t, n] belongs to attention row (t, n)
         return prev_o * prev_w[..., :1] + cur_o * cur_w[..., :1], new_max, new_sum
     offsets = [int(v) for v in actual_seq_qlen]  # type: ignore[union-attr]
-    prev_rows = prev_w.reshape(tokens * heads, -1)[:, 0]
-    cur_rows = cur_w.reshape(tokens * heads, -1)[:, 0]
+    prev_rows = prev_w.reshape(tokens * heads, prev_w.shape[-1])[:, 0]
+    cur_rows = cur_w.reshape(tokens * heads, cur_w.shape[-1])[:, 0]
     for start, end in zip(offsets[:-1], offsets[1:]):
         length = end - start
         for n in range(heads):

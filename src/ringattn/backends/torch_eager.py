@@ -60,15 +60,16 @@ def merge_rows(
     lse_scale: float = 1.0,
 ) -> None:
     """Note [row merge] in ``backends/__init__.py``, as torch operations (all lanes read as lane 0)."""
+    # The whole row, statistics included, in the compute dtype: float64 outputs get float64 weights even
+    # from float32 statistics.
     compute = torch.float64 if out_o.dtype == torch.float64 else torch.float32
-    stats_dtype = out_m.dtype
     if parts_l is None:  # LSE form: (max, sum) = (lse * scale, 1); +inf (old FlashAttention) means empty
-        maxima = [_gather_rows(m, row_map).to(stats_dtype) * lse_scale for m in parts_m]
+        maxima = [_gather_rows(m, row_map).to(compute) * lse_scale for m in parts_m]
         maxima = [m.masked_fill(m == float("inf"), float("-inf")) for m in maxima]
         sums = [torch.ones_like(m) for m in maxima]
     else:
-        maxima = [_gather_rows(m, row_map) for m in parts_m]
-        sums = [_gather_rows(s, row_map) for s in parts_l]
+        maxima = [_gather_rows(m, row_map).to(compute) for m in parts_m]
+        sums = [_gather_rows(s, row_map).to(compute) for s in parts_l]
     new_max = maxima[0]
     for m in maxima[1:]:
         new_max = torch.maximum(new_max, m)
@@ -81,7 +82,7 @@ def merge_rows(
         new_sum = new_sum + s
     merged = None
     for o, s in zip(parts_o, scaled):
-        weight = (s / new_sum).masked_fill_(all_empty, 0.0).to(compute)
+        weight = (s / new_sum).masked_fill_(all_empty, 0.0)
         term = o.to(compute) * weight
         merged = term if merged is None else merged + term
     # Everything is computed before the first write, so outputs may alias any input.
@@ -110,3 +111,82 @@ def ring_attention_update(
         stats(out_l),
         row_map=row_map,
     )
+
+
+def _scatter_lane0(values: torch.Tensor, out: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Write row values ``(P, Q, N, 1)`` to lane 0 of the stats view ``out`` and 0 to its other lanes."""
+    full = torch.zeros(values.shape[:-1] + (out.shape[-1],), dtype=out.dtype, device=out.device)
+    full[..., :1] = values
+    if row_map is None:
+        out.copy_(full)
+        return
+    row_base, row_step = row_map
+    tokens, _, heads, lanes = out.shape
+    rows = row_base.unsqueeze(1) + torch.arange(heads, device=row_base.device) * row_step.unsqueeze(1)
+    flat = torch.empty((tokens * heads, lanes), dtype=out.dtype, device=out.device)
+    flat[rows.reshape(-1)] = full.reshape(-1, lanes)
+    out.copy_(flat.view(tokens, 1, heads, lanes))
+
+
+def merge_rows_backward(
+    grad_o: torch.Tensor,
+    grad_m: torch.Tensor,
+    grad_l: torch.Tensor | None,
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    grad_parts_o: Sequence[torch.Tensor],
+    grad_parts_m: Sequence[torch.Tensor],
+    grad_parts_l: Sequence[torch.Tensor] | None,
+    *,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse_scale: float = 1.0,
+) -> None:
+    """Note [row merge backward] in ``_backward.py``, as vectorised torch operations."""
+    compute = torch.float64 if parts_o[0].dtype == torch.float64 else torch.float32
+
+    def rows(stats: torch.Tensor) -> torch.Tensor:  # lane 0 as (P, Q, N, 1) in the compute dtype
+        return _gather_rows(stats, row_map).to(compute)
+
+    if parts_l is None:  # LSE form, natural log; +inf (old FlashAttention) means empty, as in the forward
+        maxima = [rows(m) * lse_scale for m in parts_m]
+        maxima = [m.masked_fill(m == float("inf"), float("-inf")) for m in maxima]
+    else:
+        maxima = [rows(m) for m in parts_m]
+    new_max = maxima[0]
+    for m in maxima[1:]:
+        new_max = torch.maximum(new_max, m)
+    all_empty = new_max == float("-inf")
+    shift = new_max.masked_fill(all_empty, 0.0)
+    decay = [torch.exp(m - shift) for m in maxima]  # exp(m_k - M): 0 for empty parts
+    scaled = decay if parts_l is None else [rows(s) * e for s, e in zip(parts_l, decay)]  # a_k
+    new_sum = scaled[0]
+    for a in scaled[1:]:
+        new_sum = new_sum + a
+    inv_sum = torch.where(all_empty, torch.zeros_like(new_sum), 1.0 / new_sum)  # all empty: weights 0, not NaN
+    weights = [a * inv_sum for a in scaled]
+    g = grad_o.to(compute)
+    dots = [(g * o.to(compute)).sum(-1, keepdim=True) for o in parts_o]  # <g, o_k>
+    mean_dot = weights[0] * dots[0]  # <g, o> recomputed from the parts
+    for w, d in zip(weights[1:], dots[1:]):
+        mean_dot = mean_dot + w * d
+    # Every output lane holds the same statistic, so its gradient is the sum over lanes.
+    g_m = _gather_rows(grad_m.sum(-1, keepdim=True), row_map).to(compute)
+    for w, dst in zip(weights, grad_parts_o):
+        dst.copy_(g * w)
+    if parts_l is None:
+        for w, d, dst in zip(weights, dots, grad_parts_m):
+            _scatter_lane0(w * (lse_scale * (d - mean_dot) + g_m), dst, row_map)
+        return
+    assert grad_l is not None and grad_parts_l is not None
+    g_l = _gather_rows(grad_l.sum(-1, keepdim=True), row_map).to(compute)
+    # The max is shared equally by tied parts (torch.maximum's rule and the central difference's).
+    ties = [(m == new_max).to(compute) for m in maxima]
+    tie_count = ties[0]
+    for t in ties[1:]:
+        tie_count = tie_count + t
+    max_grad = g_m - new_sum * g_l
+    for k in range(len(parts_o)):
+        _scatter_lane0(((dots[k] - mean_dot) * inv_sum + g_l) * decay[k], grad_parts_l[k], row_map)
+        dm = weights[k] * (dots[k] - mean_dot) + scaled[k] * g_l + ties[k] / tie_count * max_grad
+        _scatter_lane0(dm, grad_parts_m[k], row_map)

@@ -1,0 +1,28 @@
+"""The ``ringattn`` command: ``ringattn demo`` and ``ringattn bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="ringattn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the MindSpore example, a realistic merge and ring attention, checked")
+    demo.add_argument("--world-size", type=int, default=2, help="ring attention processes (default 2)")
+    demo.add_argument("--no-ring", action="store_true", help="only the merge part")
+    sub.add_parser("bench", help="benchmarks; `ringattn bench --help` for options", add_help=False)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = parser.parse_args(argv)
+    from .demo import main as demo_main
+
+    return demo_main(world_size=args.world_size, ring=not args.no_ring)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
