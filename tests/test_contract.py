@@ -259,6 +259,13 @@ def test_unknown_backend(gen):
         call(sbh(gen), backend="numpy")
 
 
+def test_backend_that_cannot_run_the_call(gen):
+    pytest.importorskip("triton", reason="needs the triton package")
+    x = sbh(gen, torch.float64)
+    with raises((ValueError, errors.BackendError), "backend", "'triton' cannot run this call", "float64"):
+        call(x, backend="triton")
+
+
 def test_mixed_devices(gen):
     x = sbh(gen)
     with raises((ValueError, errors.DeviceError), "cur_softmax_sum", "device cpu", "device meta"):

@@ -5,6 +5,7 @@ from .api import ring_attention_update
 from .errors import (
     AliasError,
     BackendError,
+    ConfigError,
     DeviceError,
     DTypeError,
     HardwareLimitError,
@@ -14,11 +15,17 @@ from .errors import (
     ShapeError,
 )
 
+from .ring import gather_sequence, ring_attention, shard_sequence, unshard_sequence
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ring_attention_update",
     "ops",
+    "ring_attention",
+    "shard_sequence",
+    "unshard_sequence",
+    "gather_sequence",
     "RingAttnError",
     "LayoutError",
     "ShapeError",
@@ -28,4 +35,5 @@ __all__ = [
     "HardwareLimitError",
     "BackendError",
     "AliasError",
+    "ConfigError",
 ]

@@ -179,8 +179,10 @@ def _check_devices(named: Sequence[tuple[str, torch.Tensor]]) -> None:
 def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch.device) -> torch.Tensor:
     """Validate ``actual_seq_qlen`` and return it as int64 on ``device``.
 
-    A tensor on an accelerator is copied to the host to be validated: one synchronisation. Pass a list or
-    a CPU tensor to avoid it (the offsets are then copied to ``device`` asynchronously).
+    Host values (a list, a NumPy array, a CPU tensor) are checked on the host and raise SeqLenError; they
+    are then copied to ``device`` asynchronously. A CUDA tensor is checked on the device with
+    ``torch._assert_async`` (no host sync, CUDA-graph capturable): a bad sequence fails as a device-side
+    assert at the next synchronisation instead of a SeqLenError.
     """
     if actual_seq_qlen is None:
         raise SeqLenError(expected("actual_seq_qlen", "a 1-D int64 tensor of cumulative lengths for layout 'TND'", "None"))
@@ -203,7 +205,17 @@ def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch
         raise DTypeError(expected("actual_seq_qlen", "dtype int64", offsets.dtype))
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise SeqLenError(expected("actual_seq_qlen", "a non-empty 1-D tensor", f"shape {tuple(offsets.shape)}"))
-    host = offsets.cpu()  # the documented host sync for device tensors
+    if offsets.device.type == "cuda":
+        # Device-side checks: no host sync, capturable in a CUDA graph. A bad sequence surfaces as a
+        # device-side assert at the next synchronising call (fatal to the CUDA context); pass a list or a
+        # CPU tensor to get a SeqLenError naming the problem instead.
+        torch._assert_async(offsets[0] == 0, "actual_seq_qlen: expected a sequence starting at 0")
+        torch._assert_async(
+            offsets[-1] == total_tokens, f"actual_seq_qlen: expected a sequence ending at T = {total_tokens}"
+        )
+        torch._assert_async((offsets[1:] >= offsets[:-1]).all(), "actual_seq_qlen: expected a non-decreasing sequence")
+        return offsets if offsets.device == device else offsets.to(device, non_blocking=True)
+    host = offsets.cpu()
     first, last = int(host[0]), int(host[-1])
     if first != 0:
         raise SeqLenError(expected("actual_seq_qlen", "a sequence starting at 0", f"first value {first}"))

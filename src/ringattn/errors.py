@@ -19,6 +19,7 @@ __all__ = [
     "HardwareLimitError",
     "BackendError",
     "AliasError",
+    "ConfigError",
     "expected",
 ]
 
@@ -57,6 +58,10 @@ class BackendError(RingAttnError, ValueError):
 
 class AliasError(RingAttnError, ValueError):
     """An output overlaps an input (or itself) in a way other than being exactly the same view."""
+
+
+class ConfigError(RingAttnError, ValueError, RuntimeError):
+    """Options that must agree (across the ranks of a ring, say) disagree."""
 
 
 def _describe(value: Any) -> str:

@@ -22,6 +22,16 @@ BACKENDS = available_backends()
 EXAMPLES = {"triton": 12}
 
 
+def backend_dtypes(backend: str) -> tuple[torch.dtype, ...]:
+    """float64 is a torch/cpu extension; the Triton kernel refuses it (``auto`` then runs ``torch``)."""
+    return tuple(d for d in ATTN_DTYPES if not (backend == "triton" and d == torch.float64))
+
+
+def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
+    if dtype not in backend_dtypes(backend):
+        pytest.skip(f"backend {backend!r} does not run {dtype} (it raises BackendError, tested in test_contract)")
+
+
 def reference(x: UpdateInputs):
     return ring_attention_update_reference(*x.args(), softmax_layout=x.softmax_layout)
 
@@ -39,9 +49,9 @@ def assert_matches_reference(x: UpdateInputs, got, dtype: torch.dtype) -> None:
 
 
 @st.composite
-def update_cases(draw, small: bool):
+def update_cases(draw, small: bool, dtypes: tuple[torch.dtype, ...] = ATTN_DTYPES):
     layout = draw(st.sampled_from(["SBH", "TND"]))
-    dtype = draw(st.sampled_from(ATTN_DTYPES))
+    dtype = draw(st.sampled_from(dtypes))
     heads = draw(st.integers(1, 3 if small else 6))
     head_dim = draw(st.integers(1, 9 if small else 24))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
@@ -103,7 +113,7 @@ def test_matches_reference(backend):
         suppress_health_check=[HealthCheck.too_slow],
         derandomize=False,
     )
-    @given(case=update_cases(small=backend == "triton"))
+    @given(case=update_cases(small=backend == "triton", dtypes=backend_dtypes(backend)))
     def check(case):
         run_case(backend, *case)
 
@@ -115,18 +125,16 @@ def test_matches_reference(backend):
 @pytest.mark.parametrize("dtype", ATTN_DTYPES)
 def test_empty_rows(backend, layout, dtype):
     """Empty with empty is empty (0, -inf, 0); empty with x is exactly x (SPEC section 7)."""
+    skip_unsupported(backend, dtype)
     gen = torch.Generator().manual_seed(7)
     x = make_update_inputs(layout, dtype, gen, seq=4, seq_lens=[2, 0, 3], head_dim=64, empty_fraction=0.0)
-    both, only_prev = x.prev_m.clone(), x.prev_m.clone()
-    rows = x.prev_m.view(-1, 8)
-    n_rows = rows.shape[0]
+    assert x.prev_m.view(-1, 8).shape[0] > 3
     for tensor in (x.prev_m, x.cur_m):
         tensor.view(-1, 8)[0::3] = -math.inf  # rows 0, 3, 6, ...: both parts empty
     x.prev_l.view(-1, 8)[0::3] = 0.0
     x.cur_l.view(-1, 8)[0::3] = 0.0
     x.prev_m.view(-1, 8)[1::3] = -math.inf  # rows 1, 4, ...: only prev empty
     x.prev_l.view(-1, 8)[1::3] = 0.0
-    del both, only_prev, rows
     o, m, l = ringattn.ring_attention_update(*x.args(), softmax_layout=x.softmax_layout, backend=backend)
     assert not o.isnan().any() and not m.isnan().any() and not l.isnan().any()
     assert (m.view(-1, 8)[0::3] == -math.inf).all() and (l.view(-1, 8)[0::3] == 0).all()
@@ -134,7 +142,6 @@ def test_empty_rows(backend, layout, dtype):
     torch.testing.assert_close(m.view(-1, 8)[1::3], x.cur_m.view(-1, 8)[1::3], rtol=0, atol=0)
     torch.testing.assert_close(l.view(-1, 8)[1::3], x.cur_l.view(-1, 8)[1::3], rtol=0, atol=0)
     assert_matches_reference(x, (o, m, l), dtype)
-    assert n_rows > 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

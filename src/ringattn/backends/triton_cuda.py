@@ -1,0 +1,338 @@
+"""CUDA backend: the row merge of Note [row merge] as one Triton kernel.
+
+One kernel source serves every layout (SBH; TND with per-batch or token-major statistics), every output
+dtype (float16, bfloat16, float32; float64 runs on the ``torch`` backend, see below) and every part count
+``K`` of :func:`merge_rows`, in both the stats form and the LSE form. It reads every tensor through its
+strides (no ``.contiguous()`` copies), indexes with 64-bit offsets, takes every size as a runtime
+argument (only block sizes, ``K`` and the form are compile-time), and never synchronises with the host,
+so it can be captured in a CUDA graph. With ``TRITON_INTERPRET=1`` set before Triton is imported it runs
+on CPU tensors (that is how the tests run without a GPU).
+
+Note [triton row tiles]
+-----------------------
+Rows are numbered ``r = (p * Q + q) * N + n`` over the ``(P, Q, N)`` row views of Note [canonical rows]
+(``_contract.py``). Program ``i`` owns the rows ``[i * BLOCK_ROWS, (i + 1) * BLOCK_ROWS)`` and walks
+their ``D`` columns in ``BLOCK_D`` chunks, so it holds a ``BLOCK_ROWS x BLOCK_D`` tile: one program per
+(token, head), as vLLM's merge does, leaves most of the GPU idle on launch and scheduling overhead. For
+each row the program
+
+1. reads lane 0 of every part's statistics (through ``row_map`` for per-batch TND statistics: row
+   ``rr = row_base[t] + n * row_step[t]`` lives at ``[rr // N, 0, rr % N]``), and forms the maximum;
+2. per ``D`` chunk, accumulates ``o_k * (w_k / L)`` in float32 (weights recomputed from the statistics,
+   which are L1 hits) and rounds once (to nearest even) into ``out_o``. FMA contraction is disabled at
+   launch and ``w_k / L`` is an IEEE division (``div_rn``), so ``K = 2`` is SPEC section 3's two
+   products then one add; ``exp`` is Triton's (``ex2.approx`` on CUDA, a few ulp: far inside 1e-4);
+3. writes the merged statistics to every lane of ``out_m`` (and ``out_l``).
+
+A row's inputs are all read before its outputs are written and rows never straddle programs, so outputs
+may be exactly the same views as inputs. The per-batch map is a bijection (Note [canonical rows]), so a
+statistics row is written by the program that read it.
+
+Block sizes. ``BLOCK_D = next_pow2(D)`` up to 256, so common head sizes (64, 128, 256) take one chunk;
+larger ``D`` loop. ``BLOCK_ROWS = tile // BLOCK_D``, at most 32, with a tile of 2048 elements for
+``K <= 2`` (1024 when ``D`` loops), 1024 for ``K <= 4`` and 512 beyond. With 4 warps that is 16 elements
+of each part per thread for ``K = 2`` (two 16-byte vector loads per part at 16 bits). The compiler issues
+all K parts' loads before the arithmetic, so registers grow with ``tile * K`` and with rows per thread;
+these sizes keep ptxas (sm_90a, checked by compiling without a GPU) at 80 registers for fp16 ``K = 2``,
+``D = 128`` and at most ~144 for every layout, dtype, ``D`` and ``K <= 8`` tried, without spills: >= 3
+resident programs and >= 48 KB of loads in flight per SM, above the ~15 KB per SM that HBM latency needs
+at 3.35 TB/s. Vector loads need the column stride to be 1 and the other strides to be multiples of 16
+elements: Triton specialises integer arguments equal to 1 or divisible by 16 (compiled variants are
+bounded by K, form, dtypes and these stride classes). Sizes that only count rows (``num_rows``, ``Q``,
+``N``) are excluded from specialisation so that a new batch size or token count never compiles a new
+kernel.
+
+Expected cost on an H100 (not measured: no GPU was available when this was written). Per row and
+``K = 2``, bf16, ``D = 128``: 2 x 256 B of partial outputs read, 256 B written, and statistics at 32-byte sector
+granularity (4 sectors read, 2 written) = 960 B. At the ~3.0 TB/s an H100 copies, that is ~3.1e9 rows/s;
+a tile kernel of this shape typically reaches 80-90 % of copy bandwidth. Per-batch TND adds two int64
+loads per token (shared by its N heads, mostly cached).
+
+float64 is not compiled here (float64 ``exp`` is slow on most NVIDIA parts and the exactness checks it
+serves do not need speed): :func:`unsupported_reason` says so, ``auto`` then picks ``torch``, and
+:func:`merge_rows` hands float64 to the ``torch`` backend. So do merges of more than ``MAX_PARTS`` parts,
+which would need more kernel parameters than a launch carries comfortably.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .._contract import UpdateProblem
+from . import torch_eager
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    _IMPORT_ERROR: str | None = f"triton is not importable ({exc})"
+else:
+    _IMPORT_ERROR = None
+
+NAME = "triton"
+MAX_PARTS = 8
+_MAX_BLOCK_D = 256
+_MAX_BLOCK_ROWS = 32
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# Triton decides at @triton.jit time (module import) whether kernels are interpreted on CPU tensors.
+_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason() -> str | None:
+    """Why this backend cannot run in this process (Triton missing), or None."""
+    return _IMPORT_ERROR
+
+
+def unsupported_reason(problem: UpdateProblem) -> str | None:
+    """Why the fused kernel cannot run ``problem`` (device, dtype), or None."""
+    device = problem.device
+    if device.type != "cuda" and not (device.type == "cpu" and _INTERPRETED):
+        return f"needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
+    if problem.dtype not in _KERNEL_DTYPES:
+        return f"compiles float16, bfloat16 and float32 only (float64 runs on the 'torch' backend), got {problem.dtype}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _part_stats(
+        parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
+    ):
+        """(max, sum) of part ``k`` at stats rows (sp, sq, sn). LSE form: ``(lse * lse_scale, 1)``, ``+inf`` empty."""
+        m_off = sp * m_strides[k][0] + sq * m_strides[k][1] + sn * m_strides[k][2]
+        m = tl.load(parts_m[k] + m_off, mask=mask, other=float("-inf")).to(tl.float32)
+        if IS_LSE:
+            m = m * lse_scale
+            m = tl.where(m == float("inf"), float("-inf"), m)  # old FlashAttention's empty rows
+            l = tl.full(m.shape, 1.0, tl.float32)
+        else:
+            l_off = sp * l_strides[k][0] + sq * l_strides[k][1] + sn * l_strides[k][2]
+            l = tl.load(parts_l[k] + l_off, mask=mask, other=0.0).to(tl.float32)
+        return m, l
+
+    @triton.jit
+    def _store_lanes(ptr, strides, sp, sq, sn, lanes, value, mask):
+        """Write the row values ``value`` to every lane of the stats rows (sp, sq, sn)."""
+        dst = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
+        tl.store(ptr + dst, tl.broadcast_to(value[:, None], mask.shape), mask=mask)
+
+    @triton.jit(do_not_specialize=["num_rows", "Q", "N"])
+    def _merge_rows_kernel(
+        parts_o,  # K pointers to [P, Q, N, D]
+        o_strides,  # K tuples of (P, Q, N, D) strides
+        parts_m,  # K pointers to [P, Q, N, lanes] (raw [T, 1, N, lanes] with a row map); lane 0 read
+        m_strides,  # K tuples of (P, Q, N) strides
+        parts_l,  # like parts_m; None in the LSE form
+        l_strides,
+        out_o,  # [P, Q, N, D]
+        out_o_strides,
+        out_m,  # [P, Q, N, LANES]: max, or LSE divided by lse_scale
+        out_m_strides,  # (P, Q, N, lane)
+        out_l,  # [P, Q, N, LANES]: sum; None in the LSE form
+        out_l_strides,
+        row_base,  # [T] int64, with HAS_ROW_MAP
+        row_step,  # [T] int64, with HAS_ROW_MAP
+        num_rows,
+        Q,
+        N,
+        D,
+        LANES,
+        lse_scale,
+        K: tl.constexpr,
+        IS_LSE: tl.constexpr,
+        HAS_ROW_MAP: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_LANES: tl.constexpr,
+    ):
+        # Note [triton row tiles]. int64 before any multiplication: offsets pass 2**31 near a million tokens.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < num_rows
+        n = rows % N
+        q = (rows // N) % Q
+        p = rows // N // Q
+        if HAS_ROW_MAP:  # Note [canonical rows]: per-batch TND statistics (Q == 1, p is the token)
+            base = tl.load(row_base + p, mask=row_mask, other=0)
+            stat_row = base + n * tl.load(row_step + p, mask=row_mask, other=0)
+            sp = stat_row // N
+            sq = tl.zeros_like(stat_row)
+            sn = stat_row % N
+        else:
+            sp = p
+            sq = q
+            sn = n
+
+        new_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+        for k in tl.static_range(K):
+            m, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+            new_max = tl.maximum(new_max, m, propagate_nan=tl.PropagateNan.ALL)
+        # All parts empty: shift by 0, not -inf, so the weights are 0 instead of NaN (SPEC section 7).
+        all_empty = new_max == float("-inf")
+        shift = tl.where(all_empty, 0.0, new_max)
+        new_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+        for k in tl.static_range(K):
+            m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+            new_sum += l * tl.exp(m - shift)
+        safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty rows are 0: no 0 / 0 on the way
+
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tile_mask = row_mask[:, None] & (cols < D)[None, :]
+            acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+            for k in tl.static_range(K):
+                # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
+                m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+                weight = tl.where(all_empty, 0.0, tl.div_rn(l * tl.exp(m - shift), safe_sum))
+                o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
+                o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
+                acc += o.to(tl.float32) * weight[:, None]
+            dst = p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2]
+            dst = dst[:, None] + cols[None, :] * out_o_strides[3]
+            tl.store(out_o + dst, acc.to(out_o.dtype.element_ty), mask=tile_mask)
+
+        lanes = tl.arange(0, BLOCK_LANES)
+        lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
+        if IS_LSE:
+            lse = tl.where(all_empty, float("-inf"), tl.div_rn(new_max + tl.log(safe_sum), lse_scale))
+            _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, lse, lane_mask)
+        else:
+            _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, new_max, lane_mask)
+            _store_lanes(out_l, out_l_strides, sp, sq, sn, lanes, new_sum, lane_mask)
+
+
+def _block_sizes(head_dim: int, num_parts: int) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_D)`` for head size ``D`` and ``K`` parts: Note [triton row tiles]."""
+    block_d = min(triton.next_power_of_2(max(head_dim, 1)), _MAX_BLOCK_D)
+    tile = 2048 if num_parts <= 2 and head_dim <= _MAX_BLOCK_D else 1024 if num_parts <= 4 else 512
+    return max(1, min(tile // block_d, _MAX_BLOCK_ROWS)), block_d
+
+
+def _launch_merge_rows(
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    out_o: torch.Tensor,
+    out_m: torch.Tensor,
+    out_l: torch.Tensor | None,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None,
+    lse_scale: float,
+    block_rows: int | None = None,
+    block_d: int | None = None,
+) -> None:
+    """Launch :func:`_merge_rows_kernel` on already valid views; ``block_*`` override the tile (tests)."""
+    P, Q, N, D = out_o.shape
+    num_rows = P * Q * N
+    if num_rows == 0:
+        return
+    default_rows, default_d = _block_sizes(D, len(parts_o))
+    block_rows, block_d = block_rows or default_rows, block_d or default_d
+    lanes = out_m.shape[-1]
+    is_lse = parts_l is None
+    assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
+    assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
+    row_base = row_step = None
+    if row_map is not None:
+        row_base, row_step = row_map
+        assert Q == 1 and row_base.is_contiguous() and row_step.is_contiguous(), "row_map as per_batch_row_map gives"
+    guard = torch.cuda.device(out_o.device) if out_o.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _merge_rows_kernel[(triton.cdiv(num_rows, block_rows),)](
+            tuple(parts_o),
+            tuple(o.stride() for o in parts_o),
+            tuple(parts_m),
+            tuple(m.stride()[:3] for m in parts_m),
+            None if is_lse else tuple(parts_l),
+            None if is_lse else tuple(s.stride()[:3] for s in parts_l),
+            out_o,
+            out_o.stride(),
+            out_m,
+            out_m.stride(),
+            out_l,
+            None if is_lse else out_l.stride(),
+            row_base,
+            row_step,
+            num_rows,
+            Q,
+            N,
+            D,
+            lanes,
+            float(lse_scale),
+            K=len(parts_o),
+            IS_LSE=is_lse,
+            HAS_ROW_MAP=row_map is not None,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            BLOCK_LANES=triton.next_power_of_2(lanes),
+            num_warps=4,
+            # SPEC section 3 rounds two products, then adds: no fused multiply-add.
+            enable_fp_fusion=False,
+        )
+
+
+def merge_rows(
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    out_o: torch.Tensor,
+    out_m: torch.Tensor,
+    out_l: torch.Tensor | None,
+    *,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse_scale: float = 1.0,
+) -> None:
+    """Merge ``K`` partial results row by row into ``out_*``: Note [row merge] in ``backends/__init__.py``.
+
+    Parameters
+    ----------
+    parts_o : K tensors ``(P, Q, N, D)``, one dtype of float16, bfloat16, float32 (float64: see below)
+        Partial outputs, each normalised over its own keys; any strides.
+    parts_m : K tensors ``(P, Q, N, lanes)``, float32, any strides; lane 0 is read
+        Stats form: row maximum of the scaled scores. LSE form (``parts_l`` None): log-sum-exp that is in
+        natural log after multiplying by ``lse_scale`` (``ln 2`` for base-2 producers); ``+inf`` reads as
+        ``-inf`` (an empty row of old FlashAttention).
+    parts_l : K tensors like ``parts_m``, or None
+        ``sum(exp(s - max))`` per row (stats form), or None for the LSE form.
+    out_o : ``(P, Q, N, D)``, the dtype of ``parts_o``
+    out_m : ``(P, Q, N, lanes_out)``, float32
+        Stats form: merged max; LSE form: merged LSE in the caller's base (divided by ``lse_scale``).
+        Written to every lane.
+    out_l : like ``out_m`` (stats form: merged sum), or None (LSE form)
+    row_map : ``(row_base, row_step)``, contiguous int64 ``(T,)`` each, on the outputs' device, or None
+        Per-batch TND statistics (Note [canonical rows]): every stats view is then the raw
+        ``(T, 1, N, lanes)`` tensor.
+
+    A row whose parts are all empty (max ``-inf``) merges to ``o = 0``, max ``-inf``, sum 0 (LSE ``-inf``),
+    never NaN; NaN inputs propagate. Outputs may be exactly the same views as inputs; partial overlaps
+    are undefined (callers validate with ``_contract.check_outputs``). Arguments are not validated.
+    float64 or more than ``MAX_PARTS`` parts run on the ``torch`` backend. Asynchronous on CUDA: no host
+    synchronisation, capturable in a CUDA graph.
+    """
+    if out_o.dtype not in _KERNEL_DTYPES or len(parts_o) > MAX_PARTS:
+        torch_eager.merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map=row_map, lse_scale=lse_scale)
+        return
+    _launch_merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale)
+
+
+def ring_attention_update(
+    problem: UpdateProblem, out_o: torch.Tensor, out_m: torch.Tensor, out_l: torch.Tensor
+) -> None:
+    """Write the merge of ``problem`` into ``out_o, out_m, out_l`` (they may be exactly the input views)."""
+    row_map = problem.per_batch_row_map() if problem.stats_order == "per_batch" else None
+    rows, stats = problem.attn_rows, problem.stats_rows
+    merge_rows(
+        [rows(problem.prev_o), rows(problem.cur_o)],
+        [stats(problem.prev_m), stats(problem.cur_m)],
+        [stats(problem.prev_l), stats(problem.cur_l)],
+        rows(out_o),
+        stats(out_m),
+        stats(out_l),
+        row_map=row_map,
+    )

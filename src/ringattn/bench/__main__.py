@@ -1,0 +1,7 @@
+"""``python -m ringattn.bench``: the same as ``ringattn bench``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

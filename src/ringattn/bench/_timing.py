@@ -1,0 +1,163 @@
+"""Shared measurement helpers of ``ringattn bench``: timers, the copy floor, threads, machine facts, progress.
+
+Note [bench timing]
+-------------------
+* Every provider of a case is called once before timing (the correctness check, which is also the first
+  warm-up), then ``warmup`` more times, then ``repeats`` timed calls. The timed calls are *interleaved*
+  (round r times every provider once), so a burst of load from another process on a shared machine
+  hits all providers alike and the ratios within one run stay meaningful even when absolute times move.
+* CPU: ``time.perf_counter`` around one call; CPU torch ops are synchronous. The returned tensors are
+  dropped after the clock stops (freeing memory is not part of the op).
+  CUDA: a pair of ``torch.cuda.Event`` around one call, then ``Event.synchronize``.
+* The reported time of a provider is the median of its repeats.
+
+Note [copy floor]
+-----------------
+The floor of a case moving ``nbytes`` (bytes read + bytes written, see each op's ``bytes_moved``) is
+the median time of ``dst.copy_(src)`` with ``src`` and ``dst`` two distinct contiguous uint8 buffers of
+``nbytes // 2`` bytes each, on the case's device, in the same process, thread count and run: it reads
+``nbytes / 2`` and writes ``nbytes / 2``. Its effective bandwidth ``nbytes / time`` is what a
+memory-bound kernel moving the same bytes can hope for; "% of floor" is ``copy time / provider time``.
+A kernel may beat it slightly (it reads more than it writes, and reads are cheaper than writes, which
+also pay for write-allocate), so 100% is a yardstick rather than a hard bound.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import torch
+
+__all__ = ["measure", "copy_floor", "set_threads", "synchronize", "machine_info", "Progress", "median"]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for all queued work on ``device`` (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        del result
+        return start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    result = fn()
+    elapsed = time.perf_counter() - start_s
+    del result
+    return elapsed
+
+
+def measure(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    on_repeat: Callable[[int], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of every ``fns`` entry: ``repeats`` interleaved samples each (Note [bench timing]).
+
+    ``on_repeat(r)`` is called after round ``r`` (for a progress display).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, device))
+        if on_repeat is not None:
+            on_repeat(r)
+    return samples
+
+
+def median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def copy_floor(nbytes: int, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A callable copying ``nbytes // 2`` bytes between two buffers on ``device`` (Note [copy floor])."""
+    half = max(nbytes // 2, 1)
+    # Both buffers are written once here so that their pages exist before timing.
+    src = torch.ones(half, dtype=torch.uint8, device=device)
+    dst = torch.zeros(half, dtype=torch.uint8, device=device)
+    return lambda: dst.copy_(src)
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads in torch and, if it is already loaded, numba."""
+    torch.set_num_threads(threads)
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Facts that make a figure reproducible: CPU model and cores, threads, versions, GPU name."""
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        info["numba"] = numba.__version__
+        info["numba_threads"] = numba.get_num_threads()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+class Progress:
+    """One status line on ``stream`` (stderr): rewritten in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._width = 0
+
+    def show(self, text: str, *, transient: bool = False) -> None:
+        """Display ``text``; a transient line (per-repeat ticks) is only drawn on a terminal."""
+        if not self.enabled or (transient and not self.tty):
+            return
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0

@@ -1,0 +1,183 @@
+"""``ringattn bench ring``: ring attention forward+backward on W local gloo ranks vs one process.
+
+Providers: ``single`` (PyTorch SDPA in one process with W threads), ``ringattn`` (zigzag ring, one
+thread per rank), ``ring-attention-pytorch`` (its ``ring_flash_attn`` with striped sharding, when
+importable). Every ring provider's gathered output and gradients are compared once with ``single``
+(max abs difference) before timing; times are medians of ``--repeat`` barrier-aligned runs after a
+warm-up. Ratios only mean something within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from ..ring import gather_sequence, ring_attention, shard_sequence
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROVIDERS = ("single", "ringattn", "ring-attention-pytorch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    world_size: int = 2
+    seq_len: int = 8192
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    causal: bool = True
+    repeat: int = 3
+
+
+def _inputs(case: Case) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
+    return [torch.randn(shape, generator=gen).to(_DTYPES[case.dtype]) for _ in range(4)]
+
+
+def _single(case: Case, q, k, v, g) -> list[torch.Tensor]:
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=case.causal)
+    out.transpose(1, 2).backward(g)
+    return [out.transpose(1, 2).detach(), q.grad, k.grad, v.grad]
+
+
+def _ringattn(case: Case, rank: int, world: int):
+    def shard(x):
+        return shard_sequence(x, rank, world)
+
+    def run(q, k, v, g):
+        ring_attention(q, k, v, causal=case.causal).backward(g)
+
+    return shard, gather_sequence, run
+
+
+def _peer(case: Case, rank: int, world: int):
+    from ring_attention_pytorch import ring_flash_attn  # striped: rank r holds tokens r, r + W, ...
+
+    def gather(x):
+        shards = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(shards, x.contiguous())
+        return torch.stack(shards, dim=2).flatten(1, 2)
+
+    def run(q, k, v, g):
+        ring_flash_attn(q, k, v, causal=case.causal, ring_reduce_col=True, striped_ring_attn=True).backward(g)
+
+    return (lambda x: x[:, rank::world].contiguous()), gather, run
+
+
+_RING_PROVIDERS: dict[str, Callable] = {"ringattn": _ringattn, "ring-attention-pytorch": _peer}
+
+
+def _rank(rank: int, world: int, rendezvous: str, provider: str, case: Case, result_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=300))  # fmt: skip
+    try:
+        shard, gather, run = _RING_PROVIDERS[provider](case, rank, world)
+        full = _inputs(case)
+        q, k, v, g = (shard(x) for x in full)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        run(q, k, v, g)  # warm-up, and the results checked against `single`
+        results = [gather(x) for x in (q.grad, k.grad, v.grad)]
+        times = []
+        for _ in range(case.repeat):
+            q.grad = k.grad = v.grad = None
+            dist.barrier()
+            start = time.perf_counter()
+            run(q, k, v, g)
+            dist.barrier()
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            torch.save({"grads": results, "times": times}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(case: Case, providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
+    """One row per provider: median seconds of forward+backward, ratio to ``single``, max |diff| vs single."""
+    full = _inputs(case)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(case.world_size)
+    try:
+        reference = _single(case, *full)[1:]
+        times = []
+        for _ in range(case.repeat):
+            start = time.perf_counter()
+            _single(case, *full)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [{"provider": "single", "median_s": statistics.median(times), "max_abs_diff": 0.0}]
+    for provider in providers:
+        if provider == "single":
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "result.pt")
+            try:
+                mp.spawn(_rank, args=(case.world_size, f"file://{tmp}/rdv", provider, case, path),
+                         nprocs=case.world_size)  # fmt: skip
+            except Exception as exc:  # a peer that cannot run here is reported, not fatal
+                rows.append({"provider": provider, "error": str(exc).strip().splitlines()[-1]})
+                continue
+            result = torch.load(path)
+        diff = max(
+            (a.double() - b.double()).abs().max().item() for a, b in zip(result["grads"], reference, strict=True)
+        )
+        rows.append({"provider": provider, "median_s": statistics.median(result["times"]), "max_abs_diff": diff})
+    single_s = rows[0]["median_s"]
+    for row in rows:
+        if "median_s" in row:
+            row["ratio_to_single"] = row["median_s"] / single_s
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    """``ringattn bench ring [options]``; prints a table (and JSON with ``--json PATH``)."""
+    parser = argparse.ArgumentParser(prog="ringattn bench ring", description=__doc__.split("\n")[0])
+    defaults = Case()
+    parser.add_argument("--world-size", type=int, default=defaults.world_size)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=defaults.dtype)
+    parser.add_argument("--no-causal", dest="causal", action="store_false")
+    parser.add_argument("--repeat", type=int, default=defaults.repeat)
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated of {PROVIDERS}")
+    parser.add_argument("--json", help="also write the rows to this file")
+    ns = parser.parse_args(argv)
+    case = Case(ns.world_size, ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.causal, ns.repeat)
+    rows = measure(case, tuple(ns.providers.split(",")))
+    print(f"ring attention forward+backward: {case}")
+    print(f"{'provider':<24}{'median s':>10}{'x single':>10}{'max|grad diff|':>16}")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['provider']:<24}  failed: {row['error']}")
+        else:
+            print(
+                f"{row['provider']:<24}{row['median_s']:>10.3f}{row['ratio_to_single']:>10.2f}{row['max_abs_diff']:>16.2e}"
+            )
+    if ns.json:
+        with open(ns.json, "w") as fh:
+            json.dump({"case": dataclasses.asdict(case), "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,262 @@
+"""Ring attention over torch.distributed: the public function, its autograd.Function and the ring loops.
+
+The loops follow Note [ring schedule] (schedule.py); block math lives in blocks.py, transfers in
+comm.py, input checks in checks.py. Partial results are merged by the row-merge backend of the device
+(Note [row merge] in ``backends/__init__.py``), in LSE form and in place, into float32 accumulators
+(float64 for float64 inputs), so nothing is rounded to 16 bits between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import backends
+from ..errors import BackendError, LayoutError, expected
+from . import checks
+from .blocks import IMPLS, attend, attend_backward, compute_dtype, resolve_impl
+from .comm import RingComm
+from .schedule import SHARDINGS, chunks_per_rank, step_blocks
+
+_KV_TAG, _DKV_TAG = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RingConfig:
+    """Everything non-tensor a ring pass needs, so ``backward`` returns ``(dq, dk, dv, None)``."""
+
+    causal: bool
+    scale: float
+    sharding: str  # "zigzag" | "contiguous"
+    impl: str  # resolved block implementation: "sdpa" | "torch"
+    backend: str  # row-merge backend name for backends.for_device
+    comm: Any  # RingComm or a test double with the same interface
+
+
+def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """k and v in one flat buffer, so each step sends one message."""
+    buf = torch.empty(k.numel() + v.numel(), dtype=k.dtype, device=k.device)
+    k_view, v_view = _unpack_kv(buf, k.shape)
+    k_view.copy_(k)
+    v_view.copy_(v)
+    return buf
+
+
+def _unpack_kv(buf: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    n = math.prod(shape)
+    return buf[:n].view(shape), buf[n:].view(shape)
+
+
+def _slices(block: Any, chunk: int) -> tuple[slice, slice]:
+    return slice(block.q_lo * chunk, block.q_hi * chunk), slice(block.k_lo * chunk, block.k_hi * chunk)
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """``(B, S, N, D)`` view as SDPA's ``(B, N, S, D)``, no copy."""
+    return x.transpose(1, 2)
+
+
+def _stats_rows(lse: torch.Tensor) -> torch.Tensor:
+    """``(B, N, S)`` LSE as the ``(B, S, N, 1)`` stats view of Note [row merge], no copy."""
+    return lse.permute(0, 2, 1).unsqueeze(-1)
+
+
+def ring_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ring pass on ``(B, S_local, N, D)`` tensors -> ``(out (B, S, N, D), lse (B, N, S))``.
+
+    ``out`` has q's dtype; ``lse`` (natural log) has the accumulation dtype (float32, float64 for float64).
+    """
+    comm, world = cfg.comm, cfg.comm.world_size
+    c = compute_dtype(q.dtype)
+    chunk = q.shape[1] // chunks_per_rank(cfg.causal, cfg.sharding)
+    merge_rows = backends.for_device(q.device, cfg.backend).merge_rows
+    acc_o = torch.empty(q.shape, dtype=c, device=q.device)
+    acc_lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=c, device=q.device)
+    kv = _pack_kv(k, v) if world > 1 else None
+    k_blk, v_blk = k, v
+    for step in range(world):
+        if step < world - 1:  # post the next block's transfer before computing on this one
+            kv_next = torch.empty_like(kv)
+            pending = comm.exchange(kv, kv_next, tag=_KV_TAG)
+        for block in step_blocks(comm.rank, step, world, causal=cfg.causal, sharding=cfg.sharding):
+            qs, ks = _slices(block, chunk)
+            o, lse = attend(
+                _heads_first(q[:, qs]),
+                _heads_first(k_blk[:, ks]),
+                _heads_first(v_blk[:, ks]),
+                causal=block.causal,
+                scale=cfg.scale,
+                impl=cfg.impl,
+            )
+            if step == 0:  # step 0 covers every local query (schedule invariant): it initialises
+                acc_o.copy_(_heads_first(o))
+                acc_lse.copy_(lse)
+                continue
+            o_rows, acc_rows = _heads_first(o).to(c), acc_o[:, qs]
+            lse_rows, acc_lse_rows = _stats_rows(lse), _stats_rows(acc_lse[:, :, qs])
+            merge_rows([acc_rows, o_rows], [acc_lse_rows, lse_rows], None, acc_rows, acc_lse_rows, None)
+        if step < world - 1:
+            pending.wait()
+            kv = kv_next
+            k_blk, v_blk = _unpack_kv(kv, k.shape)
+    return acc_o.to(q.dtype), acc_lse
+
+
+def ring_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cfg: RingConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward ring pass (Note [ring schedule]): ``(dq, dk, dv)`` in the dtypes of q, k, v.
+
+    dq accumulates here; each block's dk/dv partial (accumulation dtype) travels with the block, gains
+    every rank's share and arrives back at its owner after one extra hop.
+    """
+    comm, world = cfg.comm, cfg.comm.world_size
+    c = compute_dtype(q.dtype)
+    chunk = q.shape[1] // chunks_per_rank(cfg.causal, cfg.sharding)
+    dq_acc = torch.zeros(q.shape, dtype=c, device=q.device)
+    kv = _pack_kv(k, v) if world > 1 else None
+    k_blk, v_blk = k, v
+    pending_dkv = dkv_in = None
+    for step in range(world):
+        if step < world - 1:
+            kv_next = torch.empty_like(kv)
+            pending_kv = comm.exchange(kv, kv_next, tag=_KV_TAG)
+        dkv = torch.zeros(2 * k.numel(), dtype=c, device=k.device)
+        dk_blk, dv_blk = _unpack_kv(dkv, k.shape)
+        for block in step_blocks(comm.rank, step, world, causal=cfg.causal, sharding=cfg.sharding):
+            qs, ks = _slices(block, chunk)
+            dq, dk, dv = attend_backward(
+                _heads_first(do[:, qs]),
+                _heads_first(q[:, qs]),
+                _heads_first(k_blk[:, ks]),
+                _heads_first(v_blk[:, ks]),
+                _heads_first(out[:, qs]),
+                lse[:, :, qs],
+                causal=block.causal,
+                scale=cfg.scale,
+                impl=cfg.impl,
+            )
+            dq_acc[:, qs] += _heads_first(dq)
+            dk_blk[:, ks] += _heads_first(dk)
+            dv_blk[:, ks] += _heads_first(dv)
+        if world > 1:
+            if pending_dkv is not None:  # the partial of this block from the previous rank
+                pending_dkv.wait()
+                dkv += dkv_in
+            dkv_in = torch.empty_like(dkv)
+            pending_dkv = comm.exchange(dkv, dkv_in, tag=_DKV_TAG)
+        if step < world - 1:
+            pending_kv.wait()
+            kv = kv_next
+            k_blk, v_blk = _unpack_kv(kv, k.shape)
+    if pending_dkv is not None:  # the extra hop: our own block's total, from the previous rank
+        pending_dkv.wait()
+        dkv = dkv_in
+    dk, dv = _unpack_kv(dkv, k.shape)
+    return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig) -> Any:
+        out, lse = ring_forward(q, k, v, cfg)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cfg = cfg
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.cfg)
+        return dq, dk, dv, None
+
+
+def _check_option(name: str, value: Any, allowed: tuple[str, ...], error: type[Exception]) -> None:
+    if value not in allowed:
+        raise error(expected(name, f"one of {', '.join(map(repr, allowed))}", repr(value)))
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    /,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    layout: str = "BSND",
+    sharding: str = "zigzag",
+    return_lse: bool = False,
+    impl: str = "auto",
+    backend: str = "auto",
+    _comm: Any = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of this rank's queries over the keys/values of every rank of ``group``.
+
+    Every rank of ``group`` calls this with its local shard; the result is what single-device attention
+    over the whole sequence gives for this rank's query tokens. Differentiable in q, k and v.
+
+    Parameters
+    ----------
+    q : Tensor ``(B, S_local, N, D)`` (layout ``"BSND"``) or ``(B, N, S_local, D)`` (``"BNSD"``)
+        float16, bfloat16, float32 or float64; any strides; CPU (gloo) or CUDA (NCCL).
+    k, v : Tensor, like q but with ``Nkv`` heads, ``N % Nkv == 0`` (GQA/MQA; they travel unrepeated)
+        Same dtype and device as q, same shape as each other. Non-causal: any ``S_local`` (may differ
+        from q's). Causal: the same ``S_local`` as q.
+    causal : bool
+        Mask key positions after the query position, in GLOBAL sequence order as set by ``sharding``.
+    softmax_scale : float, optional
+        Multiplies the scores; default ``1 / sqrt(D)``.
+    group : ProcessGroup, optional
+        The ring (default: the default group). Without an initialised process group the call is a
+        ring of one and computes plain attention.
+    sharding : {"zigzag", "contiguous"}
+        How the global sequence was cut (matters only when causal). ``"zigzag"``: the sequence is cut
+        into ``2W`` chunks and rank r holds chunks ``r`` and ``2W-1-r`` concatenated (:func:`shard_sequence`);
+        balanced, ``S_local`` must be even. ``"contiguous"``: rank r holds the r-th of W chunks.
+    return_lse : bool
+        Also return the log-sum-exp (not differentiable).
+    impl : {"auto", "sdpa", "torch"}
+        Block kernels: PyTorch's fused CPU flash kernels, or plain torch (see ``ring/blocks.py``).
+    backend : str
+        Row-merge backend of ``ringattn.backends.for_device`` ("auto": the device's fused one).
+
+    Returns
+    -------
+    out : Tensor, shape and layout of q, q's dtype (contiguous in BSND order)
+    lse : Tensor ``(B, N, S_local)``, natural log of the sum of ``exp(scaled score)`` over all keys
+        each query sees; float32 (float64 for float64 inputs). Only with ``return_lse=True``.
+
+    Raises
+    ------
+    ShapeError, DTypeError, DeviceError, LayoutError, ConfigError
+        On every rank of the group, when any rank's inputs are invalid or ranks disagree on shapes,
+        dtypes, device types or options (checked with one small all_gather before any transfer).
+    """
+    _check_option("layout", layout, checks.LAYOUTS, LayoutError)
+    _check_option("sharding", sharding, SHARDINGS, LayoutError)
+    _check_option("impl", impl, IMPLS, BackendError)
+    comm = _comm if _comm is not None else RingComm(group)
+    checks.check_table(comm.all_gather_ints(checks.encode(q, k, v, causal=causal, layout=layout, sharding=sharding)))
+    if layout == "BNSD":
+        q, k, v = (_heads_first(x) for x in (q, k, v))
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    cfg = RingConfig(bool(causal), float(scale), sharding, resolve_impl(impl, q.device, q.dtype), backend, comm)
+    out, lse = _RingAttention.apply(q, k, v, cfg)
+    if layout == "BNSD":
+        out = _heads_first(out)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,114 @@
+"""Attention of one block pair, forward and backward, returning / consuming the log-sum-exp.
+
+Layout here is SDPA's: ``q (B, N, Sq, D)``, ``k, v (B, Nkv, Sk, D)`` with ``N % Nkv == 0`` (any strides;
+the ring passes transposed views of ``(B, S, N, D)`` tensors). ``lse (B, N, Sq)`` is the natural-log
+log-sum-exp of the scaled scores of each query row over the block's keys. ``causal`` is the top-left
+causal mask of a square block (the ring never masks anything else, Note [ring schedule]).
+
+Two implementations (``impl``):
+
+* ``"sdpa"``: PyTorch's fused CPU flash kernels, ``aten._scaled_dot_product_flash_attention_for_cpu``
+  (returns ``(out, lse)``, lse float32 natural log, layout ``(B, N, Sq)``) and its ``_backward``, which takes
+  ``out`` and ``lse``: given the FINAL output and LSE of the whole ring, its gradients for one block are
+  that block's exact share (``P = exp(s - lse)`` and ``delta = rowsum(dout * out)`` use the totals).
+* ``"torch"``: plain torch in float32 (float64 for float64 inputs); the fallback for other devices and,
+  by default, for float64, so float64 runs are a transcription of the math and not of a kernel.
+
+``"auto"`` picks ``sdpa`` on CPU for float16/bfloat16/float32 and ``torch`` otherwise. GQA/MQA key/value
+heads are repeated here, locally, for the kernel; their gradients are summed back per group.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import BackendError, expected
+
+IMPLS = ("auto", "sdpa", "torch")
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The implementation ``impl`` means for inputs on ``device`` of ``dtype``."""
+    if impl == "sdpa" and device.type != "cpu":
+        raise BackendError(expected("impl", f"'auto' or 'torch' on {device.type} (no fused block kernel)", "'sdpa'"))
+    if impl != "auto":
+        return impl
+    return "sdpa" if device.type == "cpu" and dtype != torch.float64 else "torch"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of ring attention: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _sum_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    if groups == 1:
+        return dx
+    b, n, s, d = dx.shape
+    return dx.view(b, n // groups, groups, s, d).sum(2)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu_(1)
+        s.masked_fill_(mask, float("-inf"))
+    return s
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block attention: ``(o (B, N, Sq, D) in q's dtype, lse (B, N, Sq) natural log)``.
+
+    lse is float32 (float64 with the ``torch`` impl on float64 inputs).
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
+    if impl == "sdpa":
+        return _flash_cpu(q, k, v, 0.0, causal, scale=scale)
+    c = compute_dtype(q.dtype)
+    s = _scores(q.to(c), k.to(c), causal, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(c))
+    return o.to(q.dtype), lse
+
+
+def attend_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    impl: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This block's share of ``(dq, dk, dv)`` given the FINAL ``out`` and ``lse`` of the query rows.
+
+    ``do, out (B, N, Sq, D)``, ``lse (B, N, Sq)``. Gradients come in q's dtype (``sdpa``) or the compute
+    dtype (``torch``); dk/dv have k's head count.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
+    if impl == "sdpa":
+        dq, dk, dv = _flash_cpu_backward(do, q, k_rep, v_rep, out, lse, 0.0, causal, scale=scale)
+    else:
+        c = compute_dtype(q.dtype)
+        q_c, k_c, v_c, do_c = q.to(c), k_rep.to(c), v_rep.to(c), do.to(c)
+        p = torch.exp(_scores(q_c, k_c, causal, scale) - lse.to(c).unsqueeze(-1))
+        dv = torch.matmul(p.transpose(-1, -2), do_c)
+        delta = (do_c * out.to(c)).sum(-1, keepdim=True)  # rowsum(dout * out) of the whole ring
+        ds = p * (torch.matmul(do_c, v_c.transpose(-1, -2)) - delta)
+        dq = torch.matmul(ds, k_c) * scale
+        dk = torch.matmul(ds.transpose(-1, -2), q_c) * scale
+    return dq, _sum_heads(dk, groups), _sum_heads(dv, groups)

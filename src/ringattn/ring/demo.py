@@ -1,0 +1,195 @@
+"""Demo: causal ring attention (zigzag) forward and backward on W local processes, checked and timed.
+
+``run_demo`` spawns ``world_size`` CPU processes (gloo, ``file://`` rendezvous in a temporary directory,
+one thread each), runs ring attention forward and backward on a long random sequence, gathers the
+results, and compares output and gradients with single-process attention (PyTorch SDPA with
+``world_size`` threads) against a float64 reference; it prints errors and times.
+
+Several machines (one process per CPU socket or GPU; NCCL when CUDA is available, else gloo)::
+
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m ringattn.ring.demo --seq-len 16384
+
+Under torchrun (``RANK``/``WORLD_SIZE`` set) the module joins the ``env://`` rendezvous instead of
+spawning; rank 0 computes the single-process reference and prints the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from .attention import ring_attention
+from .sharding import gather_sequence, shard_sequence
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoArgs:
+    seq_len: int = 4096
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    seed: int = 0
+
+
+def _inputs(args: DemoArgs, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Full q, k, v and upstream gradient ``(B, S, N, D)``, identical on every rank (one seed)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    shape = (args.batch, args.seq_len, args.heads, args.head_dim)
+    return tuple(torch.randn(shape, generator=gen).to(device, _DTYPES[args.dtype]) for _ in range(4))
+
+
+def _ring_rank(rank: int, world: int, args: DemoArgs, device: torch.device) -> dict:
+    """This rank's ring pass; on rank 0 also the gathered full results. Every rank must call it."""
+    q, k, v, g = (shard_sequence(x, rank, world) for x in _inputs(args, device))
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    warm = 4 * world  # a short pass first, so one-time costs (JIT loading, allocator) are not timed
+    small = [x[:, :warm].detach().requires_grad_() for x in (q, k, v)]
+    ring_attention(*small, causal=True).backward(g[:, :warm])
+    dist.barrier()
+    start = time.perf_counter()
+    out = ring_attention(q, k, v, causal=True)
+    dist.barrier()
+    forward = time.perf_counter() - start
+    out.backward(g)
+    dist.barrier()
+    total = time.perf_counter() - start
+    full = [gather_sequence(x.detach()) for x in (out, q.grad, k.grad, v.grad)]
+    return {"forward_s": forward, "total_s": total, "results": full if rank == 0 else None}
+
+
+def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -> dict:
+    """Single-process attention and a float64 reference; errors of both, times of both."""
+    q, k, v, g = _inputs(args, device)
+    say(f"single process: SDPA causal forward+backward, {torch.get_num_threads()} threads")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    start = time.perf_counter()
+    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True).transpose(1, 2)
+    out.backward(g)
+    single_s = time.perf_counter() - start
+    single = [out.detach(), q.grad, k.grad, v.grad]
+    say("float64 reference")
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out64 = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q64, k64, v64)), is_causal=True)
+    out64 = out64.transpose(1, 2)
+    out64.backward(g.double())
+    ref = [out64.detach(), q64.grad, k64.grad, v64.grad]
+    names = ("out", "dq", "dk", "dv")
+    errors = {
+        who: {n: (x.double() - r).abs().max().item() for n, x, r in zip(names, xs, ref, strict=True)}
+        for who, xs in (("ring", ring["results"]), ("single", single))
+    }
+    report = {
+        "world_size": world,
+        **dataclasses.asdict(args),
+        "ring_forward_s": ring["forward_s"],
+        "ring_total_s": ring["total_s"],
+        "single_total_s": single_s,
+        "max_abs_error_vs_float64": errors,
+    }
+    say(f"max |error| vs float64   ring: {errors['ring']}")
+    say(f"                       single: {errors['single']}")
+    say(f"forward+backward   ring (W={world}): {ring['total_s']:.3f} s   single process: {single_s:.3f} s")
+    return report
+
+
+def _spawned_rank(rank: int, world: int, rendezvous: str, args: DemoArgs, result_path: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
+    try:
+        if rank == 0:
+            print(f"[rank 0] ring attention forward+backward on {world} ranks ...", flush=True)
+        result = _ring_rank(rank, world, args, torch.device("cpu"))
+        if rank == 0:
+            torch.save(result, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_demo(
+    world_size: int = 2,
+    seq_len: int = 4096,
+    *,
+    batch: int = 1,
+    heads: int = 8,
+    head_dim: int = 64,
+    dtype: str = "float32",
+    seed: int = 0,
+    verbose: bool = True,
+) -> dict:
+    """Spawn ``world_size`` gloo processes, run causal zigzag ring attention forward+backward, check, time.
+
+    ``seq_len`` must be a multiple of ``2 * world_size``. Returns the report printed: times in seconds
+    (``ring_total_s``, ``single_total_s``: forward+backward) and ``max_abs_error_vs_float64`` of the ring
+    and of single-process SDPA for out, dq, dk, dv.
+    """
+    args = DemoArgs(seq_len, batch, heads, head_dim, dtype, seed)
+
+    def say(text: str) -> None:
+        if verbose:
+            print(text, flush=True)
+
+    say(f"ring attention demo: W={world_size}, B={batch}, S={seq_len}, N={heads}, D={head_dim}, {dtype}, causal")
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "ring.pt")
+        say(f"spawning {world_size} processes (gloo, 1 thread each)")
+        mp.spawn(_spawned_rank, args=(world_size, f"file://{tmp}/rendezvous", args, result_path), nprocs=world_size)
+        ring = torch.load(result_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(world_size)
+    try:
+        return _report(args, world_size, ring, torch.device("cpu"), say)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _torchrun_main(args: DemoArgs) -> int:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=300))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    try:
+        ring = _ring_rank(rank, world, args, device)
+        if rank == 0:
+            _report(args, world, ring, device, lambda text: print(text, flush=True))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ringattn demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--world-size", type=int, default=2, help="local processes (ignored under torchrun)")
+    parser.add_argument("--seq-len", type=int, default=DemoArgs.seq_len)
+    parser.add_argument("--batch", type=int, default=DemoArgs.batch)
+    parser.add_argument("--heads", type=int, default=DemoArgs.heads)
+    parser.add_argument("--head-dim", type=int, default=DemoArgs.head_dim)
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=DemoArgs.dtype)
+    parser.add_argument("--seed", type=int, default=DemoArgs.seed)
+    ns = parser.parse_args(argv)
+    args = DemoArgs(ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.seed)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _torchrun_main(args)
+    run_demo(ns.world_size, **dataclasses.asdict(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

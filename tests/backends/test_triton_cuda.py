@@ -1,0 +1,371 @@
+"""Triton-specific tests of ``backends/triton_cuda.py`` (the shared property tests live in
+``test_ring_attention_update.py``).
+
+Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1``, which must be set before
+Triton is first imported; the interpreter is ~1000x slower than compiled code, so shapes are small but
+chosen to cross tile edges (rows not a multiple of BLOCK_ROWS, D not a power of two, D = 1, D looping
+over several BLOCK_D chunks). Tolerances: ``inputs.TOL`` (SPEC section 6, atol = rtol), statistics at the
+float32 entry.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest does this too; kept for running this file alone
+
+pytest.importorskip("triton", reason="the triton package is not installed")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import ringattn  # noqa: E402
+from inputs import TOL, UpdateInputs, make_update_inputs, random_stats  # noqa: E402
+from ringattn._contract import per_batch_row_map, validate_update  # noqa: E402
+from ringattn.backends import torch_eager, triton_cuda  # noqa: E402
+from ringattn.reference import ring_attention_update_reference  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not triton_cuda._INTERPRETED:
+    pytest.skip("no CUDA device, and triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+pytestmark = pytest.mark.triton
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STATS_TOL = TOL[torch.float32]
+INF = math.inf
+
+
+def strided(t: torch.Tensor, how: str, fill: float = math.nan) -> torch.Tensor:
+    """``t``'s values on DEVICE in a non-contiguous layout: 'gap' (a strided slice of a ``fill`` buffer in
+    every dimension) or 'transposed' (dimensions reversed in memory); 'contiguous' copies as is."""
+    if how == "contiguous":
+        return t.to(DEVICE, copy=True)
+    if how == "gap":
+        big = torch.full([2 * s + 1 for s in t.shape], fill, dtype=t.dtype, device=DEVICE)
+        view = big[tuple(slice(1, 2 * s + 1, 2) for s in t.shape)]
+    else:
+        view = torch.empty(tuple(reversed(t.shape)), dtype=t.dtype, device=DEVICE).permute(*reversed(range(t.dim())))
+    view.copy_(t)
+    return view
+
+
+def on_device(x: UpdateInputs, hows: tuple[str, ...] = ("contiguous",) * 6) -> UpdateInputs:
+    moved = [strided(t, how) for t, how in zip(x.tensors(), hows, strict=True)]
+    return UpdateInputs(x.layout, *moved, x.seq_offsets, x.softmax_layout)
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    torch.testing.assert_close(
+        got.double().cpu(), want.double().cpu(), rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_update_matches(x: UpdateInputs, got, dtype: torch.dtype) -> None:
+    want = ring_attention_update_reference(*[t.cpu() for t in x.tensors()], x.seq_offsets, x.layout, x.softmax_layout)
+    for name, g, w, tol in zip(("attn_out", "max", "sum"), got, want, (TOL[dtype], STATS_TOL, STATS_TOL), strict=True):
+        assert_close(g, w, tol, name)
+
+
+def poisoned_outputs(x: UpdateInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.full_like(x.prev_o, math.nan),
+        torch.full_like(x.prev_m, math.nan),
+        torch.full_like(x.prev_m, math.nan),
+    )
+
+
+LAYOUTS = {
+    "SBH": dict(layout="SBH", seq=5, batch=3, heads=3, head_dim=24),
+    "TND-per-batch": dict(layout="TND", seq_lens=[3, 0, 4, 2], heads=3, head_dim=40),
+    "TND-token-major": dict(layout="TND", seq_lens=[3, 0, 4, 2], heads=3, head_dim=40, softmax_layout="TND"),
+}
+
+
+def update_inputs(case: str, dtype: torch.dtype, seed: int, **kw) -> UpdateInputs:
+    return make_update_inputs(dtype=dtype, gen=torch.Generator().manual_seed(seed), **{**LAYOUTS[case], **kw})
+
+
+def run_update(x: UpdateInputs, backend: str = "triton", out=None):
+    return ringattn.ring_attention_update(
+        *x.args(), softmax_layout=x.softmax_layout, ascend_limits=False, out=out, backend=backend
+    )
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", LAYOUTS)
+def test_layouts_and_dtypes(case, dtype):
+    """Every layout and kernel dtype against float64; mean error at most 2x the torch backend's (the maximum
+    is one rounding for both, so it says nothing about the kernel's arithmetic)."""
+    x = on_device(update_inputs(case, dtype, seed=1))
+    out = poisoned_outputs(x)
+    got = run_update(x, out=out)
+    assert all(g is o for g, o in zip(got, out, strict=True))
+    assert_update_matches(x, got, dtype)
+    want = ring_attention_update_reference(*[t.cpu() for t in x.tensors()], x.seq_offsets, x.layout, x.softmax_layout)
+    if dtype == torch.bfloat16 and triton_cuda._INTERPRETED:
+        return  # Triton 3.9's interpreter casts float32 to bfloat16 by truncation; compiled code rounds (cvt.rn)
+    eager = run_update(x, backend="torch")
+    finite = want[0].isfinite()
+    err = (got[0].cpu().double() - want[0])[finite].abs().mean()
+    eager_err = (eager[0].cpu().double() - want[0])[finite].abs().mean()
+    assert err <= 2 * eager_err + 1e-7
+
+
+@pytest.mark.parametrize("case", ["SBH", "TND-per-batch"])
+def test_non_contiguous_every_argument(case):
+    """Strided reads of all six inputs and strided writes of all three outputs; gaps stay untouched."""
+    x = on_device(
+        update_inputs(case, torch.float16, seed=2), ("gap", "transposed", "gap", "transposed", "gap", "transposed")
+    )
+    assert not any(t.is_contiguous() for t in x.tensors())
+    sentinel = 12345.0
+    out = tuple(strided(t, "gap", fill=sentinel).fill_(math.nan) for t in poisoned_outputs(x))
+    got = run_update(x, out=out)
+    assert_update_matches(x, got, torch.float16)
+    for o in out:
+        buffer = o._base
+        gaps = torch.ones_like(buffer, dtype=torch.bool)
+        gaps[tuple(slice(1, None, 2) for _ in range(o.dim()))] = False
+        assert (buffer[gaps] == sentinel).all(), "a write landed outside the output view"
+
+
+@pytest.mark.parametrize("side", ["prev", "cur"])
+@pytest.mark.parametrize("case", ["SBH", "TND-per-batch"])
+def test_out_aliases_inputs_in_place(case, side):
+    """out= exactly the prev (or cur) views accumulates in place; per-batch rows are read before written."""
+    x = on_device(update_inputs(case, torch.bfloat16, seed=3), ("gap", "contiguous", "transposed") * 2)
+    before = UpdateInputs(x.layout, *[t.clone() for t in x.tensors()], x.seq_offsets, x.softmax_layout)
+    dst = (x.prev_o, x.prev_m, x.prev_l) if side == "prev" else (x.cur_o, x.cur_m, x.cur_l)
+    got = run_update(x, out=dst)
+    assert all(g is d for g, d in zip(got, dst, strict=True))
+    assert_update_matches(before, got, torch.bfloat16)
+
+
+def test_tnd_zero_length_batches():
+    """Empty batches at the start, middle and end leave the per-batch row map a bijection."""
+    x = on_device(update_inputs("TND-per-batch", torch.float32, seed=4, seq_lens=[0, 2, 0, 0, 5, 1, 0]))
+    assert x.seq_offsets == [0, 0, 2, 2, 2, 7, 8, 8]
+    got = run_update(x, out=poisoned_outputs(x))
+    assert not got[1].isnan().any() and not got[2].isnan().any()  # every stats row was written
+    assert_update_matches(x, got, torch.float32)
+
+
+# --- merge_rows: K parts, stats and LSE form -----------------------------------------------------------
+
+
+def merge_reference(parts_o, parts_m, parts_l, lse_scale=1.0, row_index=None):
+    """Note [row merge] in float64, transcribed independently. ``row_index`` (T, N): per-batch stats row."""
+
+    def lane0(s):
+        s = s[..., 0].double().cpu()
+        return s if row_index is None else s.reshape(-1)[row_index].unsqueeze(1)
+
+    m = torch.stack([lane0(s) for s in parts_m])
+    if parts_l is None:
+        m = m * lse_scale
+        m = m.masked_fill(m == INF, -INF)
+        l = torch.ones_like(m)
+    else:
+        l = torch.stack([lane0(s) for s in parts_l])
+    new_max = m.max(0).values
+    empty = new_max == -INF
+    w = l * torch.exp(m - torch.where(empty, 0.0, new_max))
+    new_sum = w.sum(0)
+    weights = torch.where(empty, 0.0, w / new_sum)
+    o = (torch.stack([x.double().cpu() for x in parts_o]) * weights.unsqueeze(-1)).sum(0)
+    if parts_l is None:
+        return o, torch.where(empty, -INF, (new_max + torch.log(new_sum)) / lse_scale), None
+    return o, new_max, new_sum
+
+
+def per_batch_index(offsets: list[int], heads: int) -> torch.Tensor:
+    """SPEC section 4 literally: token t of batch i, head n -> stats row c_i*N + n*S_i + (t - c_i)."""
+    index = torch.empty(offsets[-1], heads, dtype=torch.int64)
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        for t in range(start, end):
+            for n in range(heads):
+                index[t, n] = start * heads + n * (end - start) + (t - start)
+    return index
+
+
+def make_parts(k, rows_shape, head_dim, dtype, gen, form, lanes, lse_scale=1.0):
+    """K parts on DEVICE, alternately contiguous / strided; LSE form: lse in the caller's base."""
+    hows = ("contiguous", "gap", "transposed")
+    parts_o, parts_m, parts_l = [], [], []
+    for i in range(k):
+        o = (torch.rand((*rows_shape, head_dim), generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+        m, l = random_stats(rows_shape, gen, empty_fraction=0.2)
+        if form != "stats":
+            m = torch.where(l > 0, (m + torch.log(l)) / lse_scale, -INF).float()
+        parts_o.append(strided(o, hows[i % 3]))
+        parts_m.append(strided(m[..., :lanes].contiguous(), hows[(i + 1) % 3]))
+        parts_l.append(strided(l[..., :lanes].contiguous(), hows[(i + 2) % 3]))
+    return parts_o, parts_m, None if form != "stats" else parts_l
+
+
+def merge_outputs(rows_shape, head_dim, dtype, lanes, form):
+    out_o = torch.full((*rows_shape, head_dim), math.nan, dtype=dtype, device=DEVICE)
+    out_m = torch.full((*rows_shape, lanes), math.nan, device=DEVICE)
+    out_l = None if form != "stats" else torch.full_like(out_m, math.nan)
+    return out_o, out_m, out_l
+
+
+def check_merge(got, want, dtype, lanes):
+    out_o, out_m, out_l = got
+    want_o, want_m, want_l = want
+    assert_close(out_o, want_o, TOL[dtype], "out_o")
+    lane_shape = out_m.shape
+    assert_close(out_m, want_m.reshape(*lane_shape[:-1], 1).expand(lane_shape), STATS_TOL, "out_m")
+    if out_l is not None:
+        assert_close(out_l, want_l.reshape(*lane_shape[:-1], 1).expand(lane_shape), STATS_TOL, "out_l")
+
+
+FORMS = {"stats": 1.0, "lse": 1.0, "lse-base2": math.log(2)}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_merge_rows_k_parts(k, form):
+    """K = 1..5 parts, stats and LSE form (natural and base 2), strided parts, against float64."""
+    dtype = torch.float32 if k != 3 else torch.float16
+    lse_scale, lanes = FORMS[form], 8 if form == "stats" else 1
+    rows_shape, head_dim = (3, 2, 3), 20
+    gen = torch.Generator().manual_seed(10 + k)
+    parts_o, parts_m, parts_l = make_parts(k, rows_shape, head_dim, dtype, gen, form, lanes, lse_scale)
+    if form != "stats":
+        parts_m[0][0, 0, 0] = INF  # old FlashAttention's empty row: read as -inf
+    for m in parts_m:  # one row empty in every part
+        m[1, 1, 2] = -INF
+    if parts_l is not None:
+        for s in parts_l:
+            s[1, 1, 2] = 0.0
+    out = merge_outputs(rows_shape, head_dim, dtype, lanes, form)
+    triton_cuda.merge_rows(parts_o, parts_m, parts_l, *out, lse_scale=lse_scale)
+    check_merge(out, merge_reference(parts_o, parts_m, parts_l, lse_scale), dtype, lanes)
+    assert (out[0][1, 1, 2] == 0).all() and (out[1][1, 1, 2] == -INF).all()
+    if out[2] is not None:
+        assert (out[2][1, 1, 2] == 0).all()
+
+
+@pytest.mark.parametrize("form", ["stats", "lse"])
+def test_merge_rows_per_batch_row_map(form):
+    """K = 3 with per-batch TND statistics located through the device row map."""
+    offsets, heads, head_dim = [0, 3, 3, 7], 3, 9
+    gen = torch.Generator().manual_seed(20)
+    parts_o, parts_m, parts_l = make_parts(3, (offsets[-1], 1, heads), head_dim, torch.float32, gen, form, 8)
+    row_map = per_batch_row_map(torch.tensor(offsets, device=DEVICE), offsets[-1], heads)
+    out = merge_outputs((offsets[-1], 1, heads), head_dim, torch.float32, 8, form)
+    triton_cuda.merge_rows(parts_o, parts_m, parts_l, *out, row_map=row_map)
+    want_o, want_m, want_l = merge_reference(parts_o, parts_m, parts_l, row_index=per_batch_index(offsets, heads))
+    assert_close(out[0], want_o, TOL[torch.float32], "out_o")
+    index = per_batch_index(offsets, heads)
+    for got, want in ((out[1], want_m), (out[2], want_l)):
+        if got is None:
+            continue
+        flat = got[..., 0].reshape(-1).cpu()
+        assert_close(flat[index], want.squeeze(1), STATS_TOL, "stats")
+        assert (got == got[..., :1]).all(), "every lane is written"
+
+
+def test_merge_rows_lse_in_place():
+    """LSE form accumulating into part 0 (out_o is parts_o[0], out_m is parts_m[0])."""
+    gen = torch.Generator().manual_seed(21)
+    parts_o, parts_m, _ = make_parts(3, (4, 1, 2), 16, torch.bfloat16, gen, "lse", 1)
+    want = merge_reference(parts_o, parts_m, None)
+    triton_cuda.merge_rows(parts_o, parts_m, None, parts_o[0], parts_m[0], None)
+    check_merge((parts_o[0], parts_m[0], None), want, torch.bfloat16, 1)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf on purpose
+def test_empty_rows_nan_and_inf():
+    """Row by row: all parts empty, one part empty, NaN max, NaN element, +inf max (K = 3, stats form)."""
+    gen = torch.Generator().manual_seed(22)
+    rows_shape, head_dim = (6, 1, 1), 5
+    parts_o, parts_m, parts_l = make_parts(3, rows_shape, head_dim, torch.float32, gen, "stats", 8)
+    for m, s in zip(parts_m, parts_l, strict=True):
+        m[:2] = torch.randn(2, 1, 1, 1).to(DEVICE)  # rows 2.. below get their special values
+        s[:2] = 1.0
+        m[2], s[2] = -INF, 0.0  # row 2: all empty
+    parts_m[0][3], parts_l[0][3] = -INF, 0.0  # row 3: part 0 empty
+    parts_m[1][4] = math.nan  # row 4: NaN statistics
+    parts_o[2][5, 0, 0, 1] = math.nan  # row 5: one NaN element
+    parts_m[0][1] = INF  # row 1: +inf max -> inf - inf = NaN
+    out = merge_outputs(rows_shape, head_dim, torch.float32, 8, "stats")
+    triton_cuda.merge_rows(parts_o, parts_m, parts_l, *out)
+    out_o, out_m, out_l = out
+    assert (out_o[2] == 0).all() and (out_m[2] == -INF).all() and (out_l[2] == 0).all()
+    assert out_o[4].isnan().all() and out_m[4].isnan().all() and out_l[4].isnan().all()
+    assert out_o[1].isnan().all() and out_l[1].isnan().all()
+    assert out_o[5, 0, 0, 1].isnan() and out_o[5, 0, 0, [0, 2, 3, 4]].isfinite().all()
+    assert out_o[[0, 3]].isfinite().all()
+    check_merge(out, merge_reference(parts_o, parts_m, parts_l), torch.float32, 8)
+
+
+@pytest.mark.parametrize(
+    ("rows_shape", "head_dim", "block_rows", "block_d"),
+    [
+        ((13, 1, 1), 1, 4, None),  # D = 1, rows not a multiple of BLOCK_ROWS
+        ((5, 1, 3), 40, 4, 16),  # D loops over three BLOCK_D chunks, the last ragged
+        ((7, 2, 1), 24, 8, 32),  # D not a power of two inside one chunk
+        ((37, 1, 1), 64, None, None),  # default tile (32 x 64), 37 rows -> a partial second tile
+        ((3, 1, 2), 300, None, None),  # default tile with D > 256: two chunks
+    ],
+)
+def test_tile_edges(rows_shape, head_dim, block_rows, block_d):
+    gen = torch.Generator().manual_seed(30 + head_dim)
+    parts_o, parts_m, parts_l = make_parts(2, rows_shape, head_dim, torch.bfloat16, gen, "stats", 8)
+    out = merge_outputs(rows_shape, head_dim, torch.bfloat16, 8, "stats")
+    triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, 1.0, block_rows, block_d)
+    check_merge(out, merge_reference(parts_o, parts_m, parts_l), torch.bfloat16, 8)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 4),
+    rows_shape=st.tuples(st.integers(1, 6), st.integers(1, 2), st.integers(1, 3)),
+    head_dim=st.integers(1, 33),
+    dtype=st.sampled_from(KERNEL_DTYPES),
+    form=st.sampled_from(list(FORMS)),
+    block_rows=st.sampled_from([None, 1, 2, 4]),
+    block_d=st.sampled_from([None, 1, 8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_merge_rows_random(k, rows_shape, head_dim, dtype, form, block_rows, block_d, seed):
+    lse_scale, lanes = FORMS[form], 8 if form == "stats" else 3
+    gen = torch.Generator().manual_seed(seed)
+    parts_o, parts_m, parts_l = make_parts(k, rows_shape, head_dim, dtype, gen, form, lanes, lse_scale)
+    out = merge_outputs(rows_shape, head_dim, dtype, lanes, form)
+    triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, lse_scale, block_rows, block_d)
+    check_merge(out, merge_reference(parts_o, parts_m, parts_l, lse_scale), dtype, lanes)
+
+
+def test_float64_and_many_parts_run_on_torch():
+    """float64 is not compiled: unsupported_reason says so (``auto`` falls back) and merge_rows delegates."""
+    x = on_device(update_inputs("SBH", torch.float64, seed=40))
+    problem = validate_update(*x.args(), softmax_layout=None, ascend_limits=False)
+    assert "float64" in triton_cuda.unsupported_reason(problem)
+    gen = torch.Generator().manual_seed(41)
+    for dtype, k in ((torch.float64, 2), (torch.float32, triton_cuda.MAX_PARTS + 1)):
+        parts = make_parts(k, (2, 1, 2), 8, dtype, gen, "stats", 8)
+        out = merge_outputs((2, 1, 2), 8, dtype, 8, "stats")
+        if dtype == torch.float64:
+            out = (out[0], out[1].double(), out[2].double())
+            parts = (parts[0], [m.double() for m in parts[1]], [s.double() for s in parts[2]])
+        triton_cuda.merge_rows(*parts, *out)
+        eager = merge_outputs((2, 1, 2), 8, dtype, 8, "stats")
+        eager = (eager[0], eager[1].to(out[1].dtype), eager[2].to(out[1].dtype))
+        torch_eager.merge_rows(*parts, *eager)
+        for got, want in zip(out, eager, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_supported_here():
+    x = on_device(update_inputs("TND-per-batch", torch.bfloat16, seed=42))
+    problem = validate_update(*x.args(), softmax_layout=None, ascend_limits=False)
+    assert triton_cuda.unavailable_reason() is None
+    assert triton_cuda.unsupported_reason(problem) is None

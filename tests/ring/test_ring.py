@@ -1,0 +1,186 @@
+"""Ring attention on spawned gloo ranks against a single-process float64 reference.
+
+Every rank builds the full inputs from one seed, computes the float64 reference locally and checks
+its own shard: output, LSE and dq, dk, dv for a random upstream gradient. One spawn per world size
+runs the whole grid.
+
+Tolerances (atol = rtol, against float64 on the same rounded inputs): float64 1e-12 (pure rounding
+of a few sums); float32 1e-4 and float16 1e-3 (SPEC section 6); bfloat16 3e-2, because every block
+kernel rounds its output and gradients to bfloat16 once (2^-8 relative) and gradients sum S terms.
+On top, the ring's error must stay within 2x the error of the same code as a ring of one on the whole
+sequence (plus a floor of tol / 10), so error cannot grow with the world size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from ring_spawn import SoloComm, reference, run_ranks
+
+from ringattn.errors import ConfigError, DTypeError, LayoutError, ShapeError
+from ringattn.ring import ring_attention, shard_sequence
+from ringattn.ring.comm import RingComm
+from ringattn.ring.schedule import messages_per_rank
+
+SEQ_LEN = 48  # divisible by 2W for W = 1..4
+TOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 3e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: torch.dtype
+    causal: bool
+    sharding: str = "zigzag"
+    batch: int = 1
+    heads: int = 4
+    kv_heads: int = 4
+    head_dim: int = 16
+    layout: str = "BSND"
+    impl: str = "auto"
+    strided: bool = False  # pass q as a non-contiguous view
+
+
+CASES = [
+    Case(torch.float32, causal=False, batch=2, strided=True),
+    Case(torch.float32, causal=True, heads=3, kv_heads=1, head_dim=13),  # MQA, odd N and D
+    Case(torch.float32, causal=True, impl="torch", heads=6, kv_heads=3),
+    Case(torch.float32, causal=True, sharding="contiguous", heads=5, kv_heads=5, layout="BNSD"),
+    Case(torch.bfloat16, causal=True, heads=6, kv_heads=2),  # GQA
+    Case(torch.float16, causal=False, heads=4, kv_heads=2, head_dim=8),
+    Case(torch.float64, causal=True, batch=2, heads=2, kv_heads=1, head_dim=8),  # torch impl (auto)
+    Case(torch.float64, causal=True, sharding="contiguous", heads=3, kv_heads=3, impl="sdpa"),
+]
+
+
+class CountingComm(RingComm):
+    """The real ring, counting exchanges per tag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[int, int] = {}
+
+    def exchange(self, send, recv, *, tag=0):
+        self.counts[tag] = self.counts.get(tag, 0) + 1
+        return super().exchange(send, recv, tag=tag)
+
+
+def _inputs(case: Case, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    b, n, nkv, d = case.batch, case.heads, case.kv_heads, case.head_dim
+
+    def randn(heads: int) -> torch.Tensor:
+        return torch.randn(b, SEQ_LEN, heads, d, generator=gen).to(case.dtype)
+
+    return randn(n), randn(nkv), randn(nkv), randn(n)
+
+
+def _run(case: Case, q, k, v, g, rank: int, world: int, comm):
+    """Ring attention on this rank's shard: ``out, lse, dq, dk, dv``, all in BSND order."""
+    q, k, v, g = (shard_sequence(x, rank, world, sharding=case.sharding) for x in (q, k, v, g))
+    if case.strided:
+        q = torch.cat([q, q], dim=-1)[..., : q.shape[-1]]
+        assert not q.is_contiguous()
+    if case.layout == "BNSD":
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out, lse = ring_attention(
+        q,
+        k,
+        v,
+        causal=case.causal,
+        sharding=case.sharding,
+        layout=case.layout,
+        impl=case.impl,
+        return_lse=True,
+        _comm=comm,
+    )
+    if case.layout == "BNSD":
+        out.backward(g.transpose(1, 2))
+        return out.transpose(1, 2), lse, *(x.grad.transpose(1, 2) for x in (q, k, v))
+    out.backward(g)
+    return out, lse, q.grad, k.grad, v.grad
+
+
+def _errors(results, expected) -> list[float]:
+    return [(r.to(torch.float64) - e).abs().max().item() for r, e in zip(results, expected, strict=True)]
+
+
+def _check_case(case: Case, seed: int, rank: int, world: int) -> None:
+    q, k, v, g = _inputs(case, seed)
+    ref = reference(q, k, v, g, causal=case.causal, scale=case.head_dim**-0.5)
+    dims = (1, 2, 1, 1, 1)  # sequence dim of out, lse, dq, dk, dv
+    mine = [shard_sequence(r, rank, world, sharding=case.sharding, dim=d) for r, d in zip(ref, dims, strict=True)]
+    comm = CountingComm() if world > 1 else SoloComm()
+    got = _run(case, q, k, v, g, rank, world, comm)
+    tol = TOL[case.dtype]
+    for name, x, e in zip(("out", "lse", "dq", "dk", "dv"), got, mine, strict=True):
+        torch.testing.assert_close(x.to(torch.float64), e, atol=tol, rtol=tol, msg=lambda m, n=name: f"{case} {n}: {m}")
+    # Error growth: the same code as a ring of one on the whole sequence, compared on this rank's rows.
+    solo = [
+        shard_sequence(r, rank, world, sharding=case.sharding, dim=d)
+        for r, d in zip(_run(case, q, k, v, g, 0, 1, SoloComm()), dims, strict=True)
+    ]
+    for name, ring_err, solo_err in zip(
+        "out lse dq dk dv".split(), _errors(got, mine), _errors(solo, mine), strict=True
+    ):
+        assert ring_err <= 2 * solo_err + tol / 10, f"{case} {name}: ring error {ring_err} vs one rank {solo_err}"
+    if world > 1:
+        expected_counts = messages_per_rank(world)
+        assert comm.counts == {
+            0: expected_counts["forward_kv"] + expected_counts["backward_kv"],
+            1: expected_counts["backward_dkv"],
+        }
+
+
+def _check_mismatches(rank: int, world: int) -> None:
+    """Bad inputs on one rank raise the same error on every rank (the group stays usable)."""
+    q = k = v = torch.randn(1, 8, 2, 4)
+    last = world - 1
+    with pytest.raises(ShapeError, match=f"k \\(rank {last}\\)"):
+        short = rank == last
+        ring_attention(q, k[:, :4] if short else k, v[:, :4] if short else v, causal=False)
+    with pytest.raises(DTypeError, match="v \\(rank 0\\)"):
+        ring_attention(q, k, v.double() if rank == 0 else v)
+    with pytest.raises(ShapeError, match="q \\(rank 0\\).*4-D"):
+        ring_attention(q[0] if rank == 0 else q, k, v)
+    with pytest.raises(ConfigError, match=f"causal \\(rank {last}\\)"):
+        ring_attention(q, k, v, causal=rank != last)
+
+
+def _check_all(rank: int, world: int) -> None:
+    for i, case in enumerate(CASES):
+        _check_case(case, seed=1000 + i, rank=rank, world=world)
+    if world > 1:
+        _check_mismatches(rank, world)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ring_matches_reference(world_size: int, tmp_path) -> None:
+    run_ranks(_check_all, world_size, tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_without_process_group_is_plain_attention() -> None:
+    case = Case(torch.float32, causal=True)
+    q, k, v, g = _inputs(case, seed=7)
+    ref = reference(q, k, v, g, causal=True, scale=0.25)
+    got = _run(case, q, k, v, g, 0, 1, None)
+    for x, e in zip(got, ref, strict=True):
+        torch.testing.assert_close(x.to(torch.float64), e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.timeout(60)
+def test_local_errors_without_process_group() -> None:
+    q = torch.randn(1, 6, 2, 4)
+    with pytest.raises(ShapeError, match="even local sequence"):
+        ring_attention(q[:, :5], q[:, :5], q[:, :5], causal=True)
+    with pytest.raises(ShapeError, match="head count dividing"):
+        ring_attention(torch.randn(1, 6, 3, 4), q, q)
+    with pytest.raises(DTypeError, match="float16, bfloat16, float32 or float64"):
+        ring_attention(q.int(), q.int(), q.int())
+    with pytest.raises(LayoutError, match="layout"):
+        ring_attention(q, q, q, layout="SBH")

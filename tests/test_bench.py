@@ -1,0 +1,150 @@
+"""``ringattn bench``: the command runs, reports every provider and case, checks correctness, rejects bad
+arguments. Nothing here asserts a timing: only that figures exist, are positive and errors are in tolerance
+(SPEC section 6, the tolerances the bench itself applies)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from ringattn import bench
+from ringattn.bench import merge
+
+QUICK_CASES = {case.name for case in merge.cases(quick=True)}
+AUTO_PROVIDERS = {"ringattn[auto]", "ringattn[auto] out=", "naive", "copy"}
+# One case, one timed round: for tests that only need the command to complete.
+ONE_CASE = ["--quick", "--layout", "TND", "--dtype", "bf16", "--repeats", "1", "--warmup", "0", "--no-progress"]
+
+
+def test_quick_json_has_every_case_and_provider(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--json", str(path), "--no-progress"]) == 0
+    data = json.loads(path.read_text())
+    results = data["results"]
+    assert {r["case"] for r in results} == QUICK_CASES
+    for case in QUICK_CASES:
+        assert {r["provider"] for r in results if r["case"] == case} == AUTO_PROVIDERS
+    for r in results:
+        assert len(r["seconds"]) == data["meta"]["repeats"]
+        assert all(s > 0 for s in r["seconds"]), r
+        assert r["median_s"] > 0 and r["gbps"] > 0 and r["pct_floor"] > 0 and r["nbytes"] > 0, r
+        if r["provider"] == "copy":
+            assert r["max_err"] is None
+        else:
+            assert r["speedup_vs_naive"] > 0, r
+            assert 0 <= r["max_err"] <= r["tol"], r
+            assert r["backend"] in {"torch", "cpu", "triton", "eager"}, r
+        if r["provider"].endswith(" out="):
+            assert r["fresh_over_out"] > 0, r
+    assert data["meta"]["machine"]["cpu_cores"] >= 1
+    table = capsys.readouterr().out
+    assert all(name in table for name in QUICK_CASES)
+
+
+def test_png_is_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="--png needs matplotlib (extra 'bench')")
+    path = tmp_path / "bench.png"
+    assert bench.main([*ONE_CASE, "--png", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--dtype", "float8"], "--dtype: expected comma-separated dtypes"),
+        (["--layout", "BSND"], "--layout: expected SBH and/or TND"),
+        (["--backend", "nope"], "--backend: expected backends from"),
+        (["--repeats", "0"], "--repeats"),
+        (["--shape", "64,2,4,64"], "--shape: expected exactly one --layout"),
+        (["--layout", "SBH", "--shape", "64,4,64"], "--shape: expected 4 values (S,B,N,D)"),
+        (["--device", "tpu"], "--device: invalid choice"),
+    ],
+)
+def test_bad_argument_is_a_clear_argparse_error(argv, fragment, capsys):
+    assert bench.main(["merge", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "usage: ringattn bench" in err
+    assert fragment in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without CUDA")
+def test_cuda_without_cuda_is_an_argument_error(capsys):
+    assert bench.main(["--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_wrong_provider_fails_the_check(monkeypatch, capsys):
+    naive = merge.naive_update
+
+    def off_by_a_little(inputs):
+        out, m, l = naive(inputs)
+        return out + 0.1, m, l
+
+    monkeypatch.setattr(merge, "naive_update", off_by_a_little)
+    assert bench.main(ONE_CASE) == 1
+    err = capsys.readouterr().err
+    assert "correctness check failed" in err and "'naive'" in err and "tolerance 0.005" in err
+
+
+@pytest.mark.parametrize("layout", ["SBH", "TND"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bytes_moved_counts_every_tensor_once(layout, dtype):
+    (case,) = merge.cases([layout], [dtype], quick=True)
+    inputs = merge.make_inputs(case, torch.device("cpu"))
+    touched = [*inputs.tensors, *inputs.out]
+    assert merge.bytes_moved(case) == sum(t.numel() * t.element_size() for t in touched)
+
+
+def test_default_cases_and_sequence_split():
+    grid = merge.cases()
+    assert [(c.layout, c.dtype, c.shape) for c in grid] == [
+        ("SBH", torch.float32, (4096, 1, 32, 128)),
+        ("SBH", torch.bfloat16, (4096, 1, 32, 128)),
+        ("TND", torch.float32, (16384, 16, 128)),
+        ("TND", torch.bfloat16, (16384, 16, 128)),
+    ]
+    assert all(c.ascend_limits for c in grid)  # N=16, D=128 is inside the Ascend TND bound
+    offsets = grid[2].seq_offsets
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    assert offsets[0] == 0 and offsets[-1] == 16384 and len(set(lengths)) == 4 and min(lengths) > 0
+
+
+def test_shapes_beyond_ascend_limits_lift_them_and_say_so():
+    (case,) = merge.cases(["TND"], [torch.float32], shape=(8, 64, 128))
+    assert not case.ascend_limits and "ascend_limits=False" in case.limit_note
+
+
+def test_sizes_sweep_the_first_dimension():
+    grid = merge.cases(["SBH"], [torch.float32], shape=(8, 1, 2, 64), sizes=[16, 32])
+    assert [c.shape for c in grid] == [(16, 1, 2, 64), (32, 1, 2, 64)]
+    assert len({c.series for c in grid}) == 1 and len({c.name for c in grid}) == 2
+
+
+def test_naive_formula_matches_reference_on_per_batch_tnd():
+    # The naive provider must read the per-batch statistics layout, or its speedups compare unequal work.
+    (case,) = merge.cases(["TND"], [torch.float32], shape=(37, 3, 64))
+    inputs = merge.make_inputs(case, torch.device("cpu"), seed=3)
+    ref = merge.ring_attention_update_reference(*inputs.tensors, list(case.seq_offsets), "TND")
+    assert merge.max_error(merge.naive_update(inputs), ref) <= merge.TOL[torch.float32]
+    shuffled = merge.naive_update(merge.dataclasses.replace(inputs, naive_rows=inputs.naive_rows.flip(0)))
+    assert merge.max_error(shuffled, ref) > 1e-2
+
+
+def test_max_error_treats_unexpected_nan_as_infinite():
+    ref = (torch.tensor([1.0, math.nan], dtype=torch.float64),)
+    assert merge.max_error((torch.tensor([1.0, math.nan]),), ref) == 0
+    assert merge.max_error((torch.tensor([math.nan, math.nan]),), ref) == math.inf
+
+
+def test_ring_subcommand_is_dispatched_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("ringattn.bench.ring")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "ringattn.bench.ring", fake)
+    assert bench.main(["ring", "--world-size", "2"]) == 0
+    assert seen == [["--world-size", "2"]]
