@@ -46,13 +46,24 @@ class UpdateInputs:
     softmax_layout: str | None = None
 
     def args(self) -> tuple:
-        return (self.prev_o, self.prev_m, self.prev_l, self.cur_o, self.cur_m, self.cur_l, self.seq_offsets, self.layout)
+        return (
+            self.prev_o,
+            self.prev_m,
+            self.prev_l,
+            self.cur_o,
+            self.cur_m,
+            self.cur_l,
+            self.seq_offsets,
+            self.layout,
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.prev_o, self.prev_m, self.prev_l, self.cur_o, self.cur_m, self.cur_l]
 
 
-def random_stats(rows_shape: tuple[int, ...], gen: torch.Generator, empty_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_stats(
+    rows_shape: tuple[int, ...], gen: torch.Generator, empty_fraction: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, sum) statistics, equal over the 8 lanes, as FlashAttention produces them.
 
     Maxima are spread over several units so the weights cover many magnitudes; sums lie in [1, 64] (a
@@ -102,9 +113,7 @@ def make_update_inputs(
     stats_dtype = torch.float32
     prev_m, prev_l = random_stats(rows, gen, empty_fraction)
     cur_m, cur_l = random_stats(rows, gen, empty_fraction)
-    return UpdateInputs(
-        layout, attn(), prev_m.to(stats_dtype), prev_l, attn(), cur_m, cur_l, offsets, softmax_layout
-    )
+    return UpdateInputs(layout, attn(), prev_m.to(stats_dtype), prev_l, attn(), cur_m, cur_l, offsets, softmax_layout)
 
 
 def strided_copy(t: torch.Tensor, how: str) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inputs import make_update_inputs
 
 import ringattn
+from inputs import make_update_inputs
 from ringattn import errors
 
 
@@ -138,7 +138,12 @@ def test_tnd_stats_disagree_with_attention(gen, stats_shape, fragment):
 )
 def test_shape_differs_from_prev_counterpart(gen, layout, argument, reference):
     x = sbh(gen) if layout == "SBH" else tnd(gen)
-    good = {"cur_attn_out": x.cur_o, "prev_softmax_sum": x.prev_l, "cur_softmax_max": x.cur_m, "cur_softmax_sum": x.cur_l}
+    good = {
+        "cur_attn_out": x.cur_o,
+        "prev_softmax_sum": x.prev_l,
+        "cur_softmax_max": x.cur_m,
+        "cur_softmax_sum": x.cur_l,
+    }
     shape = list(good[argument].shape)
     shape[0] += 1
     with raises((ValueError, RuntimeError, errors.ShapeError), argument, reference):
@@ -154,7 +159,9 @@ def test_attention_dtypes_differ(gen):
 @pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, torch.float8_e4m3fn])
 def test_attention_dtype_unsupported(gen, dtype):
     x = sbh(gen)
-    with raises((TypeError, RuntimeError, errors.DTypeError), "prev_attn_out", "float16, bfloat16, float32", str(dtype)):
+    with raises(
+        (TypeError, RuntimeError, errors.DTypeError), "prev_attn_out", "float16, bfloat16, float32", str(dtype)
+    ):
         call(x, prev_attn_out=x.prev_o.to(dtype), cur_attn_out=x.cur_o.to(dtype))
 
 
@@ -162,7 +169,12 @@ def test_attention_dtype_unsupported(gen, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_stats_not_float32(gen, argument, dtype):
     x = sbh(gen)
-    good = {"prev_softmax_max": x.prev_m, "prev_softmax_sum": x.prev_l, "cur_softmax_max": x.cur_m, "cur_softmax_sum": x.cur_l}
+    good = {
+        "prev_softmax_max": x.prev_m,
+        "prev_softmax_sum": x.prev_l,
+        "cur_softmax_max": x.cur_m,
+        "cur_softmax_sum": x.cur_l,
+    }
     with raises((TypeError, RuntimeError, errors.DTypeError), argument, "float32", str(dtype)):
         call(x, **{argument: good[argument].to(dtype)})
 
@@ -170,7 +182,9 @@ def test_stats_not_float32(gen, argument, dtype):
 def test_float64_stats_allowed_with_float64_attention(gen):
     x = sbh(gen, torch.float64)
     stats = [s.double() for s in (x.prev_m, x.prev_l, x.cur_m, x.cur_l)]
-    out = call(x, prev_softmax_max=stats[0], prev_softmax_sum=stats[1], cur_softmax_max=stats[2], cur_softmax_sum=stats[3])
+    out = call(
+        x, prev_softmax_max=stats[0], prev_softmax_sum=stats[1], cur_softmax_max=stats[2], cur_softmax_sum=stats[3]
+    )
     assert out[1].dtype == torch.float64
 
 
@@ -226,7 +240,9 @@ def test_seq_qlen_not_1d(gen):
 @pytest.mark.parametrize("head_dim", [32, 96, 1])
 def test_tnd_head_dim_not_multiple_of_64(gen, head_dim):
     x = tnd(gen, head_dim=head_dim)
-    with raises((RuntimeError, errors.HardwareLimitError), "prev_attn_out", "multiple of 64", f"D = {head_dim}", "ascend_limits"):
+    with raises(
+        (RuntimeError, errors.HardwareLimitError), "prev_attn_out", "multiple of 64", f"D = {head_dim}", "ascend_limits"
+    ):
         call(x)
     assert call(x, ascend_limits=False)[0].shape == x.prev_o.shape
 

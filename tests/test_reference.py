@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from inputs import available_backends, make_update_inputs
 
 import ringattn
+from inputs import available_backends, make_update_inputs
 from ringattn.reference import merge_stats_reference, ring_attention_update_reference
 
 # Three batches of lengths 2, 0, 3 (T = 5) and N = 2 heads. SPEC section 4: token t of batch i, head n uses
@@ -54,7 +54,7 @@ def test_single_head_layouts_coincide():
     x = make_update_inputs("TND", torch.float64, gen, seq_lens=[3, 0, 4], heads=1, head_dim=2)
     per_batch = ring_attention_update_reference(*x.args())
     token_major = ring_attention_update_reference(*x.args(), softmax_layout="TND")
-    for a, b in zip(per_batch, token_major):
+    for a, b in zip(per_batch, token_major, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -88,7 +88,7 @@ def merge(a, b):
 
 
 def assert_states_close(x, y):
-    for a, b in zip(x, y):
+    for a, b in zip(x, y, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

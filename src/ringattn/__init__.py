@@ -4,6 +4,7 @@ from . import ops
 from .api import ring_attention_update
 from .errors import (
     AliasError,
+    AutogradError,
     BackendError,
     ConfigError,
     DeviceError,
@@ -14,7 +15,7 @@ from .errors import (
     SeqLenError,
     ShapeError,
 )
-
+from .merge import lse_to_stats, merge_states, stats_to_lse
 from .ring import gather_sequence, ring_attention, shard_sequence, unshard_sequence
 
 __version__ = "0.1.0"
@@ -22,6 +23,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ring_attention_update",
     "ops",
+    "merge_states",
+    "stats_to_lse",
+    "lse_to_stats",
     "ring_attention",
     "shard_sequence",
     "unshard_sequence",
@@ -36,4 +40,5 @@ __all__ = [
     "BackendError",
     "AliasError",
     "ConfigError",
+    "AutogradError",
 ]

@@ -162,7 +162,7 @@ def _check_dtypes(attn: Sequence[torch.Tensor], stats: Sequence[torch.Tensor]) -
         raise DTypeError(expected("cur_attn_out", f"{prev_o.dtype} (the dtype of prev_attn_out)", cur_o.dtype))
     allowed = (torch.float32, torch.float64) if prev_o.dtype == torch.float64 else (torch.float32,)
     want = "float32 (or float64 with float64 attention)" if len(allowed) == 2 else "float32"
-    for name, s in zip(_STATS_NAMES, stats):
+    for name, s in zip(_STATS_NAMES, stats, strict=True):
         if s.dtype not in allowed:
             raise DTypeError(expected(name, want, s.dtype))
         if s.dtype != stats[0].dtype:
@@ -185,7 +185,9 @@ def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch
     assert at the next synchronisation instead of a SeqLenError.
     """
     if actual_seq_qlen is None:
-        raise SeqLenError(expected("actual_seq_qlen", "a 1-D int64 tensor of cumulative lengths for layout 'TND'", "None"))
+        raise SeqLenError(
+            expected("actual_seq_qlen", "a 1-D int64 tensor of cumulative lengths for layout 'TND'", "None")
+        )
     if isinstance(actual_seq_qlen, torch.Tensor):
         offsets = actual_seq_qlen
     else:
@@ -198,43 +200,55 @@ def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch
         elif isinstance(actual_seq_qlen, (list, tuple)):
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in actual_seq_qlen):
                 raise DTypeError(expected("actual_seq_qlen", "integers", actual_seq_qlen))
-            offsets = torch.tensor(list(actual_seq_qlen), dtype=torch.int64)
+            _check_offset_values(list(actual_seq_qlen), total_tokens)
+            return torch.tensor(list(actual_seq_qlen), dtype=torch.int64, device=device)
         else:
-            raise DTypeError(expected("actual_seq_qlen", "an int64 tensor, array or a list of ints", type(actual_seq_qlen).__name__))
+            raise DTypeError(
+                expected("actual_seq_qlen", "an int64 tensor, array or a list of ints", type(actual_seq_qlen).__name__)
+            )
     if offsets.dtype != torch.int64:
         raise DTypeError(expected("actual_seq_qlen", "dtype int64", offsets.dtype))
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise SeqLenError(expected("actual_seq_qlen", "a non-empty 1-D tensor", f"shape {tuple(offsets.shape)}"))
-    if offsets.device.type == "cuda":
-        # Device-side checks: no host sync, capturable in a CUDA graph. A bad sequence surfaces as a
-        # device-side assert at the next synchronising call (fatal to the CUDA context); pass a list or a
-        # CPU tensor to get a SeqLenError naming the problem instead.
+    if offsets.device.type == "cuda" or torch.compiler.is_compiling():
+        # Device-side checks: no host sync, capturable in a CUDA graph and traceable by torch.compile. A
+        # bad sequence surfaces as a device-side assert at the next synchronising call (fatal to the CUDA
+        # context); pass a list or a CPU tensor to eager code to get a SeqLenError naming the problem.
         torch._assert_async(offsets[0] == 0, "actual_seq_qlen: expected a sequence starting at 0")
         torch._assert_async(
             offsets[-1] == total_tokens, f"actual_seq_qlen: expected a sequence ending at T = {total_tokens}"
         )
         torch._assert_async((offsets[1:] >= offsets[:-1]).all(), "actual_seq_qlen: expected a non-decreasing sequence")
         return offsets if offsets.device == device else offsets.to(device, non_blocking=True)
-    host = offsets.cpu()
-    first, last = int(host[0]), int(host[-1])
-    if first != 0:
-        raise SeqLenError(expected("actual_seq_qlen", "a sequence starting at 0", f"first value {first}"))
-    if last != total_tokens:
-        raise SeqLenError(expected("actual_seq_qlen", f"a sequence ending at T = {total_tokens}", f"last value {last}"))
-    steps = host[1:] - host[:-1]
-    if bool((steps < 0).any()):
-        at = int(torch.nonzero(steps < 0)[0, 0])
-        raise SeqLenError(
-            expected("actual_seq_qlen", "a non-decreasing sequence", f"{int(host[at])} followed by {int(host[at + 1])} at index {at}")
-        )
+    _check_offset_values(offsets.tolist(), total_tokens)
     return offsets.to(device, non_blocking=True)
+
+
+def _check_offset_values(values: list[int], total_tokens: int) -> None:
+    if not values:
+        raise SeqLenError(expected("actual_seq_qlen", "a non-empty 1-D sequence", "an empty one"))
+    if values[0] != 0:
+        raise SeqLenError(expected("actual_seq_qlen", "a sequence starting at 0", f"first value {values[0]}"))
+    if values[-1] != total_tokens:
+        raise SeqLenError(
+            expected("actual_seq_qlen", f"a sequence ending at T = {total_tokens}", f"last value {values[-1]}")
+        )
+    for at, (a, b) in enumerate(zip(values[:-1], values[1:], strict=True)):
+        if b < a:
+            raise SeqLenError(
+                expected("actual_seq_qlen", "a non-decreasing sequence", f"{a} followed by {b} at index {at}")
+            )
 
 
 def _check_ascend_limits(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     if head_dim % ASCEND_HEAD_DIM_ALIGN:
         raise HardwareLimitError(
-            expected("prev_attn_out", f"head size D a multiple of {ASCEND_HEAD_DIM_ALIGN} for layout 'TND' "
-                     "(an Ascend limit; lift it with ascend_limits=False)", f"D = {head_dim}")
+            expected(
+                "prev_attn_out",
+                f"head size D a multiple of {ASCEND_HEAD_DIM_ALIGN} for layout 'TND' "
+                "(an Ascend limit; lift it with ascend_limits=False)",
+                f"D = {head_dim}",
+            )
         )
     data_size = torch.empty((), dtype=dtype).element_size()
 
@@ -244,9 +258,12 @@ def _check_ascend_limits(num_heads: int, head_dim: int, dtype: torch.dtype) -> N
     need = align_up(num_heads * head_dim) * (data_size * 6 + 8) + align_up(num_heads * 8) * 56
     if need > ASCEND_UB_BYTES:
         raise HardwareLimitError(
-            expected("prev_attn_out", f"AlignUp(N*D, 64)*(DataSize*6+8) + AlignUp(N*8, 64)*56 <= {ASCEND_UB_BYTES} "
-                     "for layout 'TND' (an Ascend limit; lift it with ascend_limits=False)",
-                     f"{need} with N = {num_heads}, D = {head_dim}, DataSize = {data_size}")
+            expected(
+                "prev_attn_out",
+                f"AlignUp(N*D, 64)*(DataSize*6+8) + AlignUp(N*8, 64)*56 <= {ASCEND_UB_BYTES} "
+                "for layout 'TND' (an Ascend limit; lift it with ascend_limits=False)",
+                f"{need} with N = {num_heads}, D = {head_dim}, DataSize = {data_size}",
+            )
         )
 
 
@@ -269,17 +286,19 @@ def validate_update(
             raise LayoutError(expected("softmax_layout", "None or 'TND'", softmax_layout))
         if layout != "TND":
             raise LayoutError(expected("softmax_layout", "None for layout 'SBH'", softmax_layout))
-    attn = [_check_tensor(n, t) for n, t in zip(_ATTN_NAMES, (prev_attn_out, cur_attn_out))]
+    attn = [_check_tensor(n, t) for n, t in zip(_ATTN_NAMES, (prev_attn_out, cur_attn_out), strict=True)]
     stats = [
         _check_tensor(n, t)
-        for n, t in zip(_STATS_NAMES, (prev_softmax_max, prev_softmax_sum, cur_softmax_max, cur_softmax_sum))
+        for n, t in zip(
+            _STATS_NAMES, (prev_softmax_max, prev_softmax_sum, cur_softmax_max, cur_softmax_sum), strict=True
+        )
     ]
     attn_letters, stats_rank, stats_letters = (
         ("(S, B, H)", 4, "(B, N, S, 8)") if layout == "SBH" else ("(T, N, D)", 3, "(T, N, 8)")
     )
-    for name, t in zip(_ATTN_NAMES, attn):
+    for name, t in zip(_ATTN_NAMES, attn, strict=True):
         _check_rank(name, t, 3, attn_letters)
-    for name, s in zip(_STATS_NAMES, stats):
+    for name, s in zip(_STATS_NAMES, stats, strict=True):
         _check_rank(name, s, stats_rank, stats_letters)
         if s.shape[-1] != STATS_LANES:
             raise ShapeError(expected(name, f"last dimension {STATS_LANES}", f"shape {tuple(s.shape)}"))
@@ -290,8 +309,11 @@ def validate_update(
         b_stats, num_heads, s_stats = prev_m.shape[0], prev_m.shape[1], prev_m.shape[2]
         if (s_stats, b_stats) != (seq, batch):
             raise ShapeError(
-                expected("prev_softmax_max", f"(B, N, S, 8) with S = {seq} and B = {batch} from prev_attn_out",
-                         f"shape {tuple(prev_m.shape)}")
+                expected(
+                    "prev_softmax_max",
+                    f"(B, N, S, 8) with S = {seq} and B = {batch} from prev_attn_out",
+                    f"shape {tuple(prev_m.shape)}",
+                )
             )
         if num_heads == 0 and hidden != 0 or num_heads and hidden % num_heads:
             raise ShapeError(
@@ -302,14 +324,17 @@ def validate_update(
         tokens, num_heads, head_dim = prev_o.shape
         if tuple(prev_m.shape[:2]) != (tokens, num_heads):
             raise ShapeError(
-                expected("prev_softmax_max", f"(T, N, 8) with T = {tokens} and N = {num_heads} from prev_attn_out",
-                         f"shape {tuple(prev_m.shape)}")
+                expected(
+                    "prev_softmax_max",
+                    f"(T, N, 8) with T = {tokens} and N = {num_heads} from prev_attn_out",
+                    f"shape {tuple(prev_m.shape)}",
+                )
             )
     _check_same_shape("cur_attn_out", cur_o, "prev_attn_out", prev_o)
-    for name, s in zip(_STATS_NAMES[1:], stats[1:]):
+    for name, s in zip(_STATS_NAMES[1:], stats[1:], strict=True):
         _check_same_shape(name, s, "prev_softmax_max", prev_m)
     _check_dtypes(attn, stats)
-    _check_devices(list(zip(_ATTN_NAMES + _STATS_NAMES, attn + stats)))
+    _check_devices(list(zip(_ATTN_NAMES + _STATS_NAMES, attn + stats, strict=True)))
 
     seq_offsets = None
     stats_order = "SBH"
@@ -337,7 +362,7 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     if t.numel() == 0:
         return (0, 0)
     start = t.data_ptr()
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
     return start, start + (extent + 1) * t.element_size()
 
 
@@ -357,8 +382,8 @@ def check_outputs(
         raise ShapeError(expected("out", "a tuple (attn_out, softmax_max, softmax_sum)", type(out).__name__))
     names = ("out[0] (attn_out)", "out[1] (softmax_max)", "out[2] (softmax_sum)")
     refs = (problem.prev_o, problem.prev_m, problem.prev_m)
-    outs = tuple(_check_tensor(n, t) for n, t in zip(names, out))
-    for name, t, ref in zip(names, outs, refs):
+    outs = tuple(_check_tensor(n, t) for n, t in zip(names, out, strict=True))
+    for name, t, ref in zip(names, outs, refs, strict=True):
         if t.shape != ref.shape:
             raise ShapeError(expected(name, f"shape {tuple(ref.shape)}", tuple(t.shape)))
         if t.dtype != ref.dtype:
@@ -367,8 +392,8 @@ def check_outputs(
             raise DeviceError(expected(name, f"device {ref.device}", f"device {t.device}"))
         if torch._debug_has_internal_overlap(t) == 1:
             raise AliasError(expected(name, "a tensor without internally overlapping memory", f"strides {t.stride()}"))
-    others = list(inputs) + list(zip(names, outs))
-    for name, t in zip(names, outs):
+    others = list(inputs) + list(zip(names, outs, strict=True))
+    for name, t in zip(names, outs, strict=True):
         lo, hi = _byte_range(t)
         for other_name, other in others:
             if other_name == name or other.numel() == 0 or t.numel() == 0:
@@ -378,6 +403,10 @@ def check_outputs(
             is_output = other_name in names
             if overlaps and (is_output or not _same_view(t, other)):
                 raise AliasError(
-                    expected(name, f"no overlap with {other_name} other than being exactly the same view", "a partial overlap")
+                    expected(
+                        name,
+                        f"no overlap with {other_name} other than being exactly the same view",
+                        "a partial overlap",
+                    )
                 )
     return outs  # type: ignore[return-value]

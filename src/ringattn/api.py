@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import backends
+from . import _backward, _ops, backends  # noqa: F401  (_backward registers the autograd formulas)
 from ._contract import check_outputs, validate_update
-from .errors import DTypeError, expected
+from .errors import BackendError, DTypeError, expected
 
 __all__ = ["ring_attention_update"]
 
-ArrayLike = Union[torch.Tensor, np.ndarray]
+ArrayLike = torch.Tensor | np.ndarray
+
+_INPUT_NAMES = (
+    "prev_attn_out",
+    "prev_softmax_max",
+    "prev_softmax_sum",
+    "cur_attn_out",
+    "cur_softmax_max",
+    "cur_softmax_sum",
+)
+# UpdateProblem.stats_order -> the statistics layout names of _ops.py
+_STATS_LAYOUT = {"SBH": "BNS", "token_major": "TN", "per_batch": "per_batch"}
 
 
-def _to_torch(name: str, value: Any) -> Any:
+def _to_torch(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     return value
@@ -75,9 +86,11 @@ def ring_attention_update(
     out : tuple ``(attn_out, softmax_max, softmax_sum)``, optional, keyword-only
         Destinations with the output shapes and dtypes. Each may be exactly the same view as an input
         (``out=(prev_attn_out, prev_softmax_max, prev_softmax_sum)`` accumulates in place); any other
-        overlap raises AliasError.
+        overlap raises AliasError. Not differentiable: combined with an input that requires grad (while grad
+        mode is on) it raises AutogradError.
     backend : ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"`` or ``"triton"``, keyword-only
-        ``auto`` takes the fused kernel of the inputs' device when available, else ``torch``.
+        ``auto`` takes the fused kernel of the inputs' device when available, else ``torch``. The backward
+        runs that backend's row-level backward (``torch`` for ``reference``, and until a backend has one).
 
     Returns
     -------
@@ -106,39 +119,33 @@ def ring_attention_update(
     Deviations from the Ascend original (SPEC section 7): merging two empty rows gives the empty row
     ``(0, -inf, 0)`` instead of NaN; merging an empty row with x gives x. NaN inputs still give NaN and
     ``+inf`` statistics follow IEEE arithmetic (NaN weights), as in the original.
+
+    Differentiable (``torch.autograd``) with respect to all six inputs through a closed-form backward
+    (``_backward.py``), and traceable by ``torch.compile(fullgraph=True)``: the merge is the custom op
+    ``torch.ops.ringattn.ring_attention_update``. Gradients treat lane 0 as the row's statistic (the merge reads
+    only lane 0; the other input lanes get gradient 0) and sum the gradients of the 8 output lanes. Where the two
+    maxima are equal the max's gradient is split equally. Empty rows get finite gradients, never NaN.
     """
     as_numpy = isinstance(prev_attn_out, np.ndarray)
     tensors = [
-        _to_torch(n, v)
-        for n, v in zip(
-            ("prev_attn_out", "prev_softmax_max", "prev_softmax_sum", "cur_attn_out", "cur_softmax_max", "cur_softmax_sum"),
-            (prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum),
-        )
+        _to_torch(v)
+        for v in (prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum)
     ]
     problem = validate_update(
         *tensors, actual_seq_qlen, layout, softmax_layout=softmax_layout, ascend_limits=ascend_limits
     )
-    runner = backends.select(backend, problem)
+    if not isinstance(backend, str) or backend not in backends.BACKEND_NAMES:
+        raise BackendError(expected("backend", f"one of {', '.join(map(repr, backends.BACKEND_NAMES))}", backend))
+    inputs = (problem.prev_o, problem.prev_m, problem.prev_l, problem.cur_o, problem.cur_m, problem.cur_l)
+    options = (problem.seq_offsets, problem.layout, _STATS_LAYOUT[problem.stats_order], backend)
     if out is None:
-        outs = (
-            torch.empty(problem.prev_o.shape, dtype=problem.dtype, device=problem.device),
-            torch.empty(problem.prev_m.shape, dtype=problem.stats_dtype, device=problem.device),
-            torch.empty(problem.prev_m.shape, dtype=problem.stats_dtype, device=problem.device),
-        )
-    else:
-        if not isinstance(out, (tuple, list)):
-            raise DTypeError(expected("out", "a tuple of three tensors", type(out).__name__))
-        named_inputs = list(
-            zip(
-                ("prev_attn_out", "prev_softmax_max", "prev_softmax_sum", "cur_attn_out", "cur_softmax_max", "cur_softmax_sum"),
-                (problem.prev_o, problem.prev_m, problem.prev_l, problem.cur_o, problem.cur_m, problem.cur_l),
-            )
-        )
-        outs = check_outputs([_to_torch("out", o) for o in out], problem, named_inputs)
-    if problem.prev_o.numel() or problem.prev_m.numel():
-        runner.ring_attention_update(problem, *outs)
-    if out is not None:
-        return tuple(out)  # type: ignore[return-value]
-    if as_numpy:
-        return tuple(t.numpy() for t in outs)  # type: ignore[return-value]
-    return outs
+        outs = torch.ops.ringattn.ring_attention_update(*inputs, *options)
+        return tuple(t.numpy() for t in outs) if as_numpy else outs  # type: ignore[return-value]
+    if not isinstance(out, (tuple, list)):
+        raise DTypeError(expected("out", "a tuple of three tensors", type(out).__name__))
+    outs = [_to_torch(o) for o in out]
+    if not torch.compiler.is_compiling():  # no data pointers to compare while tracing (see merge._check_out)
+        outs = check_outputs(outs, problem, list(zip(_INPUT_NAMES, inputs, strict=True)))
+    _ops.refuse_grad_with_out(zip(_INPUT_NAMES, inputs, strict=True))
+    torch.ops.ringattn.ring_attention_update_out(*inputs, *options, *outs)
+    return tuple(out)  # type: ignore[return-value]

@@ -19,14 +19,14 @@ from .reference import ring_attention_update_reference
 
 def mindspore_example() -> None:
     """The example of the MindSpore page, unchanged but for the import (NumPy in, NumPy out)."""
-    np.random.seed(123)
+    np.random.seed(123)  # noqa: NPY002 - the page's own (legacy) generator, to reproduce its example
     S, B, H, N = 4, 6, 16, 8
-    prev_attn_out = np.random.uniform(-1.0, 1.0, size=(S, B, H)).astype(np.float32)
-    prev_softmax_max = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)
-    prev_softmax_sum = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)
-    cur_attn_out = np.random.uniform(-1.0, 1.0, size=(S, B, H)).astype(np.float32)
-    cur_softmax_max = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)
-    cur_softmax_sum = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)
+    prev_attn_out = np.random.uniform(-1.0, 1.0, size=(S, B, H)).astype(np.float32)  # noqa: NPY002
+    prev_softmax_max = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)  # noqa: NPY002
+    prev_softmax_sum = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)  # noqa: NPY002
+    cur_attn_out = np.random.uniform(-1.0, 1.0, size=(S, B, H)).astype(np.float32)  # noqa: NPY002
+    cur_softmax_max = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)  # noqa: NPY002
+    cur_softmax_sum = np.random.uniform(-1.0, 1.0, size=(B, N, S, 8)).astype(np.float32)  # noqa: NPY002
     inputs = [prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum]
     out = ring_attention_update(*inputs)
     print(f"MindSpore example: attn_out shape {out[0].shape} (the page prints (4, 6, 16))")

@@ -20,6 +20,7 @@ __all__ = [
     "BackendError",
     "AliasError",
     "ConfigError",
+    "AutogradError",
     "expected",
 ]
 
@@ -62,6 +63,10 @@ class AliasError(RingAttnError, ValueError):
 
 class ConfigError(RingAttnError, ValueError, RuntimeError):
     """Options that must agree (across the ranks of a ring, say) disagree."""
+
+
+class AutogradError(RingAttnError, RuntimeError):
+    """``out=`` was combined with inputs that require grad (the out= variants are not differentiable)."""
 
 
 def _describe(value: Any) -> str:

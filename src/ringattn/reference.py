@@ -76,7 +76,7 @@ def ring_attention_update_reference(
     offsets = [int(v) for v in actual_seq_qlen]  # type: ignore[union-attr]
     prev_rows = prev_w.reshape(tokens * heads, prev_w.shape[-1])[:, 0]
     cur_rows = cur_w.reshape(tokens * heads, cur_w.shape[-1])[:, 0]
-    for start, end in zip(offsets[:-1], offsets[1:]):
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
         length = end - start
         for n in range(heads):
             first_row = start * heads + n * length  # batch i is an (N, S_i) block of rows

@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inputs import ATTN_DTYPES, TOL, UpdateInputs, available_backends, make_update_inputs, strided_copy
 
 import ringattn
+from inputs import ATTN_DTYPES, TOL, UpdateInputs, available_backends, make_update_inputs, strided_copy
 from ringattn.reference import ring_attention_update_reference
 
 BACKENDS = available_backends()
@@ -40,7 +40,7 @@ def assert_matches_reference(x: UpdateInputs, got, dtype: torch.dtype) -> None:
     want = reference(x)
     names = ("attn_out", "softmax_max", "softmax_sum")
     dtypes = (dtype, x.prev_m.dtype, x.prev_m.dtype)
-    for name, g, w, d in zip(names, got, want, dtypes):
+    for name, g, w, d in zip(names, got, want, dtypes, strict=True):
         g = torch.as_tensor(g)
         assert g.shape == w.shape, name
         assert g.dtype == d, name
@@ -57,17 +57,27 @@ def update_cases(draw, small: bool, dtypes: tuple[torch.dtype, ...] = ATTN_DTYPE
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     if layout == "SBH":
         x = make_update_inputs(
-            "SBH", dtype, gen, seq=draw(st.integers(0, 4 if small else 9)), batch=draw(st.integers(1, 3)),
-            heads=heads, head_dim=head_dim,
+            "SBH",
+            dtype,
+            gen,
+            seq=draw(st.integers(0, 4 if small else 9)),
+            batch=draw(st.integers(1, 3)),
+            heads=heads,
+            head_dim=head_dim,
         )
     else:
         lens = draw(st.lists(st.integers(0, 4 if small else 7), min_size=1, max_size=4))
         x = make_update_inputs(
-            "TND", dtype, gen, seq_lens=lens, heads=heads, head_dim=head_dim,
+            "TND",
+            dtype,
+            gen,
+            seq_lens=lens,
+            heads=heads,
+            head_dim=head_dim,
             softmax_layout=draw(st.sampled_from([None, "TND"])),
         )
     layouts = draw(st.lists(st.sampled_from(["contiguous", "gap", "transposed"]), min_size=6, max_size=6))
-    tensors = [t if how == "contiguous" else strided_copy(t, how) for t, how in zip(x.tensors(), layouts)]
+    tensors = [t if how == "contiguous" else strided_copy(t, how) for t, how in zip(x.tensors(), layouts, strict=True)]
     x.prev_o, x.prev_m, x.prev_l, x.cur_o, x.cur_m, x.cur_l = tensors
     out_mode = draw(st.sampled_from(["new", "out", "alias_prev", "alias_cur", "numpy"]))
     if out_mode == "numpy" and dtype == torch.bfloat16:  # NumPy has no bfloat16
@@ -90,18 +100,18 @@ def run_case(backend: str, x: UpdateInputs, dtype: torch.dtype, out_mode: str) -
             torch.full_like(x.prev_m, float("nan")),
         )
         got = ringattn.ring_attention_update(*x.args(), out=out, **kwargs)
-        assert all(g is o for g, o in zip(got, out))
+        assert all(g is o for g, o in zip(got, out, strict=True))
     elif out_mode in ("alias_prev", "alias_cur"):
         side = (x.prev_o, x.prev_m, x.prev_l) if out_mode == "alias_prev" else (x.cur_o, x.cur_m, x.cur_l)
         x_before = UpdateInputs(x.layout, *before, x.seq_offsets, x.softmax_layout)
         got = ringattn.ring_attention_update(*x.args(), out=side, **kwargs)
-        assert all(g is s for g, s in zip(got, side))
+        assert all(g is s for g, s in zip(got, side, strict=True))
         assert_matches_reference(x_before, got, dtype)
         return
     else:
         got = ringattn.ring_attention_update(*x.args(), **kwargs)
     assert_matches_reference(x, got, dtype)
-    for name, b, a in zip(("prev_o", "prev_m", "prev_l", "cur_o", "cur_m", "cur_l"), before, x.tensors()):
+    for name, b, a in zip(("prev_o", "prev_m", "prev_l", "cur_o", "cur_m", "cur_l"), before, x.tensors(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{name} was modified")
 
 
@@ -192,7 +202,12 @@ def test_mindspeed_causal_half_views(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("layout", "kw"),
-    [("SBH", dict(seq=0)), ("SBH", dict(seq=3, heads=2, head_dim=0)), ("TND", dict(seq_lens=[0, 0])), ("TND", dict(seq_lens=[]))],
+    [
+        ("SBH", dict(seq=0)),
+        ("SBH", dict(seq=3, heads=2, head_dim=0)),
+        ("TND", dict(seq_lens=[0, 0])),
+        ("TND", dict(seq_lens=[])),
+    ],
 )
 def test_zero_size(backend, layout, kw):
     gen = torch.Generator().manual_seed(3)

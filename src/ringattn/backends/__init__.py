@@ -40,6 +40,8 @@ Each backend module has:
     Write the merge into preallocated outputs, which may be exactly the input views (in place).
 ``merge_rows(...)``
     Note [row merge] (not the reference backend, which is a separate transcription of the SPEC).
+``merge_rows_backward(...)``, optional
+    Note [row merge backward] in ``_backward.py``; backends without it use the torch version.
 
 ``auto`` picks the fused backend for the inputs' device when it is available and supports the problem,
 else the portable ``torch`` backend.

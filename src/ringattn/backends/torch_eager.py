@@ -76,12 +76,12 @@ def merge_rows(
     # All parts empty: shift by 0 instead of -inf so exp() gives 0, not NaN (SPEC section 7).
     all_empty = new_max == float("-inf")
     shift = new_max.masked_fill(all_empty, 0.0)
-    scaled = [s * torch.exp(m - shift) for m, s in zip(maxima, sums)]
+    scaled = [s * torch.exp(m - shift) for m, s in zip(maxima, sums, strict=True)]
     new_sum = scaled[0]
     for s in scaled[1:]:
         new_sum = new_sum + s
     merged = None
-    for o, s in zip(parts_o, scaled):
+    for o, s in zip(parts_o, scaled, strict=True):
         weight = (s / new_sum).masked_fill_(all_empty, 0.0)
         term = o.to(compute) * weight
         merged = term if merged is None else merged + term
@@ -159,7 +159,7 @@ def merge_rows_backward(
     all_empty = new_max == float("-inf")
     shift = new_max.masked_fill(all_empty, 0.0)
     decay = [torch.exp(m - shift) for m in maxima]  # exp(m_k - M): 0 for empty parts
-    scaled = decay if parts_l is None else [rows(s) * e for s, e in zip(parts_l, decay)]  # a_k
+    scaled = decay if parts_l is None else [rows(s) * e for s, e in zip(parts_l, decay, strict=True)]  # a_k
     new_sum = scaled[0]
     for a in scaled[1:]:
         new_sum = new_sum + a
@@ -168,14 +168,14 @@ def merge_rows_backward(
     g = grad_o.to(compute)
     dots = [(g * o.to(compute)).sum(-1, keepdim=True) for o in parts_o]  # <g, o_k>
     mean_dot = weights[0] * dots[0]  # <g, o> recomputed from the parts
-    for w, d in zip(weights[1:], dots[1:]):
+    for w, d in zip(weights[1:], dots[1:], strict=True):
         mean_dot = mean_dot + w * d
     # Every output lane holds the same statistic, so its gradient is the sum over lanes.
     g_m = _gather_rows(grad_m.sum(-1, keepdim=True), row_map).to(compute)
-    for w, dst in zip(weights, grad_parts_o):
+    for w, dst in zip(weights, grad_parts_o, strict=True):
         dst.copy_(g * w)
     if parts_l is None:
-        for w, d, dst in zip(weights, dots, grad_parts_m):
+        for w, d, dst in zip(weights, dots, grad_parts_m, strict=True):
             _scatter_lane0(w * (lse_scale * (d - mean_dot) + g_m), dst, row_map)
         return
     assert grad_l is not None and grad_parts_l is not None
