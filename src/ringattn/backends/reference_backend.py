@@ -23,8 +23,15 @@ def ring_attention_update(
 ) -> None:
     offsets = problem.seq_offsets.cpu() if problem.seq_offsets is not None else None
     o, m, l = ring_attention_update_reference(
-        problem.prev_o, problem.prev_m, problem.prev_l, problem.cur_o, problem.cur_m, problem.cur_l,
-        offsets, problem.layout, None if problem.stats_order != "token_major" else "TND",
+        problem.prev_o,
+        problem.prev_m,
+        problem.prev_l,
+        problem.cur_o,
+        problem.cur_m,
+        problem.cur_l,
+        offsets,
+        problem.layout,
+        None if problem.stats_order != "token_major" else "TND",
     )
     out_o.copy_(o)
     out_m.copy_(m)
