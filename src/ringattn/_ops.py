@@ -51,6 +51,7 @@ LAYOUT_RANKS = {"BSND": 4, "BNSD": 4, "SBH": 3, "TND": 3}
 STATS_RANKS = {"BNS": 3, "NT": 2, "TN": 2, "per_batch": 2}
 LN2 = math.log(2.0)
 
+
 def num_heads(o: torch.Tensor, stats: torch.Tensor, layout: str) -> int:
     """N of a merge: read from the output for BSND/BNSD/TND, from the statistics (dim 1) for SBH."""
     if layout == "SBH":
