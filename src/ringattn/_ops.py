@@ -44,6 +44,7 @@ import math
 import torch
 
 from . import backends
+from ._alloc import empty_fast
 from ._contract import UpdateProblem, per_batch_row_map
 from .errors import AutogradError, expected
 
@@ -142,7 +143,8 @@ def ring_attention_update(
     stats_layout: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    outs = (prev_o.new_empty(prev_o.shape), prev_m.new_empty(prev_m.shape), prev_m.new_empty(prev_m.shape))
+    # Fresh outputs without page-fault storms on CPU (Note [fresh outputs] in _alloc.py).
+    outs = tuple(empty_fast(t.shape, t.dtype, t.device) for t in (prev_o, prev_m, prev_m))
     _update_into(prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_layout, backend, *outs)
     return outs
 
@@ -207,7 +209,7 @@ def merge_states(
     lse_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, out_lse = parts_o[0].new_empty(parts_o[0].shape), parts_lse[0].new_empty(parts_lse[0].shape)
+    out, out_lse = (empty_fast(t.shape, t.dtype, t.device) for t in (parts_o[0], parts_lse[0]))
     _merge_states_into(parts_o, parts_lse, layout, lse_layout, lse_scale, backend, out, out_lse)
     return out, out_lse
 

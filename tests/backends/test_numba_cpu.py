@@ -1,0 +1,286 @@
+"""What is specific to the fused CPU backend (``backends/numba_cpu.py``) and ``_alloc.empty_fast``.
+
+The shared property tests (every layout, dtype and edge row against the float64 reference) run this
+backend from ``test_ring_attention_update.py``; here: odd sizes, strides on every argument, thread
+counts, K-part merges in both statistics forms, per-batch row maps, bit-exact 16-bit rounding, NaN,
+empty rows, aliasing, zero sizes. Tolerances: ``inputs.TOL`` (SPEC section 6) against float64.
+
+Each distinct (dtype, K) compiles the kernel once per process (seconds, cached on disk afterwards), so
+the tests reuse few signatures: fp32 for K = 1..8, the other dtypes at K = 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the cpu backend needs numba")
+
+from inputs import TOL, make_update_inputs, strided_copy  # noqa: E402
+from ringattn._alloc import empty_fast  # noqa: E402
+from ringattn._contract import per_batch_row_map, validate_update  # noqa: E402
+from ringattn.backends import numba_cpu, torch_eager  # noqa: E402
+from ringattn.reference import ring_attention_update_reference  # noqa: E402
+
+LN2 = math.log(2.0)
+
+
+def run_update(x, *, out=None):
+    """``numba_cpu.ring_attention_update`` on ``x``, into NaN-poisoned fresh outputs unless ``out``."""
+    problem = validate_update(*x.args(), softmax_layout=x.softmax_layout, ascend_limits=False)
+    if out is None:
+        out = tuple(torch.full_like(t, math.nan) for t in (x.prev_o, x.prev_m, x.prev_l))
+    numba_cpu.ring_attention_update(problem, *out)
+    return out
+
+
+def assert_reference(x, got) -> None:
+    want = ring_attention_update_reference(*x.args(), softmax_layout=x.softmax_layout)
+    tol = TOL[x.prev_o.dtype]
+    torch.testing.assert_close(got[0].double(), want[0], atol=tol, rtol=tol)
+    for g, w in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g.double(), w, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+def parts(k: int, shape: tuple[int, ...], gen: torch.Generator, dtype=torch.float32, lse: bool = False):
+    """K random partial results ``(P, Q, N, D)`` with 8-lane stats; ~1 row in 5 empty in each part."""
+    p, q, n, d = shape
+    os_, ms, ls = [], [], []
+    for _ in range(k):
+        os_.append((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype))
+        m = torch.randn((p, q, n, 1), generator=gen, dtype=torch.float64) * 4
+        s = 1 + torch.rand((p, q, n, 1), generator=gen, dtype=torch.float64) * 63
+        empty = torch.rand((p, q, n, 1), generator=gen) < 0.2
+        if lse:
+            m = (m + s.log()).masked_fill(empty, -math.inf)
+        ms.append(m.masked_fill(empty, -math.inf).float().expand(p, q, n, 8).contiguous())
+        ls.append(s.masked_fill(empty, 0.0).float().expand(p, q, n, 8).contiguous())
+    return os_, ms, (None if lse else ls)
+
+
+def outputs_like(o: torch.Tensor, m: torch.Tensor, lse: bool):
+    return torch.full_like(o, math.nan), torch.full_like(m, math.nan), None if lse else torch.full_like(m, math.nan)
+
+
+def float64_merge(parts_o, parts_m, parts_l, lse_scale=1.0):
+    """Note [row merge] in float64 (via the portable backend's formula on float64 copies)."""
+    o64 = [o.double() for o in parts_o]
+    m64 = [m.double() for m in parts_m]
+    l64 = None if parts_l is None else [s.double() for s in parts_l]
+    out = outputs_like(o64[0], m64[0], parts_l is None)
+    torch_eager.merge_rows(o64, m64, l64, *out, lse_scale=lse_scale)
+    return out
+
+
+# --- merge_rows: K parts, both forms ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("form", ["stats", "lse"])
+def test_merge_rows_k_parts(k: int, form: str) -> None:
+    gen = torch.Generator().manual_seed(k)
+    lse = form == "lse"
+    scale = LN2 if lse else 1.0  # LSE form: base-2 log-sum-exps, as FlashAttention-3 / Triton produce
+    os_, ms, ls = parts(k, (3, 2, 5, 19), gen, lse=lse)
+    got = outputs_like(os_[0], ms[0], lse)
+    numba_cpu.merge_rows(os_, ms, ls, *got, lse_scale=scale)
+    want = float64_merge(os_, ms, ls, lse_scale=scale)
+    tol = TOL[torch.float32]
+    for g, w in zip(got, want, strict=True):
+        if w is not None:
+            torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol)
+
+
+def test_merge_rows_lse_plus_inf_is_empty_and_all_empty_is_minus_inf() -> None:
+    o = [torch.ones(1, 1, 3, 4), torch.full((1, 1, 3, 4), 2.0)]
+    a = torch.tensor([math.inf, math.inf, 0.0]).view(1, 1, 3, 1).expand(1, 1, 3, 8).contiguous()
+    b = torch.tensor([math.inf, 1.0, -math.inf]).view(1, 1, 3, 1).expand(1, 1, 3, 8).contiguous()
+    out_o, out_m, _ = outputs_like(o[0], a, True)
+    numba_cpu.merge_rows(o, [a, b], None, out_o, out_m, None, lse_scale=LN2)
+    assert torch.equal(out_o[0, 0, 0], torch.zeros(4)) and bool((out_m[0, 0, 0] == -math.inf).all())
+    assert torch.equal(out_o[0, 0, 1], torch.full((4,), 2.0)) and bool((out_m[0, 0, 1] == 1.0).all())
+    assert torch.equal(out_o[0, 0, 2], torch.ones(4)) and bool((out_m[0, 0, 2] == 0.0).all())
+
+
+# --- odd sizes, strides, threads ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("layout", "heads", "head_dim"), [("SBH", 3, 1), ("SBH", 70, 7), ("TND", 5, 130)])
+def test_odd_sizes(dtype: torch.dtype, layout: str, heads: int, head_dim: int) -> None:
+    gen = torch.Generator().manual_seed(heads)
+    x = make_update_inputs(layout, dtype, gen, seq=9, batch=2, heads=heads, head_dim=head_dim, seq_lens=[4, 0, 5])
+    assert_reference(x, run_update(x))
+
+
+@pytest.mark.parametrize("how", ["gap", "transposed"])
+@pytest.mark.parametrize(("layout", "softmax_layout"), [("SBH", None), ("TND", None), ("TND", "TND")])
+def test_strides_on_every_argument_change_nothing(how: str, layout: str, softmax_layout) -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = make_update_inputs(layout, torch.bfloat16, gen, seq=6, heads=4, head_dim=24, seq_lens=[2, 0, 4],
+                           softmax_layout=softmax_layout)  # fmt: skip
+    want = run_update(x)
+    strided = make_update_inputs(layout, torch.bfloat16, gen, seq=6, heads=4, head_dim=24, seq_lens=[2, 0, 4],
+                                 softmax_layout=softmax_layout)  # fmt: skip
+    for name in ("prev_o", "prev_m", "prev_l", "cur_o", "cur_m", "cur_l"):
+        setattr(strided, name, strided_copy(getattr(x, name), how))
+    out = tuple(strided_copy(torch.full_like(t, math.nan), how) for t in want)
+    got = run_update(strided, out=out)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_expanded_inputs_read_without_copy() -> None:
+    gen = torch.Generator().manual_seed(4)
+    os_, ms, ls = parts(2, (4, 1, 3, 8), gen)
+    expanded = [o[:1].expand(4, 1, 3, 8) for o in os_]  # zero stride on P
+    got = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(expanded, ms, ls, *got)
+    want = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows([e.contiguous() for e in expanded], ms, ls, *want)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_give_identical_results(threads: int) -> None:
+    gen = torch.Generator().manual_seed(5)
+    x = make_update_inputs("TND", torch.float32, gen, heads=8, head_dim=64, seq_lens=[300, 0, 500])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = run_update(x)
+    finally:
+        torch.set_num_threads(before)
+    want = run_update(x)
+    assert_reference(x, got)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+# --- row maps, rounding, NaN, empty rows, aliasing, zero sizes ----------------------------------------
+
+
+def test_per_batch_row_map_with_zero_length_batches() -> None:
+    gen = torch.Generator().manual_seed(6)
+    offsets = torch.tensor([0, 0, 3, 3, 7, 7, 9, 9])
+    tokens, heads = 9, 4
+    os_, ms, ls = parts(2, (tokens, 1, heads, 5), gen)
+    row_map = per_batch_row_map(offsets, tokens, heads)
+    got = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, ms, ls, *got, row_map=row_map)
+    want = outputs_like(os_[0], ms[0], False)
+    torch_eager.merge_rows(os_, ms, ls, *want, row_map=row_map)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    # A stats layout whose rows are not evenly strided takes the kernel's division path: same result.
+    strided = [strided_copy(m, "gap") for m in ms + ls]
+    again = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, strided[:2], strided[2:], *again, row_map=row_map)
+    for g, w in zip(again, got, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_rounding_matches_torch(dtype: torch.dtype) -> None:
+    """The float32 result rounded by torch (nearest even, overflow to inf, subnormals) is what the 16-bit
+    kernel writes, bit for bit: both widen the inputs exactly and run the same float32 arithmetic."""
+    gen = torch.Generator().manual_seed(7)
+    os_, ms, ls = parts(2, (64, 1, 4, 33), gen)
+    magnitude = torch.logspace(-9, 5, 33, dtype=torch.float64).float()  # fp16 subnormals up to overflow
+    os_ = [(o * magnitude).to(dtype) for o in os_]
+    os_[0][0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    got = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, ms, ls, *got)
+    wide = outputs_like(os_[0].float(), ms[0], False)
+    numba_cpu.merge_rows([o.float() for o in os_], ms, ls, *wide)
+    want = wide[0].to(dtype)
+    assert torch.equal(got[0].isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert torch.equal(got[0][finite].view(torch.int16), want[finite].view(torch.int16))
+
+
+def test_nan_propagates_and_empty_rows_are_exact() -> None:
+    nan, inf = math.nan, math.inf
+    # rows: (prev max, prev sum, cur max, cur sum, prev o, cur o)
+    rows = [
+        (-inf, 0.0, -inf, 0.0, 0.0, 0.0),  # both empty -> (0, -inf, 0)
+        (-inf, 0.0, 1.0, 2.0, 5.0, 3.0),  # prev empty -> cur
+        (nan, 1.0, 0.0, 1.0, 1.0, 1.0),  # NaN max -> NaN everywhere
+        (0.0, nan, 0.0, 1.0, 1.0, 1.0),  # NaN sum -> NaN sum and output
+        (0.0, 1.0, 0.0, 1.0, nan, 1.0),  # NaN output element -> NaN output
+    ]
+    cols = list(zip(*rows, strict=True))
+    stat = [torch.tensor(c).view(1, 1, 5, 1).expand(1, 1, 5, 8).contiguous() for c in cols[:4]]
+    o = [torch.tensor(c).view(1, 1, 5, 1).expand(1, 1, 5, 3).contiguous() for c in cols[4:]]
+    got = outputs_like(o[0], stat[0], False)
+    numba_cpu.merge_rows(o, stat[0::2], stat[1::2], *got)
+    out_o, out_m, out_l = (t[0, 0, :, 0] for t in got)
+    assert (out_o[0].item(), out_m[0].item(), out_l[0].item()) == (0.0, -inf, 0.0)
+    assert (out_o[1].item(), out_m[1].item(), out_l[1].item()) == (3.0, 1.0, 2.0)
+    assert math.isnan(out_o[2]) and math.isnan(out_m[2]) and math.isnan(out_l[2])
+    assert math.isnan(out_o[3]) and out_m[3].item() == 0.0 and math.isnan(out_l[3])
+    assert math.isnan(out_o[4]) and (out_m[4].item(), out_l[4].item()) == (0.0, 2.0)
+
+
+@pytest.mark.parametrize(("layout", "dtype"), [("SBH", torch.bfloat16), ("TND", torch.float32)])
+def test_out_aliasing_inputs_accumulates_in_place(layout: str, dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(8)
+    x = make_update_inputs(layout, dtype, gen, seq=7, heads=3, head_dim=64, seq_lens=[3, 0, 4])
+    want = run_update(x)
+    run_update(x, out=(x.cur_o, x.cur_m, x.cur_l))  # outputs are exactly the cur_* views
+    for g, w in zip((x.cur_o, x.cur_m, x.cur_l), want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 3, 4), (2, 1, 0, 4), (2, 1, 3, 0)])
+def test_zero_sizes(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(9)
+    os_, ms, ls = parts(2, shape, gen)
+    got = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, ms, ls, *got)
+    want = float64_merge(os_, ms, ls)
+    for g, w in zip(got, want, strict=True):  # D == 0 still writes the statistics
+        torch.testing.assert_close(g.double(), w, atol=1e-6, rtol=1e-6)
+
+
+def test_unsupported_off_cpu() -> None:
+    x = make_update_inputs("SBH", torch.float32, torch.Generator().manual_seed(0))
+    problem = validate_update(*(t.to("meta") for t in x.tensors()), None, "SBH")
+    assert "cpu" in numba_cpu.unsupported_reason(problem)
+    assert numba_cpu.unsupported_reason(validate_update(*x.args())) is None
+
+
+# --- _alloc.empty_fast ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 5), (1024, 1024 + 3), (0, 7)])
+def test_empty_fast(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    a = empty_fast(shape, dtype, "cpu")
+    b = empty_fast(shape, dtype, torch.device("cpu"))
+    for t in (a, b):
+        assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+        assert not t.requires_grad
+    a.fill_(1)
+    b.fill_(2)  # both alive: disjoint memory
+    assert bool((a == 1).all()) and bool((b == 2).all())
+    if a.numel():
+        a_lo, b_lo = a.data_ptr(), b.data_ptr()
+        assert a_lo + a.nbytes <= b_lo or b_lo + b.nbytes <= a_lo
+
+
+def test_empty_fast_reuses_memory_only_after_free_and_falls_back_off_cpu() -> None:
+    shape = (1 << 20,)  # 4 MiB: pooled
+    a = empty_fast(shape, torch.float32, "cpu")
+    view = a[10:]
+    ptr = a.data_ptr()
+    del a
+    b = empty_fast(shape, torch.float32, "cpu")
+    assert b.data_ptr() != ptr  # the view keeps the first block alive
+    del view
+    c = empty_fast(shape, torch.float32, "cpu")
+    assert c.data_ptr() == ptr  # freed block reused
+    assert empty_fast(shape, torch.float32, "meta").device.type == "meta"
