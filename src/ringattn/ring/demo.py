@@ -100,9 +100,13 @@ def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -
         "single_total_s": single_s,
         "max_abs_error_vs_float64": errors,
     }
-    say(f"max |error| vs float64   ring: {errors['ring']}")
-    say(f"                       single: {errors['single']}")
-    say(f"forward+backward   ring (W={world}): {ring['total_s']:.3f} s   single process: {single_s:.3f} s")
+    say("max |error| vs float64      " + "  ".join(f"{n:>8}" for n in names))
+    for who, label in (("ring", f"ring (W={world})"), ("single", "single process")):
+        say(f"  {label:<26}" + "  ".join(f"{errors[who][n]:8.1e}" for n in names))
+    say(
+        f"forward+backward: ring (W={world}) {ring['total_s']:.3f} s, single process {single_s:.3f} s "
+        f"({ring['total_s'] / single_s:.2f}x)"
+    )
     return report
 
 
