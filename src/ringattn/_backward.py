@@ -55,8 +55,8 @@ to ``merge_rows`` (Note [row merge]), with the same views and the same two forms
 
 A fused kernel does it in one pass: per row, read the K lane-0 statistics, read ``g`` once and each ``o_k`` once
 to form ``d_k`` (with ``g`` held in registers / a D-tile), then write each ``w_k g`` once and the 2K (or K)
-statistic gradients. For D larger than a tile, the dots take one pass over the D-tiles and the writes a second
-pass that re-reads ``g`` (not ``o_k``).
+statistic gradients. ``do_k = w_k g`` needs only the statistics, not the dots, so even when D spans several tiles
+each tile of ``g`` and ``o_k`` is read once, adds to ``d_k`` and writes ``do_k`` at once: no pass re-reads ``g``.
 
 The autograd layer
 ------------------

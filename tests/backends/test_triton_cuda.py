@@ -369,3 +369,294 @@ def test_supported_here():
     problem = validate_update(*x.args(), softmax_layout=None, ascend_limits=False)
     assert triton_cuda.unavailable_reason() is None
     assert triton_cuda.unsupported_reason(problem) is None
+
+
+# --- merge_rows_backward: Note [row merge backward] ----------------------------------------------------
+
+
+def backward_reference(grads, parts, lse_scale=1.0, row_index=None):
+    """Autograd, in float64, of Note [row merge] written as a differentiable formula (independent of the closed
+    form): the gradients of ``<out_o, grad_o> + <out_m, grad_m> + <out_l, grad_l>`` with respect to every part
+    tensor, every lane included. ``torch.amax`` shares its gradient equally among ties; empty rows shift by 0."""
+    grad_o, grad_m, grad_l = grads
+    leaves = [[t.detach().double().cpu().requires_grad_() for t in ts] for ts in parts if ts is not None]
+    parts_o, parts_m, parts_l = leaves[0], leaves[1], leaves[2] if len(leaves) == 3 else None
+
+    def rows(s):  # lane 0, or the lane sum of a gradient, as (P, Q, N) aligned with the attention rows
+        return s if row_index is None else s.reshape(-1)[row_index].unsqueeze(1)
+
+    m = torch.stack([rows(s[..., 0]) for s in parts_m])
+    if parts_l is None:
+        m = (m * lse_scale).masked_fill(m * lse_scale == INF, -INF)
+        l = torch.ones_like(m)
+    else:
+        l = torch.stack([rows(s[..., 0]) for s in parts_l])
+    new_max = torch.amax(m, 0)
+    empty = new_max == -INF
+    a = l * torch.exp(m - torch.where(empty, 0.0, new_max))
+    new_sum = a.sum(0)
+    safe_sum = torch.where(empty, 1.0, new_sum)
+    o = (torch.stack(parts_o) * (a / safe_sum).unsqueeze(-1)).sum(0)
+    g_m = rows(grad_m.double().cpu().sum(-1))
+    objective = (o * grad_o.double().cpu()).sum()
+    if parts_l is None:
+        objective = objective + (torch.where(empty, 0.0, (new_max + torch.log(safe_sum)) / lse_scale) * g_m).sum()
+    else:
+        objective = objective + (new_max * g_m).sum() + (new_sum * rows(grad_l.double().cpu().sum(-1))).sum()
+    flat = [t for ts in leaves for t in ts]
+    got = torch.autograd.grad(objective, flat, allow_unused=True)
+    got = [torch.zeros_like(t) if g is None else g for g, t in zip(got, flat, strict=True)]
+    k = len(parts_o)
+    return got[:k], got[k : 2 * k], got[2 * k :] if parts_l is not None else None
+
+
+def make_grads(rows_shape, head_dim, dtype, gen, form, lanes):
+    """Incoming gradients on DEVICE, strided: grad_o uniform in [-1, 1) (so ``w_k g`` stays below 1 in magnitude,
+    where one bf16 truncation by the interpreter is inside TOL), statistic gradients standard normal."""
+    grad_o = (torch.rand((*rows_shape, head_dim), generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+    grad_m = torch.randn((*rows_shape, lanes), generator=gen)
+    grad_l = torch.randn((*rows_shape, lanes), generator=gen)
+    return strided(grad_o, "gap"), strided(grad_m, "transposed"), strided(grad_l, "gap") if form == "stats" else None
+
+
+def poisoned_grads(parts, hows=("gap", "transposed", "contiguous")):
+    """NaN-filled destinations shaped like the parts, in strided layouts (``None`` stays None)."""
+    return tuple(
+        None if ts is None else [strided(torch.full_like(t, math.nan).cpu(), hows[i % 3]) for i, t in enumerate(ts)]
+        for ts in parts
+    )
+
+
+def run_backward(grads, parts, lse_scale=1.0, row_map=None, backend=triton_cuda):
+    out = poisoned_grads(parts)
+    backend.merge_rows_backward(*grads, *parts, *out, row_map=row_map, lse_scale=lse_scale)
+    return out
+
+
+def check_backward(got, want, dtype, what):
+    for name, got_ts, want_ts, tol in zip(("o", "m", "l"), got, want, (TOL[dtype], STATS_TOL, STATS_TOL), strict=True):
+        if got_ts is None:
+            assert want_ts is None
+            continue
+        for k, (g, w) in enumerate(zip(got_ts, want_ts, strict=True)):
+            assert_close(g, w, tol, f"{what}: grad of parts_{name}[{k}]")
+            if name != "o":
+                assert (g[..., 1:] == 0).all(), "lanes 1.. of a statistic gradient are exactly 0"
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_merge_rows_backward_k_parts(k, form, dtype):
+    """K parts, both forms, every dtype, strided everything, against the torch backend and against autograd of
+    the float64 formula; with a row whose parts are all empty, a row of tied maxima, a row with part 0 empty."""
+    lse_scale, lanes = FORMS[form], 8
+    rows_shape, head_dim = (3, 2, 3), 20
+    gen = torch.Generator().manual_seed(100 + k)
+    parts = make_parts(k, rows_shape, head_dim, dtype, gen, form, lanes, lse_scale)
+    parts_m, parts_l = parts[1], parts[2]
+    for i, m in enumerate(parts_m):
+        m[1, 1, 2] = -INF  # all parts empty
+        m[0, 1, 0] = 1.5  # every part ties for the maximum
+        m[2, 0, 1] = -INF if i == 0 else 0.5 + i  # part 0 empty
+    if form != "stats":
+        parts_m[0][0, 0, 0] = INF  # old FlashAttention's empty row: read as -inf
+    else:
+        for i, s in enumerate(parts_l):
+            s[1, 1, 2] = 0.0
+            s[0, 1, 0] = 1.0 + i
+            if i == 0:
+                s[2, 0, 1] = 0.0
+    grads = make_grads(rows_shape, head_dim, dtype, gen, form, lanes)
+    got = run_backward(grads, parts, lse_scale)
+    check_backward(got, run_backward(grads, parts, lse_scale, backend=torch_eager), dtype, "vs torch")
+    check_backward(got, backward_reference(grads, parts, lse_scale), dtype, "vs float64 autograd")
+    # All parts empty: no NaN, zero gradients but dm_k = g_m / K (stats form; the LSE form's is 0).
+    g_m = grads[1][1, 1, 2].sum().item()
+    for i in range(k):
+        assert (got[0][i][1, 1, 2] == 0).all()
+        want_dm = g_m / k if form == "stats" else 0.0
+        assert got[1][i][1, 1, 2, 0].item() == pytest.approx(want_dm, rel=1e-6, abs=1e-7)
+        if got[2] is not None:
+            assert (got[2][i][1, 1, 2] == 0).all()
+    if k > 1:  # the empty part 0 gets zero gradients
+        assert (got[0][0][2, 0, 1] == 0).all() and got[1][0][2, 0, 1, 0] == 0
+        if got[2] is not None:
+            assert got[2][0][2, 0, 1, 0] == 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic on purpose
+@pytest.mark.parametrize("form", ["stats", "lse"])
+def test_merge_rows_backward_nan_propagates(form):
+    """NaN statistics poison the whole row; a NaN element poisons the statistic gradients, not the do_k."""
+    gen = torch.Generator().manual_seed(110)
+    rows_shape, head_dim = (4, 1, 1), 6
+    parts = make_parts(3, rows_shape, head_dim, torch.float32, gen, form, 8)
+    for m in parts[1]:
+        m[:] = torch.randn(rows_shape + (1,), generator=gen).to(DEVICE)  # no empty rows: NaN must come from NaN
+    if parts[2] is not None:
+        for s in parts[2]:
+            s[:] = 2.0
+    parts[1][1][0] = math.nan  # row 0: NaN statistic
+    parts[0][2][1, 0, 0, 3] = math.nan  # row 1: one NaN element of part 2
+    grads = make_grads(rows_shape, head_dim, torch.float32, gen, form, 8)
+    grads[0][2, 0, 0, 0] = math.nan  # row 2: a NaN incoming gradient element
+    got = run_backward(grads, parts)
+    check_backward(got, run_backward(grads, parts, backend=torch_eager), torch.float32, "vs torch")
+    stat_grads = [t for ts in got[1:] if ts is not None for t in ts]
+    assert all(g[0, ..., 0].isnan().all() for g in got[0] + stat_grads), "NaN statistics: every gradient NaN"
+    assert all(g[1].isfinite().all() for g in got[0]), "a NaN element leaves do_k = w_k g finite"
+    assert all(g[1, ..., 0].isnan().all() for g in stat_grads), "a NaN element reaches every statistic gradient"
+    assert all(g[2, ..., 0].isnan().all() for g in got[0] + stat_grads)
+    assert all(g[3].isfinite().all() for g in got[0] + stat_grads), "rows are independent"
+
+
+def test_merge_rows_backward_non_contiguous_every_argument():
+    """All nine tensor arguments strided (gaps / transposed); writes stay inside the gradient views."""
+    gen = torch.Generator().manual_seed(111)
+    rows_shape, head_dim = (3, 2, 2), 12
+    parts = make_parts(2, rows_shape, head_dim, torch.float16, gen, "stats", 8)
+    parts = tuple([strided(t.cpu(), ("gap", "transposed")[i % 2]) for i, t in enumerate(ts)] for ts in parts)
+    grads = make_grads(rows_shape, head_dim, torch.float16, gen, "stats", 8)
+    assert not any(t.is_contiguous() for t in [*grads, *parts[0], *parts[1], *parts[2]])
+    sentinel = 12345.0
+    out = tuple([strided(t.cpu(), "gap", fill=sentinel).fill_(math.nan) for t in ts] for ts in parts)
+    triton_cuda.merge_rows_backward(*grads, *parts, *out)
+    check_backward(out, backward_reference(grads, parts), torch.float16, "vs float64 autograd")
+    for o in (t for ts in out for t in ts):
+        gaps = torch.ones_like(o._base, dtype=torch.bool)
+        gaps[tuple(slice(1, None, 2) for _ in range(o.dim()))] = False
+        assert (o._base[gaps] == sentinel).all(), "a write landed outside the gradient view"
+
+
+@pytest.mark.parametrize("form", ["stats", "lse"])
+def test_merge_rows_backward_per_batch_row_map(form):
+    """Per-batch TND statistics (zero-length batches at the start, middle and end) through the row map."""
+    offsets, heads, head_dim = [0, 0, 3, 3, 7, 8, 8], 3, 9
+    gen = torch.Generator().manual_seed(112)
+    rows_shape = (offsets[-1], 1, heads)
+    parts = make_parts(3, rows_shape, head_dim, torch.bfloat16, gen, form, 8)
+    grads = make_grads(rows_shape, head_dim, torch.bfloat16, gen, form, 8)
+    row_map = per_batch_row_map(torch.tensor(offsets, device=DEVICE), offsets[-1], heads)
+    got = run_backward(grads, parts, row_map=row_map)
+    assert not any(g.isnan().any() for ts in got if ts is not None for g in ts), "every gradient row is written"
+    check_backward(got, run_backward(grads, parts, row_map=row_map, backend=torch_eager), torch.bfloat16, "vs torch")
+    want = backward_reference(grads, parts, row_index=per_batch_index(offsets, heads))
+    check_backward(got, want, torch.bfloat16, "vs float64 autograd")
+
+
+@pytest.mark.parametrize(
+    ("rows_shape", "head_dim", "block_rows", "block_d"),
+    [
+        ((13, 1, 1), 1, 4, None),  # D = 1, rows not a multiple of BLOCK_ROWS
+        ((5, 1, 3), 40, 4, 16),  # D loops over three BLOCK_D chunks, the last ragged
+        ((7, 2, 1), 24, 8, 32),  # D not a power of two inside one chunk
+        ((3, 1, 2), 300, None, None),  # default tile with D > 256: two chunks
+    ],
+)
+def test_merge_rows_backward_tile_edges(rows_shape, head_dim, block_rows, block_d):
+    gen = torch.Generator().manual_seed(120 + head_dim)
+    parts = make_parts(3, rows_shape, head_dim, torch.float32, gen, "stats", 8)
+    grads = make_grads(rows_shape, head_dim, torch.float32, gen, "stats", 8)
+    out = poisoned_grads(parts)
+    triton_cuda._launch_merge_rows_backward(*grads, *parts, *out, None, 1.0, block_rows, block_d)
+    check_backward(out, backward_reference(grads, parts), torch.float32, "vs float64 autograd")
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 4),
+    rows_shape=st.tuples(st.integers(1, 5), st.integers(1, 2), st.integers(1, 3)),
+    head_dim=st.integers(1, 33),
+    dtype=st.sampled_from(KERNEL_DTYPES),
+    form=st.sampled_from(list(FORMS)),
+    block_rows=st.sampled_from([None, 1, 4]),
+    block_d=st.sampled_from([None, 8]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_merge_rows_backward_random(k, rows_shape, head_dim, dtype, form, block_rows, block_d, seed):
+    lse_scale, lanes = FORMS[form], 3
+    gen = torch.Generator().manual_seed(seed)
+    parts = make_parts(k, rows_shape, head_dim, dtype, gen, form, lanes, lse_scale)
+    grads = make_grads(rows_shape, head_dim, dtype, gen, form, lanes)
+    out = poisoned_grads(parts)
+    triton_cuda._launch_merge_rows_backward(*grads, *parts, *out, None, lse_scale, block_rows, block_d)
+    check_backward(out, backward_reference(grads, parts, lse_scale), dtype, "vs float64 autograd")
+
+
+def test_merge_rows_backward_float64_and_many_parts_run_on_torch():
+    """float64 and more than MAX_PARTS parts are the torch backend's, bit for bit."""
+    gen = torch.Generator().manual_seed(130)
+    for dtype, k in ((torch.float64, 2), (torch.float32, triton_cuda.MAX_PARTS + 1)):
+        parts = make_parts(k, (2, 1, 2), 8, dtype, gen, "stats", 8)
+        grads = make_grads((2, 1, 2), 8, dtype, gen, "stats", 8)
+        if dtype == torch.float64:
+            parts = (parts[0], [m.double() for m in parts[1]], [s.double() for s in parts[2]])
+            grads = (grads[0], grads[1].double(), grads[2].double())
+        got = run_backward(grads, parts)
+        want = run_backward(grads, parts, backend=torch_eager)
+        for g, w in zip((t for ts in got for t in ts), (t for ts in want for t in ts), strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+def counting_backward_launches(monkeypatch) -> list[int]:
+    """Count launches of the fused backward, so an end-to-end test cannot pass on the torch fallback."""
+    calls: list[int] = []
+    launch = triton_cuda._launch_merge_rows_backward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_cuda, "_launch_merge_rows_backward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["SBH", "TND-per-batch"])
+def test_autograd_ring_attention_update_end_to_end(case, monkeypatch):
+    """torch.autograd.grad through ring_attention_update(backend="triton") equals backend="torch"."""
+    calls = counting_backward_launches(monkeypatch)
+    x = on_device(update_inputs(case, torch.float16, seed=140))
+    gen = torch.Generator().manual_seed(141)
+    weights = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in (x.prev_o, x.prev_m, x.prev_l)]
+
+    def grads(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in x.tensors()]
+        y = UpdateInputs(x.layout, *leaves, x.seq_offsets, x.softmax_layout)
+        out = run_update(y, backend=backend)
+        objective = sum((o.float() * w).sum() for o, w in zip(out, weights, strict=True))
+        return torch.autograd.grad(objective, leaves)
+
+    got, want = grads("triton"), grads("torch")
+    assert calls, "the fused backward ran"
+    for name, g, w in zip(("prev_o", "prev_m", "prev_l", "cur_o", "cur_m", "cur_l"), got, want, strict=True):
+        assert g.isfinite().all(), name
+        assert_close(g, w, TOL[torch.float16] if name.endswith("_o") else STATS_TOL, name)
+
+
+def test_autograd_merge_states_end_to_end(monkeypatch):
+    """torch.autograd.grad through merge_states(backend="triton"), K = 3, base-2 LSEs, equals backend="torch"."""
+    calls = counting_backward_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(150)
+    tokens, heads, head_dim = 5, 2, 12
+    outs = [(torch.rand(tokens, heads, head_dim, generator=gen) * 2 - 1).to(DEVICE) for _ in range(3)]
+    lses = [(torch.randn(tokens, heads, generator=gen) * 3).to(DEVICE) for _ in range(3)]
+    lses[1][0] = -INF  # one part empty in the first token
+    for lse in lses:
+        lse[4, 1] = -INF  # every part empty
+    g_o = torch.randn(tokens, heads, head_dim, generator=gen).to(DEVICE)
+    g_lse = torch.randn(tokens, heads, generator=gen).to(DEVICE)
+
+    def grads(backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (*outs, *lses)]
+        o, lse = ringattn.merge_states(
+            leaves[:3], leaves[3:], layout="TND", lse_layout="TN", lse_base=2, backend=backend
+        )
+        objective = (o * g_o).sum() + (torch.where(lse.isfinite(), lse, 0.0) * g_lse).sum()
+        return torch.autograd.grad(objective, leaves)
+
+    got, want = grads("triton"), grads("torch")
+    assert calls, "the fused backward ran"
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.isfinite().all(), i
+        assert_close(g, w, TOL[torch.float32] if i < 3 else STATS_TOL, f"gradient {i}")

@@ -1,4 +1,4 @@
-"""CUDA backend: the row merge of Note [row merge] as one Triton kernel.
+"""CUDA backend: the row merge of Note [row merge] and its backward as Triton kernels.
 
 One kernel source serves every layout (SBH; TND with per-batch or token-major statistics), every output
 dtype (float16, bfloat16, float32; float64 runs on the ``torch`` backend, see below) and every part count
@@ -48,10 +48,37 @@ granularity (4 sectors read, 2 written) = 960 B. At the ~3.0 TB/s an H100 copies
 a tile kernel of this shape typically reaches 80-90 % of copy bandwidth. Per-batch TND adds two int64
 loads per token (shared by its N heads, mostly cached).
 
+Note [triton row merge backward]
+--------------------------------
+:func:`merge_rows_backward` is Note [row merge backward] (``_backward.py``) as one kernel over the same row
+tiles, sharing the forward's helpers (``_tile_rows``, ``_part_stats``, ``_part_scale``, ``_merged_stats``,
+``_store_lanes``), so the forward and backward cannot disagree about which statistics row, which empty rule or
+which weight a row has. Per row tile it
+
+1. reads lane 0 of the K parts' statistics and recomputes ``M``, ``L``, ``1 / L`` and ``w_k = a_k / L`` exactly
+   as the ``torch`` backend's backward does (``a_k * (1 / L)``, the same order of sums), so the two differ only
+   by the order of the dot products' float32 sums and by ``exp``;
+2. walks ``D`` once: per chunk it loads ``g`` and each ``o_k`` once, adds ``<g, o_k>`` to column ``k`` of a
+   ``BLOCK_ROWS x next_pow2(K)`` float32 accumulator, and writes ``do_k = w_k g`` rounded once to the parts'
+   dtype. ``do_k`` needs only the statistics, not the dots, so no second pass re-reads ``g`` even when ``D``
+   spans several chunks (the two-pass plan in Note [row merge backward] is not needed);
+3. reduces ``<g, o> = sum_k w_k d_k``, sums ``grad_m`` (and ``grad_l``) over their lanes, and writes
+   ``dm_k`` (and ``dl_k``, or the LSE form's ``dx_k``) to lane 0 and 0 to the other lanes.
+
+Bytes per row, ``K`` parts of ``D`` elements of ``e`` bytes, statistics in 32-byte sectors: read
+``(K + 1) D e`` (``g`` and the parts) plus ``K`` (stats form ``2K``) statistic sectors and 1 (2) incoming
+gradient sectors; write ``K D e`` plus ``K`` (``2K``) sectors. For ``K = 2``, bf16, ``D = 128``, stats form:
+768 B + 192 B read, 512 B + 128 B written = 1600 B; a two-pass kernel (dots, then writes that re-read ``g``)
+would move 256 B (16 %) more. At the ~3.0 TB/s an H100 copies that is ~1.9e9 rows/s (expected, not measured:
+no GPU). Each chunk holds ``K + 1`` D-tiles (``g`` and the ``o_k``), so the tile is sized by
+``_block_sizes(D, K + 1)``; compiled for sm_90a without a GPU (ptxas through Triton 3.9), every dtype, both
+forms, ``K`` in 1, 2, 3, 4, 8 and ``D`` in 64, 128, 256, 320 take 40-128 registers and no spills (fp16
+``K = 2``, ``D = 128``: 54).
+
 float64 is not compiled here (float64 ``exp`` is slow on most NVIDIA parts and the exactness checks it
 serves do not need speed): :func:`unsupported_reason` says so, ``auto`` then picks ``torch``, and
-:func:`merge_rows` hands float64 to the ``torch`` backend. So do merges of more than ``MAX_PARTS`` parts,
-which would need more kernel parameters than a launch carries comfortably.
+:func:`merge_rows` and :func:`merge_rows_backward` hand float64 to the ``torch`` backend. So do merges of
+more than ``MAX_PARTS`` parts, which would need more kernel parameters than a launch carries comfortably.
 """
 
 from __future__ import annotations
@@ -103,6 +130,28 @@ def unsupported_reason(problem: UpdateProblem) -> str | None:
 if triton is not None:
 
     @triton.jit
+    def _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+        """This program's rows (Note [triton row tiles]): ``(mask, p, q, n, sp, sq, sn)``, attention view indices
+        ``(p, q, n)`` and statistics view indices ``(sp, sq, sn)``, all int64."""
+        # int64 before any multiplication: offsets pass 2**31 near a million tokens.
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < num_rows
+        n = rows % N
+        q = (rows // N) % Q
+        p = rows // N // Q
+        if HAS_ROW_MAP:  # Note [canonical rows]: per-batch TND statistics (Q == 1, p is the token)
+            base = tl.load(row_base + p, mask=row_mask, other=0)
+            stat_row = base + n * tl.load(row_step + p, mask=row_mask, other=0)
+            sp = stat_row // N
+            sq = tl.zeros_like(stat_row)
+            sn = stat_row % N
+        else:
+            sp = p
+            sq = q
+            sn = n
+        return row_mask, p, q, n, sp, sq, sn
+
+    @triton.jit
     def _part_stats(
         parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
     ):
@@ -119,10 +168,60 @@ if triton is not None:
         return m, l
 
     @triton.jit
-    def _store_lanes(ptr, strides, sp, sq, sn, lanes, value, mask):
-        """Write the row values ``value`` to every lane of the stats rows (sp, sq, sn)."""
+    def _part_scale(
+        parts_m,
+        m_strides,
+        parts_l,
+        l_strides,
+        k: tl.constexpr,
+        sp,
+        sq,
+        sn,
+        mask,
+        IS_LSE: tl.constexpr,
+        lse_scale,
+        shift,
+    ):
+        """``(m_k, exp(m_k - shift), a_k = l_k exp(m_k - shift))`` of part ``k``; 0, 0 for an empty part."""
+        m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale)
+        decay = tl.exp(m - shift)
+        return m, decay, l * decay
+
+    @triton.jit
+    def _merged_stats(
+        parts_m, m_strides, parts_l, l_strides, K: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
+    ):
+        """``(M, all_empty, shift, L)`` of the K parts (Note [row merge]): ``shift`` is ``M``, or 0 where every part
+        is empty, so that the weights of such rows are 0 instead of NaN (SPEC section 7)."""
+        new_max = tl.full(sp.shape, float("-inf"), tl.float32)
+        for k in tl.static_range(K):
+            m, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale)
+            new_max = tl.maximum(new_max, m, propagate_nan=tl.PropagateNan.ALL)
+        all_empty = new_max == float("-inf")
+        shift = tl.where(all_empty, 0.0, new_max)
+        new_sum = tl.zeros(sp.shape, tl.float32)
+        for k in tl.static_range(K):
+            _, _, a = _part_scale(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, shift)
+            new_sum += a
+        return new_max, all_empty, shift, new_sum
+
+    @triton.jit
+    def _store_lanes(ptr, strides, sp, sq, sn, lanes, value, mask, LANE0_ONLY: tl.constexpr):
+        """Write the row values ``value`` to every lane of the stats rows (sp, sq, sn), or (``LANE0_ONLY``) to
+        lane 0 and 0 to the other lanes."""
         dst = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
-        tl.store(ptr + dst, tl.broadcast_to(value[:, None], mask.shape), mask=mask)
+        tile = tl.broadcast_to(value[:, None], mask.shape)
+        if LANE0_ONLY:
+            tile = tl.where(lanes[None, :] == 0, tile, 0.0)
+        tl.store(ptr + dst, tile.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _lane_sum(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.constexpr):
+        """Sum over the lanes of the stats rows (sp, sq, sn), in float32."""
+        lanes = tl.arange(0, BLOCK_LANES)
+        mask = row_mask[:, None] & (lanes < LANES)[None, :]
+        src = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
+        return tl.sum(tl.load(ptr + src, mask=mask, other=0.0).to(tl.float32), axis=1)
 
     @triton.jit(do_not_specialize=["num_rows", "Q", "N"])
     def _merge_rows_kernel(
@@ -153,34 +252,10 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         BLOCK_LANES: tl.constexpr,
     ):
-        # Note [triton row tiles]. int64 before any multiplication: offsets pass 2**31 near a million tokens.
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_mask = rows < num_rows
-        n = rows % N
-        q = (rows // N) % Q
-        p = rows // N // Q
-        if HAS_ROW_MAP:  # Note [canonical rows]: per-batch TND statistics (Q == 1, p is the token)
-            base = tl.load(row_base + p, mask=row_mask, other=0)
-            stat_row = base + n * tl.load(row_step + p, mask=row_mask, other=0)
-            sp = stat_row // N
-            sq = tl.zeros_like(stat_row)
-            sn = stat_row % N
-        else:
-            sp = p
-            sq = q
-            sn = n
-
-        new_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
-        for k in tl.static_range(K):
-            m, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
-            new_max = tl.maximum(new_max, m, propagate_nan=tl.PropagateNan.ALL)
-        # All parts empty: shift by 0, not -inf, so the weights are 0 instead of NaN (SPEC section 7).
-        all_empty = new_max == float("-inf")
-        shift = tl.where(all_empty, 0.0, new_max)
-        new_sum = tl.zeros([BLOCK_ROWS], tl.float32)
-        for k in tl.static_range(K):
-            m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
-            new_sum += l * tl.exp(m - shift)
+        # Note [triton row tiles].
+        row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, BLOCK_ROWS)
+        stats = (parts_m, m_strides, parts_l, l_strides)
+        new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
         safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty rows are 0: no 0 / 0 on the way
 
         for d0 in range(0, D, BLOCK_D):
@@ -189,8 +264,8 @@ if triton is not None:
             acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
             for k in tl.static_range(K):
                 # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
-                m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
-                weight = tl.where(all_empty, 0.0, tl.div_rn(l * tl.exp(m - shift), safe_sum))
+                _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+                weight = tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum))
                 o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
                 o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
                 acc += o.to(tl.float32) * weight[:, None]
@@ -202,17 +277,138 @@ if triton is not None:
         lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
         if IS_LSE:
             lse = tl.where(all_empty, float("-inf"), tl.div_rn(new_max + tl.log(safe_sum), lse_scale))
-            _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, lse, lane_mask)
+            _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, lse, lane_mask, False)
         else:
-            _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, new_max, lane_mask)
-            _store_lanes(out_l, out_l_strides, sp, sq, sn, lanes, new_sum, lane_mask)
+            _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, new_max, lane_mask, False)
+            _store_lanes(out_l, out_l_strides, sp, sq, sn, lanes, new_sum, lane_mask, False)
+
+    @triton.jit
+    def _column(tile, k):
+        """Column ``k`` of a ``[rows, columns]`` tile (a per-part accumulator indexed by a compile-time ``k``)."""
+        return tl.sum(tl.where(tl.arange(0, tile.shape[1])[None, :] == k, tile, 0.0), axis=1)
+
+    @triton.jit(do_not_specialize=["num_rows", "Q", "N"])
+    def _merge_rows_backward_kernel(
+        grad_o,  # [P, Q, N, D]: dJ/d out_o
+        grad_o_strides,
+        grad_m,  # [P, Q, N, GRAD_LANES]: dJ/d out_m (max, or LSE in the caller's base), summed over lanes
+        grad_m_strides,  # (P, Q, N, lane)
+        grad_l,  # like grad_m: dJ/d out_l; None in the LSE form
+        grad_l_strides,
+        parts_o,  # K pointers to [P, Q, N, D]
+        o_strides,  # K tuples of (P, Q, N, D) strides
+        parts_m,  # K pointers to [P, Q, N, lanes] (raw [T, 1, N, lanes] with a row map); lane 0 read
+        m_strides,  # K tuples of (P, Q, N) strides
+        parts_l,  # like parts_m; None in the LSE form
+        l_strides,
+        grad_parts_o,  # K pointers to [P, Q, N, D], the parts' dtype
+        grad_parts_o_strides,  # K tuples of (P, Q, N, D) strides
+        grad_parts_m,  # K pointers to [P, Q, N, LANES]: the row's gradient in lane 0, 0 in the others
+        grad_parts_m_strides,  # K tuples of (P, Q, N, lane) strides
+        grad_parts_l,  # like grad_parts_m; None in the LSE form
+        grad_parts_l_strides,
+        row_base,  # [T] int64, with HAS_ROW_MAP
+        row_step,  # [T] int64, with HAS_ROW_MAP
+        num_rows,
+        Q,
+        N,
+        D,
+        GRAD_LANES,
+        LANES,
+        lse_scale,
+        K: tl.constexpr,
+        IS_LSE: tl.constexpr,
+        HAS_ROW_MAP: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_GRAD_LANES: tl.constexpr,
+        BLOCK_LANES: tl.constexpr,
+    ):
+        # Note [triton row tiles] and Note [triton row merge backward]; the formulas are Note [row merge backward].
+        row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, BLOCK_ROWS)
+        stats = (parts_m, m_strides, parts_l, l_strides)
+        new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+        # All parts empty: weights 0, never 0 / 0 (the torch backend's rule, mirrored term by term).
+        safe_sum = tl.where(all_empty, 1.0, new_sum)
+        inv_sum = tl.where(all_empty, 0.0, tl.div_rn(tl.full(new_sum.shape, 1.0, tl.float32), safe_sum))
+
+        # One pass over D: do_k = w_k g needs only the statistics, so it is written while d_k = <g, o_k> is
+        # accumulated; column k of `dots` holds d_k (K is a compile-time count, so no list of accumulators).
+        k_ids = tl.arange(0, BLOCK_K)
+        dots = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
+        g_row = p * grad_o_strides[0] + q * grad_o_strides[1] + n * grad_o_strides[2]
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tile_mask = row_mask[:, None] & (cols < D)[None, :]
+            g = tl.load(grad_o + g_row[:, None] + cols[None, :] * grad_o_strides[3], mask=tile_mask, other=0.0)
+            g = g.to(tl.float32)
+            for k in tl.static_range(K):
+                _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+                o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
+                o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
+                dot = tl.sum(g * o.to(tl.float32), axis=1)
+                dots = tl.where(k_ids[None, :] == k, dots + dot[:, None], dots)  # column k += d_k
+                dst = p * grad_parts_o_strides[k][0] + q * grad_parts_o_strides[k][1] + n * grad_parts_o_strides[k][2]
+                dst = dst[:, None] + cols[None, :] * grad_parts_o_strides[k][3]
+                tl.store(
+                    grad_parts_o[k] + dst,
+                    (g * (a * inv_sum)[:, None]).to(grad_parts_o[k].dtype.element_ty),
+                    mask=tile_mask,
+                )
+
+        mean_dot = tl.zeros([BLOCK_ROWS], tl.float32)  # <g, o> = sum_k w_k d_k, from the parts
+        for k in tl.static_range(K):
+            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            mean_dot += (a * inv_sum) * _column(dots, k)
+        # Every output lane holds the same statistic, so its gradient is the sum over lanes.
+        g_m = _lane_sum(grad_m, grad_m_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES)
+        lanes = tl.arange(0, BLOCK_LANES)
+        lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
+        if IS_LSE:
+            for k in tl.static_range(K):
+                _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+                centred = _column(dots, k) - mean_dot
+                dx = (a * inv_sum) * (lse_scale * centred + g_m)
+                _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dx, lane_mask, True)
+        else:
+            g_l = _lane_sum(grad_l, grad_l_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES)
+            # The max is shared equally by tied parts (torch.maximum's rule and the central difference's).
+            tie_count = tl.zeros([BLOCK_ROWS], tl.float32)
+            for k in tl.static_range(K):
+                m, _ = _part_stats(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+                tie_count += tl.where(m == new_max, 1.0, 0.0)
+            max_grad = g_m - new_sum * g_l
+            for k in tl.static_range(K):
+                m, decay, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+                centred = _column(dots, k) - mean_dot
+                dl = (centred * inv_sum + g_l) * decay
+                tie = tl.where(m == new_max, 1.0, 0.0) / tie_count
+                dm = (a * inv_sum) * centred + a * g_l + tie * max_grad
+                _store_lanes(grad_parts_l[k], grad_parts_l_strides[k], sp, sq, sn, lanes, dl, lane_mask, True)
+                _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dm, lane_mask, True)
 
 
-def _block_sizes(head_dim: int, num_parts: int) -> tuple[int, int]:
-    """``(BLOCK_ROWS, BLOCK_D)`` for head size ``D`` and ``K`` parts: Note [triton row tiles]."""
+def _block_sizes(head_dim: int, live_tiles: int) -> tuple[int, int]:
+    """``(BLOCK_ROWS, BLOCK_D)`` for head size ``D`` and ``live_tiles`` D-tiles loaded per chunk (``K`` for the
+    forward, ``K + 1`` for the backward, which also holds ``g``): Note [triton row tiles]."""
     block_d = min(triton.next_power_of_2(max(head_dim, 1)), _MAX_BLOCK_D)
-    tile = 2048 if num_parts <= 2 and head_dim <= _MAX_BLOCK_D else 1024 if num_parts <= 4 else 512
+    tile = 2048 if live_tiles <= 2 and head_dim <= _MAX_BLOCK_D else 1024 if live_tiles <= 4 else 512
     return max(1, min(tile // block_d, _MAX_BLOCK_ROWS)), block_d
+
+
+def _row_map_args(row_map: tuple[torch.Tensor, torch.Tensor] | None, Q: int) -> tuple:
+    """``(row_base, row_step)`` kernel arguments: the tensors, or ``(None, None)`` without a row map."""
+    if row_map is None:
+        return None, None
+    row_base, row_step = row_map
+    assert Q == 1 and row_base.is_contiguous() and row_step.is_contiguous(), "row_map as per_batch_row_map gives"
+    return row_base, row_step
+
+
+def _device_guard(t: torch.Tensor):
+    """Launch on ``t``'s CUDA device, not the current one."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch_merge_rows(
@@ -238,12 +434,8 @@ def _launch_merge_rows(
     is_lse = parts_l is None
     assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
     assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
-    row_base = row_step = None
-    if row_map is not None:
-        row_base, row_step = row_map
-        assert Q == 1 and row_base.is_contiguous() and row_step.is_contiguous(), "row_map as per_batch_row_map gives"
-    guard = torch.cuda.device(out_o.device) if out_o.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    row_base, row_step = _row_map_args(row_map, Q)
+    with _device_guard(out_o):
         _merge_rows_kernel[(triton.cdiv(num_rows, block_rows),)](
             tuple(parts_o),
             tuple(o.stride() for o in parts_o),
@@ -274,6 +466,76 @@ def _launch_merge_rows(
             num_warps=4,
             # SPEC section 3 rounds two products, then adds: no fused multiply-add.
             enable_fp_fusion=False,
+        )
+
+
+def _launch_merge_rows_backward(
+    grad_o: torch.Tensor,
+    grad_m: torch.Tensor,
+    grad_l: torch.Tensor | None,
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    grad_parts_o: Sequence[torch.Tensor],
+    grad_parts_m: Sequence[torch.Tensor],
+    grad_parts_l: Sequence[torch.Tensor] | None,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None,
+    lse_scale: float,
+    block_rows: int | None = None,
+    block_d: int | None = None,
+) -> None:
+    """Launch :func:`_merge_rows_backward_kernel` on already valid views; ``block_*`` override the tile (tests)."""
+    P, Q, N, D = grad_o.shape
+    num_rows = P * Q * N
+    if num_rows == 0:
+        return
+    k = len(parts_o)
+    default_rows, default_d = _block_sizes(D, k + 1)
+    block_rows, block_d = block_rows or default_rows, block_d or default_d
+    is_lse = parts_l is None
+    assert is_lse == (grad_l is None) == (grad_parts_l is None), "the LSE form has no parts_l, grad_l, grad_parts_l"
+    assert is_lse or grad_l.shape == grad_m.shape, "grad_l is shaped like grad_m"
+    grad_lanes, lanes = grad_m.shape[-1], grad_parts_m[0].shape[-1]
+    row_base, row_step = _row_map_args(row_map, Q)
+    with _device_guard(grad_o):
+        _merge_rows_backward_kernel[(triton.cdiv(num_rows, block_rows),)](
+            grad_o,
+            grad_o.stride(),
+            grad_m,
+            grad_m.stride(),
+            grad_l,
+            None if is_lse else grad_l.stride(),
+            tuple(parts_o),
+            tuple(o.stride() for o in parts_o),
+            tuple(parts_m),
+            tuple(m.stride()[:3] for m in parts_m),
+            None if is_lse else tuple(parts_l),
+            None if is_lse else tuple(s.stride()[:3] for s in parts_l),
+            tuple(grad_parts_o),
+            tuple(t.stride() for t in grad_parts_o),
+            tuple(grad_parts_m),
+            tuple(t.stride() for t in grad_parts_m),
+            None if is_lse else tuple(grad_parts_l),
+            None if is_lse else tuple(t.stride() for t in grad_parts_l),
+            row_base,
+            row_step,
+            num_rows,
+            Q,
+            N,
+            D,
+            grad_lanes,
+            lanes,
+            float(lse_scale),
+            K=k,
+            IS_LSE=is_lse,
+            HAS_ROW_MAP=row_map is not None,
+            BLOCK_ROWS=block_rows,
+            BLOCK_D=block_d,
+            BLOCK_K=triton.next_power_of_2(k),
+            BLOCK_GRAD_LANES=triton.next_power_of_2(grad_lanes),
+            BLOCK_LANES=triton.next_power_of_2(lanes),
+            num_warps=4,
+            enable_fp_fusion=False,  # the same products and sums as the torch backend, no contraction
         )
 
 
@@ -319,6 +581,66 @@ def merge_rows(
         torch_eager.merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map=row_map, lse_scale=lse_scale)
         return
     _launch_merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale)
+
+
+def merge_rows_backward(
+    grad_o: torch.Tensor,
+    grad_m: torch.Tensor,
+    grad_l: torch.Tensor | None,
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    grad_parts_o: Sequence[torch.Tensor],
+    grad_parts_m: Sequence[torch.Tensor],
+    grad_parts_l: Sequence[torch.Tensor] | None,
+    *,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse_scale: float = 1.0,
+) -> None:
+    """Gradients of :func:`merge_rows` with respect to its K parts: Note [row merge backward] in ``_backward.py``.
+
+    Parameters
+    ----------
+    grad_o : ``(P, Q, N, D)``, the dtype of ``parts_o``, any strides
+        Gradient of ``out_o``.
+    grad_m : ``(P, Q, N, lanes_out)``, float32, any strides
+        Gradient of ``out_m`` (stats form: of the merged max; LSE form: of the merged LSE in the caller's base),
+        summed over its lanes (the forward writes one value to every lane).
+    grad_l : like ``grad_m`` (stats form: gradient of the merged sum), or None (LSE form)
+    parts_o, parts_m, parts_l, row_map, lse_scale
+        Exactly the forward's inputs (:func:`merge_rows`); lane 0 of the statistics is read. The merged ``M``,
+        ``L`` and weights are recomputed from them, so the forward's outputs are not needed.
+    grad_parts_o : K tensors ``(P, Q, N, D)``, the parts' dtype, any strides
+        Written: ``w_k * grad_o``, computed in float32 and rounded once.
+    grad_parts_m, grad_parts_l : K tensors ``(P, Q, N, lanes)`` each, float32, any strides (``grad_parts_l`` None
+        in the LSE form)
+        Written: the row's gradient of ``m_k`` (LSE form: of the caller-base LSE) and of ``l_k`` in lane 0, and 0
+        in the other lanes. With ``row_map`` they are raw per-batch ``(T, 1, N, lanes)`` views, as in the forward.
+
+    Ties of the maximum share its gradient equally; empty parts (max ``-inf``, LSE ``+-inf``) get zero gradients;
+    a row whose parts are all empty gets ``grad_parts_o = 0``, ``grad_parts_l = 0`` and ``grad_parts_m = g_m / K``,
+    never NaN; NaN inputs propagate. Gradient outputs must not overlap any input. Arguments are not validated.
+    float64 or more than ``MAX_PARTS`` parts run on the ``torch`` backend. Asynchronous on CUDA: no host
+    synchronisation, capturable in a CUDA graph.
+    """
+    if parts_o[0].dtype not in _KERNEL_DTYPES or len(parts_o) > MAX_PARTS:
+        torch_eager.merge_rows_backward(
+            grad_o,
+            grad_m,
+            grad_l,
+            parts_o,
+            parts_m,
+            parts_l,
+            grad_parts_o,
+            grad_parts_m,
+            grad_parts_l,
+            row_map=row_map,
+            lse_scale=lse_scale,
+        )
+        return
+    _launch_merge_rows_backward(
+        grad_o, grad_m, grad_l, parts_o, parts_m, parts_l, grad_parts_o, grad_parts_m, grad_parts_l, row_map, lse_scale
+    )
 
 
 def ring_attention_update(
