@@ -72,9 +72,13 @@ def ring_attention_update(
         ``sum(exp(s - max))`` over the row's keys. A row that saw no keys is ``(out 0, max -inf, sum 0)``.
         float64 statistics are accepted with float64 attention.
     actual_seq_qlen : int64 Tensor/array or list of ints, ``(batches + 1,)``; TND only (ignored for SBH)
-        Cumulative query lengths ``[0, c1, ..., T]``, non-decreasing; zero-length batches allowed. It is
-        validated: a tensor on an accelerator costs one host synchronisation, so pass a list or a CPU
-        tensor in hot loops.
+        Cumulative query lengths ``[0, c1, ..., T]``, non-decreasing; zero-length batches allowed. Always
+        validated, never a silent wrong answer. Host values (list, NumPy, CPU tensor) are checked on the
+        host and raise SeqLenError; with CUDA inputs they are then copied to the device asynchronously. A
+        CUDA tensor is checked on the device (``torch._assert_async``: no host sync, CUDA-graph capturable),
+        so a bad one fails as a device-side assert at the next synchronisation instead of a SeqLenError;
+        a CPU tensor or list, as cheap, gives the named error. The same device-side checks run under
+        ``torch.compile``.
     layout : ``"SBH"`` or ``"TND"``, case-insensitive
     softmax_layout : None or ``"TND"``, keyword-only
         TND statistics layout. None (default, as FlashAttention on Ascend produces them): per batch,
