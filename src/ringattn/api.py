@@ -77,8 +77,8 @@ def ring_attention_update(
         host and raise SeqLenError; with CUDA inputs they are then copied to the device asynchronously. A
         CUDA tensor is checked on the device (``torch._assert_async``: no host sync, CUDA-graph capturable),
         so a bad one fails as a device-side assert at the next synchronisation instead of a SeqLenError;
-        a CPU tensor or list, as cheap, gives the named error. The same device-side checks run under
-        ``torch.compile``.
+        pass a list or a CPU tensor to get the named error at no sync cost. Under ``torch.compile`` the
+        device-side checks run for tensors of any device.
     layout : ``"SBH"`` or ``"TND"``, case-insensitive
     softmax_layout : None or ``"TND"``, keyword-only
         TND statistics layout. None (default, as FlashAttention on Ascend produces them): per batch,
