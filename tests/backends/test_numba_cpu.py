@@ -12,6 +12,8 @@ the tests reuse few signatures: fp32 for K = 1..8, the other dtypes at K = 2.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,6 +160,33 @@ def test_thread_counts_give_identical_results(threads: int) -> None:
     assert_reference(x, got)
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+_THREADS_SCRIPT = """
+import torch
+from ringattn.backends import numba_cpu
+def call(tokens):  # 2 parts of (tokens, 1, 4, 64) float32: 1 MiB / 4 MiB outputs, below / above _PARALLEL_BYTES
+    o = [torch.rand(tokens, 1, 4, 64) for _ in range(2)]
+    m = [torch.randn(tokens, 1, 4, 8) for _ in range(2)]
+    s = [torch.rand(tokens, 1, 4, 8) + 1 for _ in range(2)]
+    numba_cpu.merge_rows(o, m, s, torch.empty_like(o[0]), torch.empty_like(m[0]), torch.empty_like(m[0]))
+seen = []
+for threads, tokens in [(1, 1024), (1, 4096), (2, 4096), (2, 1024), (1, 4096)]:
+    torch.set_num_threads(threads)
+    call(tokens)
+    seen.append(torch.get_num_threads())
+print(seen)
+"""
+
+
+def test_torch_thread_count_survives_the_first_launch() -> None:
+    """numba's OpenMP pool shares libgomp with torch; starting it (once per process, so this runs in a fresh
+    interpreter) used to turn ``torch.set_num_threads(1)`` into 2 behind the caller's back."""
+    if numba_cpu.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 CPU threads for numba (NUMBA_NUM_THREADS)")
+    run = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-5:] == ["[1,", "1,", "2,", "2,", "1]"]
 
 
 # --- row maps, rounding, NaN, empty rows, aliasing, zero sizes ----------------------------------------

@@ -323,6 +323,23 @@ def _set_threads(nbytes: int) -> None:
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
+def _launch(kernel, nbytes: int, *args) -> None:
+    """``kernel(*args)`` on the threads ``_set_threads(nbytes)`` picks, leaving torch's thread count alone.
+
+    numba's OpenMP layer shares libgomp with torch, and starting its pool (on the first ``set_num_threads``
+    or parallel launch of the process) sets the OpenMP thread count that ``torch.get_num_threads()``
+    reports: a ``torch.set_num_threads(1)`` would silently become ``NUMBA_NUM_THREADS``. So torch's count
+    is read first (numba then follows it) and written back only if the launch changed it.
+    """
+    torch_threads = torch.get_num_threads()
+    try:
+        _set_threads(nbytes)
+        kernel(*args)
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+
+
 _NO_ROW_MAP = np.empty(0, dtype=np.int64)
 
 
@@ -374,8 +391,9 @@ def merge_rows(
             strides[:, 0], strides[:, 1], strides[:, 2] = strides[:, 2], 0, 0
         return strides
 
-    _set_threads(out_o.numel() * out_o.element_size() * (len(parts_o) + 1))
-    _merge_rows_kernel(
+    _launch(
+        _merge_rows_kernel,
+        out_o.numel() * out_o.element_size() * (len(parts_o) + 1),
         tuple(_flat(t) for t in parts_o),
         _strides(parts_o),
         tuple(_flat(t) for t in parts_m),
@@ -411,3 +429,13 @@ def ring_attention_update(
         stats(out_l),
         row_map=row_map,
     )
+
+
+def merge_rows_backward(*args, **kwargs) -> None:
+    """Note [row merge backward] in ``_backward.py``, fused: ``numba_cpu_backward.merge_rows_backward``.
+
+    Imported on first use: that module builds on this one's buffer helpers.
+    """
+    from .numba_cpu_backward import merge_rows_backward as fused
+
+    fused(*args, **kwargs)

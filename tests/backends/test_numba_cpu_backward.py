@@ -1,0 +1,321 @@
+"""The fused CPU backward of the row merge (``backends/numba_cpu_backward.py``, Note [row merge backward]).
+
+Checked against ``torch_eager.merge_rows_backward`` (the portable implementation) and against autograd through a
+float64 formula of the forward, in both statistics forms, with edge rows in every case: a part empty, every part
+empty, maxima tied across all parts, an LSE of ``+inf``. Gradient outputs are poisoned with NaN before each call.
+
+Tolerances (``inputs.TOL``, SPEC section 6): a part's output gradient is ``w_k g`` rounded once to its dtype, so it
+is within one rounding (plus float32 weights) of the float64 value: fp32 1e-4, fp16 1e-3, bf16 5e-3, fp64 1e-12.
+Statistic gradients are float32 (float64 for fp64) sums of D products whatever the parts' dtype: 1e-4 (1e-12),
+relative to the largest gradient of the tensor. Against the eager backend the same tables apply (both round once;
+they differ in ``exp``'s last bit and the dot's summation order).
+
+Each (dtype, statistics dtype, K) compiles the kernel once (seconds; cached on disk afterwards): the tests use
+fp32 at K = 1, 2, 3, 5 and fp16 / bf16 / fp64 at K = 2 only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the cpu backend needs numba")
+
+import ringattn  # noqa: E402
+from inputs import TOL, strided_copy  # noqa: E402
+from ringattn._contract import per_batch_row_map  # noqa: E402
+from ringattn.backends import numba_cpu, torch_eager  # noqa: E402
+from ringattn.backends.numba_cpu_backward import merge_rows_backward  # noqa: E402
+
+LN2 = math.log(2.0)
+FORMS = {"stats": None, "lse-e": 1.0, "lse-2": LN2}  # form -> lse_scale (None: stats form)
+SHAPE = (3, 2, 3, 13)  # (P, Q, N, D): 18 rows, odd D
+EMPTY_PART, ALL_EMPTY, TIED, PLUS_INF = 0, 1, 2, 3  # flat row indices of the edge rows
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_case(k: int, dtype: torch.dtype, form: str, gen: torch.Generator, shape=SHAPE, lanes: int = 8):
+    """Forward inputs and incoming gradients of a K-part merge, with the edge rows of the module docstring.
+
+    Returns ``(args, lse_scale)`` with ``args = (grad_o, grad_m, grad_l, parts_o, parts_m, parts_l)``; statistics
+    are ``(P, Q, N, lanes)`` with equal lanes, ``parts_l`` / ``grad_l`` None in the LSE forms.
+    """
+    p, q, n, d = shape
+    sdt, lse = stats_dtype(dtype), form != "stats"
+    rows = (p, q, n, 1)
+
+    def rand_o() -> torch.Tensor:
+        return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+
+    maxima = [torch.randn(rows, generator=gen, dtype=torch.float64) * 2 for _ in range(k)]
+    sums = [0.5 + torch.rand(rows, generator=gen, dtype=torch.float64) for _ in range(k)]
+    for m, s in zip(maxima, sums, strict=True):
+        m.view(-1)[TIED] = maxima[0].view(-1)[TIED]
+        m.view(-1)[ALL_EMPTY], s.view(-1)[ALL_EMPTY] = -math.inf, 0.0
+    maxima[0].view(-1)[EMPTY_PART], sums[0].view(-1)[EMPTY_PART] = -math.inf, 0.0
+    if lse:  # LSE form: one number per part; FORMS gives the scale into natural log
+        maxima = [(m + s.log()) / FORMS[form] for m, s in zip(maxima, sums, strict=True)]
+        maxima[-1].view(-1)[PLUS_INF] = math.inf  # old FlashAttention's empty marker
+
+    def lanes_of(t: torch.Tensor) -> torch.Tensor:
+        return t.to(sdt).expand(p, q, n, lanes).contiguous()
+
+    parts_m = [lanes_of(m) for m in maxima]
+    parts_l = None if lse else [lanes_of(s) for s in sums]
+    grad_m = torch.randn((p, q, n, lanes), generator=gen, dtype=torch.float64).to(sdt)
+    grad_l = None if lse else torch.randn((p, q, n, lanes), generator=gen, dtype=torch.float64).to(sdt)
+    args = (rand_o(), grad_m, grad_l, [rand_o() for _ in range(k)], parts_m, parts_l)
+    return args, (1.0 if not lse else FORMS[form])
+
+
+def poisoned(parts_o, parts_m, lse: bool):
+    """NaN-filled gradient outputs ``(grad_parts_o, grad_parts_m, grad_parts_l)``."""
+    fill = lambda ts: [torch.full_like(t, math.nan) for t in ts]  # noqa: E731
+    return fill(parts_o), fill(parts_m), (None if lse else fill(parts_m))
+
+
+def run(kernel, args, lse_scale: float, row_map=None, outs=None):
+    """Gradients of the parts from ``kernel`` as ``[do_1..do_K, dm_1..dm_K, dl_1..dl_K]``, into poisoned outputs."""
+    grad_o, grad_m, grad_l, parts_o, parts_m, parts_l = args
+    outs = poisoned(parts_o, parts_m, parts_l is None) if outs is None else outs
+    kernel(grad_o, grad_m, grad_l, parts_o, parts_m, parts_l, *outs, row_map=row_map, lse_scale=lse_scale)
+    return [t for ts in outs if ts is not None for t in ts]
+
+
+def float64_autograd(args, lse_scale: float):
+    """The gradients by autograd through the forward (Note [row merge]) written in float64 torch operations.
+
+    Ties of the max share its gradient equally (``amax``'s rule, and the closed form's).
+    """
+    grad_o, grad_m, grad_l, parts_o, parts_m, parts_l = args
+    leaves = [t.detach().double().requires_grad_() for t in (*parts_o, *parts_m, *(parts_l or []))]
+    k, lanes = len(parts_o), parts_m[0].shape[-1]
+    o, m, s = leaves[:k], leaves[k : 2 * k], leaves[2 * k :]
+    x = [t[..., :1] for t in m]
+    if not s:  # LSE form: natural log after scaling; +inf reads as empty (masked_fill passes no gradient there)
+        x = [(t * lse_scale).masked_fill(t == math.inf, -math.inf) for t in x]
+    new_max = torch.stack(x).amax(0)
+    empty = new_max == -math.inf
+    shift = torch.where(empty, 0.0, new_max)
+    scaled = [torch.exp(t - shift) * (s[i][..., :1] if s else 1.0) for i, t in enumerate(x)]
+    new_sum = sum(scaled)
+    safe = torch.where(new_sum == 0, 1.0, new_sum)
+    merged = sum(part * torch.where(empty, 0.0, a / safe) for part, a in zip(o, scaled, strict=True))
+    if s:
+        stats = [new_max, new_sum]
+    else:
+        stats = [torch.where(empty, -math.inf, (new_max + safe.log()) / lse_scale)]
+    outs = [merged] + [t.expand(*t.shape[:-1], lanes) for t in stats]
+    grads = [grad_o] + [t for t in (grad_m, grad_l) if t is not None]
+    return torch.autograd.grad(outs, leaves, [g.double() for g in grads])
+
+
+def assert_grads_close(got, want, dtype: torch.dtype, k: int) -> None:
+    """Output gradients at ``TOL[dtype]``, statistic gradients at the float32 (float64) arithmetic tolerance."""
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        tol = TOL[dtype] if i < k else TOL[stats_dtype(dtype)]
+        scale = max(1.0, w.double().abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g.double(), w.double(), atol=tol * scale, rtol=tol)
+
+
+def assert_lanes_and_edges(got, args, k: int) -> None:
+    """Lanes 1.. of statistic gradients are exactly 0; empty parts get 0; all-empty rows give ``dm_k = g_m / K``."""
+    grad_m, lse = args[1], args[2] is None
+    for t in got[k:]:
+        assert (t[..., 1:] == 0).all()
+    rows = [t.reshape(-1, t.shape[-1]) for t in got]  # (rows, D) and (rows, lanes)
+    for t in rows[:k] + rows[2 * k :]:
+        assert (t[ALL_EMPTY] == 0).all()
+    for i in range(k):
+        want = 0.0 if lse else grad_m.reshape(-1, grad_m.shape[-1])[ALL_EMPTY].double().sum() / k
+        torch.testing.assert_close(rows[k + i][ALL_EMPTY, 0].double(), torch.as_tensor(want, dtype=torch.float64))
+    if k > 1:  # part 0 is empty in row EMPTY_PART (with K = 1 the whole row is)
+        for t in (rows[0], rows[k], *rows[2 * k :][:1]):
+            assert (t[EMPTY_PART] == 0).all()
+    for t in got:
+        assert not t.isnan().any()
+
+
+CASES = [(torch.float32, k, form) for k in (1, 2, 3, 5) for form in FORMS]
+CASES += [(dtype, 2, form) for dtype in (torch.float16, torch.bfloat16, torch.float64) for form in FORMS]
+
+
+@pytest.mark.parametrize("dtype,k,form", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_against_eager_and_float64_autograd(dtype: torch.dtype, k: int, form: str) -> None:
+    args, lse_scale = make_case(k, dtype, form, torch.Generator().manual_seed(k))
+    got = run(merge_rows_backward, args, lse_scale)
+    assert_lanes_and_edges(got, args, k)
+    assert_grads_close(got, run(torch_eager.merge_rows_backward, args, lse_scale), dtype, k)
+    assert_grads_close(got, float64_autograd(args, lse_scale), dtype, k)
+
+
+@pytest.mark.parametrize("head_dim", [1, 0])
+def test_tiny_and_zero_head_dim(head_dim: int) -> None:
+    args, _ = make_case(2, torch.float32, "stats", torch.Generator().manual_seed(3), shape=(2, 1, 3, head_dim))
+    assert_grads_close(
+        run(merge_rows_backward, args, 1.0), run(torch_eager.merge_rows_backward, args, 1.0), torch.float32, 2
+    )
+
+
+def test_zero_rows_write_nothing() -> None:
+    args, _ = make_case(2, torch.float32, "stats", torch.Generator().manual_seed(4))
+    empty = tuple(t[:0] if isinstance(t, torch.Tensor) else [x[:0] for x in t] for t in args)
+    assert run(merge_rows_backward, empty, 1.0)[0].shape == (0, *SHAPE[1:])
+
+
+def test_nan_propagates_to_its_row_only() -> None:
+    args, _ = make_case(2, torch.float32, "stats", torch.Generator().manual_seed(5))
+    grad_o, grad_m, grad_l, parts_o, parts_m, parts_l = args
+    parts_o[0][0, 1, 1, 4] = math.nan  # row 4: the dots of that row
+    parts_m[1][1, 0, 2, 0] = math.nan  # row 8: the row's max and weights
+    grad_o[2, 0, 0, 7] = math.nan  # row 12: one element of each part's output gradient
+    grad_l[2, 1, 1, 3] = math.nan  # row 16: a lane of the sum's gradient
+    got = run(merge_rows_backward, args, 1.0)
+    want = run(torch_eager.merge_rows_backward, args, 1.0)
+    nan_rows = set()
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.isnan(), w.isnan())
+        nan_rows |= set(g.reshape(-1, g.shape[-1]).isnan().any(-1).nonzero().flatten().tolist())
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, equal_nan=True)
+    assert nan_rows == {4, 8, 12, 16}
+
+
+def relayout(args, fn):
+    """``args`` with ``fn`` applied to every tensor (lists of parts included)."""
+    return [t if t is None else [fn(x) for x in t] if isinstance(t, list) else fn(t) for t in args]
+
+
+def strided(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``t`` in another memory layout: 'gap', 'transposed', or 'expanded' (zero strides where ``t`` allows)."""
+    if how != "expanded":
+        return strided_copy(t, how)
+    return t[..., :1].expand(t.shape) if t.shape[-1] == 8 else t[:1].expand(t.shape)
+
+
+@pytest.mark.parametrize("how", ["gap", "transposed", "expanded"])
+@pytest.mark.parametrize("form", ["stats", "lse-2"])
+def test_strides_on_every_argument(how: str, form: str) -> None:
+    args, lse_scale = make_case(2, torch.float32, form, torch.Generator().manual_seed(6))
+    args = relayout(args, lambda t: strided(t, how))
+    grad_o, _, _, parts_o, parts_m, _ = args
+    out_how = "gap" if how == "expanded" else how  # outputs cannot be expanded
+    outs = tuple(
+        None if ts is None else [strided(x, out_how).fill_(math.nan) for x in ts]
+        for ts in poisoned(parts_o, parts_m, form != "stats")
+    )
+    got = run(merge_rows_backward, args, lse_scale, outs=outs)
+    want = run(merge_rows_backward, relayout(args, torch.Tensor.contiguous), lse_scale)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert not g.is_contiguous()
+        if i < 2:  # w_k g is one product: bit-identical; the dots may sum in another order when strided
+            assert torch.equal(g, w)
+        else:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_per_batch_row_map_with_zero_length_batches() -> None:
+    gen = torch.Generator().manual_seed(7)
+    heads, offsets = 3, torch.tensor([0, 2, 2, 5, 5, 6])
+    total = int(offsets[-1])
+    args, _ = make_case(2, torch.float32, "stats", gen, shape=(total, 1, heads, 13))
+    # With a row map the statistics views are the raw (T, 1, N, lanes) tensors: reinterpret the same values.
+    row_map = per_batch_row_map(offsets, total, heads)
+    got = run(merge_rows_backward, args, 1.0, row_map=row_map)
+    want = run(torch_eager.merge_rows_backward, args, 1.0, row_map=row_map)
+    assert_grads_close(got, want, torch.float32, 2)
+    strided_args = relayout(args, lambda t: strided_copy(t, "gap"))
+    strided_args[4] = [strided_copy(t, "transposed") for t in args[4]]  # parts_m
+    assert_grads_close(run(merge_rows_backward, strided_args, 1.0, row_map=row_map), want, torch.float32, 2)
+    # The map is a bijection: every statistic row was written (no NaN left from the poison).
+    assert not any(t.isnan().any() for t in got)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_give_identical_results_and_keep_torch_setting(monkeypatch, threads: int) -> None:
+    monkeypatch.setattr(numba_cpu, "_PARALLEL_BYTES", 0)  # take the parallel path on a small problem
+    args, _ = make_case(3, torch.float32, "stats", torch.Generator().manual_seed(8), shape=(40, 2, 3, 13))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = run(merge_rows_backward, args, 1.0)
+        assert torch.get_num_threads() == threads
+        torch.set_num_threads(1)
+        want = run(merge_rows_backward, args, 1.0)
+    finally:
+        torch.set_num_threads(saved)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+# --- end to end: the public ops' autograd with this kernel as the cpu backend's backward -------------------------
+
+
+@pytest.fixture
+def fused_backward(monkeypatch):
+    """Install the kernel as ``numba_cpu.merge_rows_backward`` and count its calls."""
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        merge_rows_backward(*args, **kwargs)
+
+    monkeypatch.setattr(numba_cpu, "merge_rows_backward", spy, raising=False)
+    return calls
+
+
+def grads_of(fn, inputs, backend: str, gen_seed: int):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves, backend=backend)
+    gen = torch.Generator().manual_seed(gen_seed)
+    return torch.autograd.grad(outs, leaves, [torch.randn(t.shape, generator=gen).to(t.dtype) for t in outs])
+
+
+UPDATE_LAYOUTS = {
+    "SBH": dict(layout="SBH"),
+    "TND-per-batch": dict(actual_seq_qlen=[0, 2, 2, 5], layout="TND", ascend_limits=False),
+    "TND-token-major": dict(actual_seq_qlen=[0, 2, 2, 5], layout="TND", ascend_limits=False, softmax_layout="TND"),
+}
+
+
+@pytest.mark.parametrize("layout", list(UPDATE_LAYOUTS))
+def test_ring_attention_update_autograd_cpu_equals_torch(fused_backward, layout: str) -> None:
+    gen = torch.Generator().manual_seed(9)
+    attn, stats = ((5, 2, 12), (2, 3, 5, 8)) if layout == "SBH" else ((5, 3, 4), (5, 3, 8))
+    inputs = []
+    for _ in range(2):
+        m = torch.randn(*stats[:-1], 1, generator=gen).expand(stats).contiguous()
+        m.view(-1, 8)[1] = -math.inf  # an empty part in one row
+        inputs += [
+            torch.rand(attn, generator=gen) * 2 - 1,
+            m,
+            (0.5 + torch.rand(stats, generator=gen)) * (m > -math.inf),
+        ]
+    inputs[1].view(-1, 8)[3], inputs[4].view(-1, 8)[3] = 0.25, 0.25  # tied maxima
+
+    def fn(*x, backend):
+        return ringattn.ring_attention_update(*x, **UPDATE_LAYOUTS[layout], backend=backend)
+
+    got = grads_of(fn, inputs, "cpu", 10)
+    assert fused_backward
+    for g, w in zip(got, grads_of(fn, inputs, "torch", 10), strict=True):
+        torch.testing.assert_close(g, w, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+def test_merge_states_autograd_cpu_equals_torch(fused_backward) -> None:
+    gen = torch.Generator().manual_seed(11)
+    outputs = [torch.rand(2, 5, 3, 13, generator=gen) * 2 - 1 for _ in range(3)]  # BSND
+    lses = [torch.randn(2, 3, 5, generator=gen) for _ in range(3)]  # BNS
+    lses[0][0, 0, 0] = -math.inf
+
+    def fn(*x, backend):
+        return ringattn.merge_states(x[:3], x[3:], layout="BSND", lse_base=2, backend=backend)
+
+    got = grads_of(fn, outputs + lses, "cpu", 12)
+    assert fused_backward
+    for g, w in zip(got, grads_of(fn, outputs + lses, "torch", 12), strict=True):
+        torch.testing.assert_close(g, w, atol=TOL[torch.float32], rtol=TOL[torch.float32])
