@@ -127,7 +127,7 @@ def _update_into(
         num_heads=heads,
         head_dim=(prev_o.shape[2] // heads if heads else 0) if layout == "SBH" else prev_o.shape[2],
     )
-    backends.select(backend, problem).ring_attention_update(problem, out_o, out_m, out_l)
+    backends.ring_attention_update(backends.select(backend, problem), problem, out_o, out_m, out_l)
 
 
 @torch.library.custom_op("ringattn::ring_attention_update", mutates_args=())

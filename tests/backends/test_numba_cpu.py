@@ -21,6 +21,7 @@ import torch
 pytest.importorskip("numba", reason="the cpu backend needs numba")
 
 from inputs import TOL, make_update_inputs, strided_copy  # noqa: E402
+from ringattn import backends  # noqa: E402
 from ringattn._alloc import empty_fast  # noqa: E402
 from ringattn._contract import per_batch_row_map, validate_update  # noqa: E402
 from ringattn.backends import numba_cpu, torch_eager  # noqa: E402
@@ -30,11 +31,11 @@ LN2 = math.log(2.0)
 
 
 def run_update(x, *, out=None):
-    """``numba_cpu.ring_attention_update`` on ``x``, into NaN-poisoned fresh outputs unless ``out``."""
+    """The contract's op through ``numba_cpu.merge_rows`` on ``x``, into NaN-poisoned fresh outputs unless ``out``."""
     problem = validate_update(*x.args(), softmax_layout=x.softmax_layout, ascend_limits=False)
     if out is None:
         out = tuple(torch.full_like(t, math.nan) for t in (x.prev_o, x.prev_m, x.prev_l))
-    numba_cpu.ring_attention_update(problem, *out)
+    backends.ring_attention_update(numba_cpu, problem, *out)
     return out
 
 

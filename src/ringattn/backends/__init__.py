@@ -36,10 +36,10 @@ Each backend module has:
     Why the backend cannot run in this process (a missing package), or None.
 ``unsupported_reason(problem) -> str | None``
     Why it cannot run this particular problem (device, dtype), or None.
-``ring_attention_update(problem, out_o, out_m, out_l) -> None``
-    Write the merge into preallocated outputs, which may be exactly the input views (in place).
 ``merge_rows(...)``
-    Note [row merge] (not the reference backend, which is a separate transcription of the SPEC).
+    Note [row merge]. ``ring_attention_update`` below runs the contract's op through it (K = 2). The
+    reference backend has instead its own ``ring_attention_update(problem, out_o, out_m, out_l)``: a separate
+    transcription of the SPEC, sharing nothing with the row merge.
 ``merge_rows_backward(...)``, optional
     Note [row merge backward] in ``_backward.py``; backends without it use the torch version.
 
@@ -114,3 +114,24 @@ def for_device(device: torch.device, name: str = "auto") -> ModuleType:
     if name not in _MODULES or name == "reference":
         raise BackendError(expected("backend", "'auto', 'torch', 'cpu' or 'triton'", name))
     return load(name)
+
+
+def ring_attention_update(
+    module: ModuleType, problem: UpdateProblem, out_o: torch.Tensor, out_m: torch.Tensor, out_l: torch.Tensor
+) -> None:
+    """Write ``problem``'s merge into ``out_o, out_m, out_l`` with backend ``module`` (outputs may be exactly
+    the input views): the row merge of Note [row merge] with K = 2 in the stats form."""
+    if not hasattr(module, "merge_rows"):  # the reference: its own transcription of the SPEC
+        module.ring_attention_update(problem, out_o, out_m, out_l)
+        return
+    row_map = problem.per_batch_row_map() if problem.stats_order == "per_batch" else None
+    rows, stats = problem.attn_rows, problem.stats_rows
+    module.merge_rows(
+        [rows(problem.prev_o), rows(problem.cur_o)],
+        [stats(problem.prev_m), stats(problem.cur_m)],
+        [stats(problem.prev_l), stats(problem.cur_l)],
+        rows(out_o),
+        stats(out_m),
+        stats(out_l),
+        row_map=row_map,
+    )

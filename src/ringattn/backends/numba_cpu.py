@@ -414,23 +414,6 @@ def merge_rows(
     )
 
 
-def ring_attention_update(
-    problem: UpdateProblem, out_o: torch.Tensor, out_m: torch.Tensor, out_l: torch.Tensor
-) -> None:
-    """Write the merged result of ``problem`` into ``out_o, out_m, out_l`` (they may alias inputs)."""
-    row_map = problem.per_batch_row_map() if problem.stats_order == "per_batch" else None
-    rows, stats = problem.attn_rows, problem.stats_rows
-    merge_rows(
-        [rows(problem.prev_o), rows(problem.cur_o)],
-        [stats(problem.prev_m), stats(problem.cur_m)],
-        [stats(problem.prev_l), stats(problem.cur_l)],
-        rows(out_o),
-        stats(out_m),
-        stats(out_l),
-        row_map=row_map,
-    )
-
-
 def merge_rows_backward(*args, **kwargs) -> None:
     """Note [row merge backward] in ``_backward.py``, fused: ``numba_cpu_backward.merge_rows_backward``.
 

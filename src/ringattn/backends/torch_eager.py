@@ -96,23 +96,6 @@ def merge_rows(
         _scatter_rows(new_sum, out_l, row_map)
 
 
-def ring_attention_update(
-    problem: UpdateProblem, out_o: torch.Tensor, out_m: torch.Tensor, out_l: torch.Tensor
-) -> None:
-    """Write the merged result of ``problem`` into ``out_o, out_m, out_l`` (they may alias inputs)."""
-    row_map = problem.per_batch_row_map() if problem.stats_order == "per_batch" else None
-    rows, stats = problem.attn_rows, problem.stats_rows
-    merge_rows(
-        [rows(problem.prev_o), rows(problem.cur_o)],
-        [stats(problem.prev_m), stats(problem.cur_m)],
-        [stats(problem.prev_l), stats(problem.cur_l)],
-        rows(out_o),
-        stats(out_m),
-        stats(out_l),
-        row_map=row_map,
-    )
-
-
 def _scatter_lane0(values: torch.Tensor, out: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Write row values ``(P, Q, N, 1)`` to lane 0 of the stats view ``out`` and 0 to its other lanes."""
     full = torch.zeros(values.shape[:-1] + (out.shape[-1],), dtype=out.dtype, device=out.device)

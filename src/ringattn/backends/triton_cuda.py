@@ -641,20 +641,3 @@ def merge_rows_backward(
     _launch_merge_rows_backward(
         grad_o, grad_m, grad_l, parts_o, parts_m, parts_l, grad_parts_o, grad_parts_m, grad_parts_l, row_map, lse_scale
     )
-
-
-def ring_attention_update(
-    problem: UpdateProblem, out_o: torch.Tensor, out_m: torch.Tensor, out_l: torch.Tensor
-) -> None:
-    """Write the merge of ``problem`` into ``out_o, out_m, out_l`` (they may be exactly the input views)."""
-    row_map = problem.per_batch_row_map() if problem.stats_order == "per_batch" else None
-    rows, stats = problem.attn_rows, problem.stats_rows
-    merge_rows(
-        [rows(problem.prev_o), rows(problem.cur_o)],
-        [stats(problem.prev_m), stats(problem.cur_m)],
-        [stats(problem.prev_l), stats(problem.cur_l)],
-        rows(out_o),
-        stats(out_m),
-        stats(out_l),
-        row_map=row_map,
-    )
