@@ -1,4 +1,4 @@
-"""Backends: one module each (``torch_eager``, ``numba_cpu``, ``triton_cuda``, ``reference_backend``).
+"""Backends: ``torch_eager``, ``numba_cpu`` (+ backward), ``triton_cuda`` (+ kernels), ``reference_backend``.
 
 Every fused backend implements one row-merge kernel, and every public op is a call of it.
 

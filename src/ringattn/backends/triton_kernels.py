@@ -1,0 +1,341 @@
+"""Triton kernels of the CUDA backend: the row merge (Note [row merge]) and its backward (Note [row merge
+backward]), with the small @triton.jit helpers both share. Launchers: ``triton_cuda.py``.
+
+Note [triton row tiles]
+-----------------------
+Rows are numbered ``r = (p * Q + q) * N + n`` over the ``(P, Q, N)`` row views of Note [canonical rows]
+(``_contract.py``). Program ``i`` owns the rows ``[i * BLOCK_ROWS, (i + 1) * BLOCK_ROWS)`` and walks
+their ``D`` columns in ``BLOCK_D`` chunks, so it holds a ``BLOCK_ROWS x BLOCK_D`` tile: one program per
+(token, head), as vLLM's merge does, leaves most of the GPU idle on launch and scheduling overhead. For
+each row the program
+
+1. reads lane 0 of every part's statistics (through ``row_map`` for per-batch TND statistics: row
+   ``rr = row_base[t] + n * row_step[t]`` lives at ``[rr // N, 0, rr % N]``), and forms the maximum;
+2. per ``D`` chunk, accumulates ``o_k * (w_k / L)`` in float32 (weights recomputed from the statistics,
+   which are L1 hits) and rounds once (to nearest even) into ``out_o``. FMA contraction is disabled at
+   launch and ``w_k / L`` is an IEEE division (``div_rn``), so ``K = 2`` is SPEC section 3's two
+   products then one add; ``exp`` is Triton's (``ex2.approx`` on CUDA, a few ulp: far inside 1e-4);
+3. writes the merged statistics to every lane of ``out_m`` (and ``out_l``).
+
+A row's inputs are all read before its outputs are written and rows never straddle programs, so outputs
+may be exactly the same views as inputs. The per-batch map is a bijection (Note [canonical rows]), so a
+statistics row is written by the program that read it.
+
+Block sizes. ``BLOCK_D = next_pow2(D)`` up to 256, so common head sizes (64, 128, 256) take one chunk;
+larger ``D`` loop. ``BLOCK_ROWS = tile // BLOCK_D``, at most 32, with a tile of 2048 elements for
+``K <= 2`` (1024 when ``D`` loops), 1024 for ``K <= 4`` and 512 beyond. With 4 warps that is 16 elements
+of each part per thread for ``K = 2`` (two 16-byte vector loads per part at 16 bits). The compiler issues
+all K parts' loads before the arithmetic, so registers grow with ``tile * K`` and with rows per thread;
+these sizes keep ptxas (sm_90a, checked by compiling without a GPU) at 80 registers for fp16 ``K = 2``,
+``D = 128`` and at most ~144 for every layout, dtype, ``D`` and ``K <= 8`` tried, without spills: >= 3
+resident programs and >= 48 KB of loads in flight per SM, above the ~15 KB per SM that HBM latency needs
+at 3.35 TB/s. Vector loads need the column stride to be 1 and the other strides to be multiples of 16
+elements: Triton specialises integer arguments equal to 1 or divisible by 16 (compiled variants are
+bounded by K, form, dtypes and these stride classes). Sizes that only count rows (``num_rows``, ``Q``,
+``N``) are excluded from specialisation so that a new batch size or token count never compiles a new
+kernel.
+
+Expected cost on an H100 (not measured: no GPU was available when this was written). Per row and
+``K = 2``, bf16, ``D = 128``: 2 x 256 B of partial outputs read, 256 B written, and statistics at 32-byte sector
+granularity (4 sectors read, 2 written) = 960 B. At the ~3.0 TB/s an H100 copies, that is ~3.1e9 rows/s;
+a tile kernel of this shape typically reaches 80-90 % of copy bandwidth. Per-batch TND adds two int64
+loads per token (shared by its N heads, mostly cached).
+
+Note [triton row merge backward]
+--------------------------------
+:func:`merge_rows_backward` is Note [row merge backward] (``_backward.py``) as one kernel over the same row
+tiles, sharing the forward's helpers (``_tile_rows``, ``_part_stats``, ``_part_scale``, ``_merged_stats``,
+``_store_lanes``), so the forward and backward cannot disagree about which statistics row, which empty rule or
+which weight a row has. Per row tile it
+
+1. reads lane 0 of the K parts' statistics and recomputes ``M``, ``L``, ``1 / L`` and ``w_k = a_k / L`` exactly
+   as the ``torch`` backend's backward does (``a_k * (1 / L)``, the same order of sums), so the two differ only
+   by the order of the dot products' float32 sums and by ``exp``;
+2. walks ``D`` once: per chunk it loads ``g`` and each ``o_k`` once, adds ``<g, o_k>`` to column ``k`` of a
+   ``BLOCK_ROWS x next_pow2(K)`` float32 accumulator, and writes ``do_k = w_k g`` rounded once to the parts'
+   dtype. ``do_k`` needs only the statistics, not the dots, so no second pass re-reads ``g`` even when ``D``
+   spans several chunks (the two-pass plan in Note [row merge backward] is not needed);
+3. reduces ``<g, o> = sum_k w_k d_k``, sums ``grad_m`` (and ``grad_l``) over their lanes, and writes
+   ``dm_k`` (and ``dl_k``, or the LSE form's ``dx_k``) to lane 0 and 0 to the other lanes.
+
+Bytes per row, ``K`` parts of ``D`` elements of ``e`` bytes, statistics in 32-byte sectors: read
+``(K + 1) D e`` (``g`` and the parts) plus ``K`` (stats form ``2K``) statistic sectors and 1 (2) incoming
+gradient sectors; write ``K D e`` plus ``K`` (``2K``) sectors. For ``K = 2``, bf16, ``D = 128``, stats form:
+768 B + 192 B read, 512 B + 128 B written = 1600 B; a two-pass kernel (dots, then writes that re-read ``g``)
+would move 256 B (16 %) more. At the ~3.0 TB/s an H100 copies that is ~1.9e9 rows/s (expected, not measured:
+no GPU). Each chunk holds ``K + 1`` D-tiles (``g`` and the ``o_k``), so the tile is sized by
+``_block_sizes(D, K + 1)``; compiled for sm_90a without a GPU (ptxas through Triton 3.9), every dtype, both
+forms, ``K`` in 1, 2, 3, 4, 8 and ``D`` in 64, 128, 256, 320 take 40-128 registers and no spills (fp16
+``K = 2``, ``D = 128``: 54).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """This program's rows (Note [triton row tiles]): ``(mask, p, q, n, sp, sq, sn)``, attention view indices
+    ``(p, q, n)`` and statistics view indices ``(sp, sq, sn)``, all int64."""
+    # int64 before any multiplication: offsets pass 2**31 near a million tokens.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_mask = rows < num_rows
+    n = rows % N
+    q = (rows // N) % Q
+    p = rows // N // Q
+    if HAS_ROW_MAP:  # Note [canonical rows]: per-batch TND statistics (Q == 1, p is the token)
+        base = tl.load(row_base + p, mask=row_mask, other=0)
+        stat_row = base + n * tl.load(row_step + p, mask=row_mask, other=0)
+        sp = stat_row // N
+        sq = tl.zeros_like(stat_row)
+        sn = stat_row % N
+    else:
+        sp = p
+        sq = q
+        sn = n
+    return row_mask, p, q, n, sp, sq, sn
+
+
+@triton.jit
+def _part_stats(
+    parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
+):
+    """(max, sum) of part ``k`` at stats rows (sp, sq, sn). LSE form: ``(lse * lse_scale, 1)``, ``+inf`` empty."""
+    m_off = sp * m_strides[k][0] + sq * m_strides[k][1] + sn * m_strides[k][2]
+    m = tl.load(parts_m[k] + m_off, mask=mask, other=float("-inf")).to(tl.float32)
+    if IS_LSE:
+        m = m * lse_scale
+        m = tl.where(m == float("inf"), float("-inf"), m)  # old FlashAttention's empty rows
+        l = tl.full(m.shape, 1.0, tl.float32)
+    else:
+        l_off = sp * l_strides[k][0] + sq * l_strides[k][1] + sn * l_strides[k][2]
+        l = tl.load(parts_l[k] + l_off, mask=mask, other=0.0).to(tl.float32)
+    return m, l
+
+
+@triton.jit
+def _part_scale(
+    parts_m,
+    m_strides,
+    parts_l,
+    l_strides,
+    k: tl.constexpr,
+    sp,
+    sq,
+    sn,
+    mask,
+    IS_LSE: tl.constexpr,
+    lse_scale,
+    shift,
+):
+    """``(m_k, exp(m_k - shift), a_k = l_k exp(m_k - shift))`` of part ``k``; 0, 0 for an empty part."""
+    m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale)
+    decay = tl.exp(m - shift)
+    return m, decay, l * decay
+
+
+@triton.jit
+def _merged_stats(
+    parts_m, m_strides, parts_l, l_strides, K: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
+):
+    """``(M, all_empty, shift, L)`` of the K parts (Note [row merge]): ``shift`` is ``M``, or 0 where every part
+    is empty, so that the weights of such rows are 0 instead of NaN (SPEC section 7)."""
+    new_max = tl.full(sp.shape, float("-inf"), tl.float32)
+    for k in tl.static_range(K):
+        m, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale)
+        new_max = tl.maximum(new_max, m, propagate_nan=tl.PropagateNan.ALL)
+    all_empty = new_max == float("-inf")
+    shift = tl.where(all_empty, 0.0, new_max)
+    new_sum = tl.zeros(sp.shape, tl.float32)
+    for k in tl.static_range(K):
+        _, _, a = _part_scale(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, shift)
+        new_sum += a
+    return new_max, all_empty, shift, new_sum
+
+
+@triton.jit
+def _store_lanes(ptr, strides, sp, sq, sn, lanes, value, mask, LANE0_ONLY: tl.constexpr):
+    """Write the row values ``value`` to every lane of the stats rows (sp, sq, sn), or (``LANE0_ONLY``) to
+    lane 0 and 0 to the other lanes."""
+    dst = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
+    tile = tl.broadcast_to(value[:, None], mask.shape)
+    if LANE0_ONLY:
+        tile = tl.where(lanes[None, :] == 0, tile, 0.0)
+    tl.store(ptr + dst, tile.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _lane_sum(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.constexpr):
+    """Sum over the lanes of the stats rows (sp, sq, sn), in float32."""
+    lanes = tl.arange(0, BLOCK_LANES)
+    mask = row_mask[:, None] & (lanes < LANES)[None, :]
+    src = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
+    return tl.sum(tl.load(ptr + src, mask=mask, other=0.0).to(tl.float32), axis=1)
+
+
+@triton.jit(do_not_specialize=["num_rows", "Q", "N"])
+def _merge_rows_kernel(
+    parts_o,  # K pointers to [P, Q, N, D]
+    o_strides,  # K tuples of (P, Q, N, D) strides
+    parts_m,  # K pointers to [P, Q, N, lanes] (raw [T, 1, N, lanes] with a row map); lane 0 read
+    m_strides,  # K tuples of (P, Q, N) strides
+    parts_l,  # like parts_m; None in the LSE form
+    l_strides,
+    out_o,  # [P, Q, N, D]
+    out_o_strides,
+    out_m,  # [P, Q, N, LANES]: max, or LSE divided by lse_scale
+    out_m_strides,  # (P, Q, N, lane)
+    out_l,  # [P, Q, N, LANES]: sum; None in the LSE form
+    out_l_strides,
+    row_base,  # [T] int64, with HAS_ROW_MAP
+    row_step,  # [T] int64, with HAS_ROW_MAP
+    num_rows,
+    Q,
+    N,
+    D,
+    LANES,
+    lse_scale,
+    K: tl.constexpr,
+    IS_LSE: tl.constexpr,
+    HAS_ROW_MAP: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_LANES: tl.constexpr,
+):
+    # Note [triton row tiles].
+    row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, BLOCK_ROWS)
+    stats = (parts_m, m_strides, parts_l, l_strides)
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+    safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty rows are 0: no 0 / 0 on the way
+
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_mask = row_mask[:, None] & (cols < D)[None, :]
+        acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+        for k in tl.static_range(K):
+            # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
+            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            weight = tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum))
+            o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
+            o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
+            acc += o.to(tl.float32) * weight[:, None]
+        dst = p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2]
+        dst = dst[:, None] + cols[None, :] * out_o_strides[3]
+        tl.store(out_o + dst, acc.to(out_o.dtype.element_ty), mask=tile_mask)
+
+    lanes = tl.arange(0, BLOCK_LANES)
+    lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
+    if IS_LSE:
+        lse = tl.where(all_empty, float("-inf"), tl.div_rn(new_max + tl.log(safe_sum), lse_scale))
+        _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, lse, lane_mask, False)
+    else:
+        _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, new_max, lane_mask, False)
+        _store_lanes(out_l, out_l_strides, sp, sq, sn, lanes, new_sum, lane_mask, False)
+
+
+@triton.jit
+def _column(tile, k):
+    """Column ``k`` of a ``[rows, columns]`` tile (a per-part accumulator indexed by a compile-time ``k``)."""
+    return tl.sum(tl.where(tl.arange(0, tile.shape[1])[None, :] == k, tile, 0.0), axis=1)
+
+
+@triton.jit(do_not_specialize=["num_rows", "Q", "N"])
+def _merge_rows_backward_kernel(
+    grad_o,  # [P, Q, N, D]: dJ/d out_o
+    grad_o_strides,
+    grad_m,  # [P, Q, N, GRAD_LANES]: dJ/d out_m (max, or LSE in the caller's base), summed over lanes
+    grad_m_strides,  # (P, Q, N, lane)
+    grad_l,  # like grad_m: dJ/d out_l; None in the LSE form
+    grad_l_strides,
+    parts_o,  # K pointers to [P, Q, N, D]
+    o_strides,  # K tuples of (P, Q, N, D) strides
+    parts_m,  # K pointers to [P, Q, N, lanes] (raw [T, 1, N, lanes] with a row map); lane 0 read
+    m_strides,  # K tuples of (P, Q, N) strides
+    parts_l,  # like parts_m; None in the LSE form
+    l_strides,
+    grad_parts_o,  # K pointers to [P, Q, N, D], the parts' dtype
+    grad_parts_o_strides,  # K tuples of (P, Q, N, D) strides
+    grad_parts_m,  # K pointers to [P, Q, N, LANES]: the row's gradient in lane 0, 0 in the others
+    grad_parts_m_strides,  # K tuples of (P, Q, N, lane) strides
+    grad_parts_l,  # like grad_parts_m; None in the LSE form
+    grad_parts_l_strides,
+    row_base,  # [T] int64, with HAS_ROW_MAP
+    row_step,  # [T] int64, with HAS_ROW_MAP
+    num_rows,
+    Q,
+    N,
+    D,
+    GRAD_LANES,
+    LANES,
+    lse_scale,
+    K: tl.constexpr,
+    IS_LSE: tl.constexpr,
+    HAS_ROW_MAP: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_GRAD_LANES: tl.constexpr,
+    BLOCK_LANES: tl.constexpr,
+):
+    # Note [triton row tiles] and Note [triton row merge backward]; the formulas are Note [row merge backward].
+    row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, BLOCK_ROWS)
+    stats = (parts_m, m_strides, parts_l, l_strides)
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+    # All parts empty: weights 0, never 0 / 0 (the torch backend's rule, mirrored term by term).
+    safe_sum = tl.where(all_empty, 1.0, new_sum)
+    inv_sum = tl.where(all_empty, 0.0, tl.div_rn(tl.full(new_sum.shape, 1.0, tl.float32), safe_sum))
+
+    # One pass over D: do_k = w_k g needs only the statistics, so it is written while d_k = <g, o_k> is
+    # accumulated; column k of `dots` holds d_k (K is a compile-time count, so no list of accumulators).
+    k_ids = tl.arange(0, BLOCK_K)
+    dots = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
+    g_row = p * grad_o_strides[0] + q * grad_o_strides[1] + n * grad_o_strides[2]
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tile_mask = row_mask[:, None] & (cols < D)[None, :]
+        g = tl.load(grad_o + g_row[:, None] + cols[None, :] * grad_o_strides[3], mask=tile_mask, other=0.0)
+        g = g.to(tl.float32)
+        for k in tl.static_range(K):
+            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
+            o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
+            dot = tl.sum(g * o.to(tl.float32), axis=1)
+            dots = tl.where(k_ids[None, :] == k, dots + dot[:, None], dots)  # column k += d_k
+            dst = p * grad_parts_o_strides[k][0] + q * grad_parts_o_strides[k][1] + n * grad_parts_o_strides[k][2]
+            dst = dst[:, None] + cols[None, :] * grad_parts_o_strides[k][3]
+            tl.store(
+                grad_parts_o[k] + dst,
+                (g * (a * inv_sum)[:, None]).to(grad_parts_o[k].dtype.element_ty),
+                mask=tile_mask,
+            )
+
+    mean_dot = tl.zeros([BLOCK_ROWS], tl.float32)  # <g, o> = sum_k w_k d_k, from the parts
+    for k in tl.static_range(K):
+        _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+        mean_dot += (a * inv_sum) * _column(dots, k)
+    # Every output lane holds the same statistic, so its gradient is the sum over lanes.
+    g_m = _lane_sum(grad_m, grad_m_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES)
+    lanes = tl.arange(0, BLOCK_LANES)
+    lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
+    if IS_LSE:
+        for k in tl.static_range(K):
+            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            centred = _column(dots, k) - mean_dot
+            dx = (a * inv_sum) * (lse_scale * centred + g_m)
+            _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dx, lane_mask, True)
+    else:
+        g_l = _lane_sum(grad_l, grad_l_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES)
+        # The max is shared equally by tied parts (torch.maximum's rule and the central difference's).
+        tie_count = tl.zeros([BLOCK_ROWS], tl.float32)
+        for k in tl.static_range(K):
+            m, _ = _part_stats(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+            tie_count += tl.where(m == new_max, 1.0, 0.0)
+        max_grad = g_m - new_sum * g_l
+        for k in tl.static_range(K):
+            m, decay, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            centred = _column(dots, k) - mean_dot
+            dl = (centred * inv_sum + g_l) * decay
+            tie = tl.where(m == new_max, 1.0, 0.0) / tie_count
+            dm = (a * inv_sum) * centred + a * g_l + tie * max_grad
+            _store_lanes(grad_parts_l[k], grad_parts_l_strides[k], sp, sq, sn, lanes, dl, lane_mask, True)
+            _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dm, lane_mask, True)
