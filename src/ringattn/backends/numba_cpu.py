@@ -21,12 +21,17 @@ float16 as int16 (numba has no float16 arithmetic on CPU). ``_widen`` / ``_narro
 with round-to-nearest-even (as torch rounds); they are overloaded on the buffer type, so one kernel
 source serves fp16, bf16, fp32 and fp64. Arithmetic is float32 (float64 when the output is float64).
 
-Work is split over threads in tiles of about ``_TILE_ROWS`` rows (whole tokens, all heads). A tile runs
-in two phases, each walking memory in its own order:
+Work is split over threads in tiles of 1024 to 16384 rows (whole tokens, all heads; ``_TILE_ROWS_*``).
+A tile runs in two phases, each walking memory in its own order:
 
 1. statistics: lane 0 of each part's max and sum, visited in the statistics' memory order (head-major
-   for SBH and per-batch TND, whose statistics rows of one token are far apart); writes the output
-   statistics to every lane and keeps the K weights ``w_k / L`` of each row in a small per-tile array;
+   for SBH and per-batch TND, whose statistics rows of one token are far apart), in three loops: the
+   maxima (storing ``m_k - max`` per row and part in a per-tile array), ``exp`` over that whole array
+   (a branch-free polynomial that vectorises; libm's ``expf`` is a call per element), then the sums,
+   the K weights ``w_k / L`` (kept in the per-tile array) and the output statistics, written to every
+   lane. Strides used per row are fixed-size tuples (``_columns``), not array loads, and the output
+   statistics are written in the kernel body, not in an inlined helper: numba reference-counts array
+   arguments of inlined helpers per call, which cost more than the arithmetic;
 2. outputs: rows in attention order; each element reads every part once, forms ``o_0 * p_0 + o_1 * p_1
    + ...`` (SPEC section 3: products, then adds in part order) and writes the rounded value once. K is
    a compile-time constant (the tuple length), so the part loop is unrolled; the per-row bases, steps
@@ -52,7 +57,14 @@ from .._contract import UpdateProblem
 NAME = "cpu"
 
 _PARALLEL_BYTES = 4 << 20
-_TILE_ROWS = 1024  # rows per unit of work: statistics of a tile stay in L1/L2 between phases
+# Rows per unit of work: about _TILES tiles (enough to balance 16 threads), within these bounds. Phase 1
+# of a tile reads one run of tokens per head and part (head-major statistics), so long tiles keep the
+# hardware prefetcher streaming: 1024-row tiles (32 tokens of 32 heads) left phase 1 latency-bound,
+# 8192-16384 rows ran it ~1.5x faster. A tile's weights (rows x K compute values) stay in L2 for phase 2.
+# (numba.get_num_threads() in the kernel would make it uncacheable: a ctypes global.)
+_TILES = 16
+_TILE_ROWS_MIN = 1024
+_TILE_ROWS_MAX = 16384
 _F32_TWO_POW_M24 = np.float32(2.0**-24)
 _F32_HALF = np.float32(0.5)
 _U32 = np.uint32
@@ -172,6 +184,58 @@ def _scratch_impl(shape, like):
     return lambda shape, like: np.empty(shape, np.float32)
 
 
+def _exp_in_place(values):  # pragma: no cover - numba stub
+    """``values[:] = exp(values)`` for a 1-D float32 or float64 array of arguments ``<= 0``, ``-inf`` or NaN."""
+
+
+# Cephes' single-precision exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, degree-7 polynomial,
+# within 2 ulp of exp in float32 (the float32 statistics tolerance is 1e-4).
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-110.0)  # exp(-110) rounds to 0 in float32: clamping keeps 2**n finite
+_EXP_POLY = tuple(np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+                                          1.6666665459e-1, 5.0000001201e-1))  # fmt: skip
+
+
+@numba.njit(inline="always", cache=True)
+def _exp2i(n):
+    """2**n as float32 for integer ``-126 <= n <= 127``, from its bits."""
+    return _bits_to_f32(_U32(n + np.int32(127)) << _U32(23))
+
+
+@overload(_exp_in_place)
+def _exp_in_place_impl(values):
+    if values.dtype == types.float64:
+
+        def exp_f64(values):
+            for j in range(values.size):
+                values[j] = np.exp(values[j])
+
+        return exp_f64
+
+    def exp_f32(values):
+        # libm's expf is a call per element; this branch-free polynomial vectorises (selects, no branches).
+        # NaN stays NaN through r and the polynomial; n comes from a NaN-free copy because float -> int of NaN
+        # is undefined in LLVM. 2**n is applied in two halves, so that results below 2**-126 round to
+        # subnormals instead of needing 2**n itself to be one.
+        for j in range(np.uint64(values.size)):
+            x = values[j]
+            x = _EXP_FLOOR if x < _EXP_FLOOR else x
+            finite = x if x == x else np.float32(0.0)
+            n = np.floor(finite * _LOG2E + _F32_HALF)
+            r = x - n * _LN2_HI - n * _LN2_LO
+            poly = _EXP_POLY[0]
+            for c in _EXP_POLY[1:]:
+                poly = poly * r + c
+            poly = poly * r * r + r + np.float32(1.0)
+            ni = np.int32(n)
+            half = ni >> np.int32(1)
+            values[j] = poly * _exp2i(half) * _exp2i(ni - half)
+
+    return exp_f32
+
+
 # ---------------------------------------------------------------------------------------------------
 # Kernel
 
@@ -183,51 +247,100 @@ def _offset(strides, k, p, q, n):
     return np.uint64(p * strides[k, 0] + q * strides[k, 1] + n * strides[k, 2])
 
 
+def _columns(strides, bufs):  # pragma: no cover - numba stub
+    """The four stride columns of ``strides`` (its first ``len(bufs)`` rows) as fixed-size tuples:
+    registers, where strides read from an array are reloaded after every store (LLVM cannot rule out that a
+    float store aliases the int64 strides)."""
+
+
+@overload(_columns, inline="always")
+def _columns_impl(strides, bufs):
+    parts = len(bufs)  # a typing-time constant, as to_fixed_tuple needs
+
+    def columns(strides, bufs):
+        return (
+            to_fixed_tuple(strides[:parts, 0].copy(), parts),
+            to_fixed_tuple(strides[:parts, 1].copy(), parts),
+            to_fixed_tuple(strides[:parts, 2].copy(), parts),
+            to_fixed_tuple(strides[:parts, 3].copy(), parts),
+        )
+
+    return columns
+
+
 @numba.njit(inline="always", cache=True)
-def _merge_row_stats(
-    m_bufs, m_strides, l_bufs, l_strides, out_m, out_l, out_strides, at, lanes, lse_form, scale, weights, row
-):
-    """Merge the statistics row at index ``at = (p, q, n)`` of the stats views: write it to every lane of
-    ``out_m`` (and ``out_l``) and the K output weights ``w_k / L`` to ``weights[row]``. Every input is
-    read before the first write, so outputs may alias inputs."""
+def _at(columns, k, p, q, n):
+    """Element offset of index ``(p, q, n, 0)`` in buffer ``k`` of ``columns`` (see ``_columns``), unsigned."""
+    return np.uint64(p * columns[0][k] + q * columns[1][k] + n * columns[2][k])
+
+
+@numba.njit(inline="always", cache=True)
+def _stats_at(p, q, n, num_n, row_base, row_step, row_strides):
+    """Index ``(p, q, n)`` of attention row ``(p, q, n)`` in the stats views: itself, or through the
+    per-batch row map (Note [canonical rows]) when there is one."""
+    if row_base.size == 0:
+        return p, q, n
+    r = row_base[p] + n * row_step[p]
+    return (r, 0, 0) if row_strides else (r // num_n, 0, r % num_n)
+
+
+@numba.njit(inline="always", cache=True)
+def _fill(buf, base, step, lanes, value):
+    """``buf[base + lane * step] = value`` for every lane (unsigned offsets)."""
+    for lane in range(np.uint64(lanes)):
+        buf[base + lane * step] = value
+
+
+@numba.njit(inline="always", cache=True)
+def _merge_row_max(m_bufs, m_cols, at, lse_form, scale, weights, row):
+    """Statistics, step 1 of 3: reads lane 0 of every part's max (or LSE) at ``at = (p, q, n)``, stores
+    ``m_k - shift`` in ``weights[row * K + k]`` (flat, unsigned indices: no wraparound branches) and
+    returns the merged max (``-inf`` when every part is empty, NaN when any part is NaN)."""
     parts = len(m_bufs)
     p, q, n = at
+    first = np.uint64(row) * np.uint64(parts)
     neg_inf = _compute(-np.inf, weights)
     new_max = neg_inf
-    for k in range(parts):  # weights[row] holds the maxima until the scaled sums replace them
-        m = _compute(m_bufs[k][_offset(m_strides, k, p, q, n)], weights)
+    for k in range(parts):
+        m = _compute(m_bufs[k][_at(m_cols, k, p, q, n)], weights)
         if lse_form:
             m *= scale
             if m == np.inf:  # old FlashAttention writes +inf for empty rows
                 m = neg_inf
-        weights[row, k] = m
+        weights[first + np.uint64(k)] = m
         if m > new_max or m != m:  # NaN propagates
             new_max = m
-    all_empty = new_max == neg_inf
-    shift = _compute(0.0, weights) if all_empty else new_max  # all parts empty: exp(-inf - 0) = 0, not NaN
+    shift = _compute(0.0, weights) if new_max == neg_inf else new_max  # all empty: exp(-inf - 0) = 0, not NaN
+    for k in range(parts):
+        weights[first + np.uint64(k)] -= shift
+    return new_max
+
+
+@numba.njit(inline="always", cache=True)
+def _merge_row_sum(l_bufs, l_cols, at, lse_form, new_max, scale, weights, row):
+    """Statistics, step 3 of 3 (step 2 turned ``weights`` into ``exp(m_k - shift)``): scales by the parts'
+    sums, normalises the weights in place to ``w_k / L`` and returns ``(max, sum)``, or ``(lse, lse)`` in
+    LSE form (in the caller's base)."""
+    parts = len(l_bufs)
+    p, q, n = at
+    first = np.uint64(row) * np.uint64(parts)
     new_sum = _compute(0.0, weights)
     for k in range(parts):
-        scaled = np.exp(weights[row, k] - shift)
+        scaled = weights[first + np.uint64(k)]
         if not lse_form:
-            scaled = _compute(l_bufs[k][_offset(l_strides, k, p, q, n)], weights) * scaled
-        weights[row, k] = scaled
+            scaled *= _compute(l_bufs[k][_at(l_cols, k, p, q, n)], weights)
+        weights[first + np.uint64(k)] = scaled
         new_sum = scaled if k == 0 else new_sum + scaled
+    all_empty = new_max == -np.inf
     for k in range(parts):
-        weights[row, k] = _compute(0.0, weights) if all_empty else weights[row, k] / new_sum
-
-    base_m, base_l = _offset(out_strides, 0, p, q, n), _offset(out_strides, 1, p, q, n)
-    step_m, step_l = np.uint64(out_strides[0, 3]), np.uint64(out_strides[1, 3])
+        weights[first + np.uint64(k)] = _compute(0.0, weights) if all_empty else weights[first + np.uint64(k)] / new_sum
     if lse_form:
-        lse = neg_inf if all_empty else (new_max + np.log(new_sum)) / scale
-        for lane in range(np.uint64(lanes)):
-            out_m[base_m + lane * step_m] = lse
-    else:
-        for lane in range(np.uint64(lanes)):
-            out_m[base_m + lane * step_m] = new_max
-            out_l[base_l + lane * step_l] = new_sum
+        lse = new_max if all_empty else (new_max + np.log(new_sum)) / scale
+        return lse, lse
+    return new_max, new_sum
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def _merge_rows_kernel(
     o_bufs,  # K flat buffers of parts_o (P, Q, N, D)
     o_strides,  # int64 (K, 4)
@@ -250,30 +363,38 @@ def _merge_rows_kernel(
     num_p, num_q, num_n, dim, lanes = shape[0], shape[1], shape[2], shape[3], shape[4]
     parts = len(o_bufs)
     tokens = num_p * num_q
-    per_tile = max(1, _TILE_ROWS // max(num_n, 1))
+    tile_rows = min(_TILE_ROWS_MAX, max(_TILE_ROWS_MIN, tokens * num_n // _TILES))
+    per_tile = max(1, tile_rows // max(num_n, 1))
     for tile in numba.prange((tokens + per_tile - 1) // per_tile):
         first = tile * per_tile
         count = min(tokens - first, per_tile)
-        weights = _scratch((count * num_n, parts), out_o)
+        weights = _scratch(count * num_n * parts, out_o)
         scale = _compute(lse_scale, out_o)
         token_p = np.empty(count, np.int64)  # divisions once per token, not per row
         token_q = np.empty(count, np.int64)
         for i in range(count):
             token_p[i], token_q[i] = (first + i) // num_q, (first + i) % num_q
         # Phase 1: statistics, visited in their memory order.
+        m_cols, l_cols = _columns(m_strides, m_bufs), _columns(l_strides, l_bufs)
+        out_cols = _columns(out_strides, (out_m, out_l))
+        step_m, step_l = np.uint64(out_cols[3][0]), np.uint64(out_cols[3][1])
+        maxima = _scratch(count * num_n, out_o)
         outer, inner = (num_n, count) if heads_outer else (count, num_n)
         for a in range(outer):
             for b in range(inner):
                 i, n = (b, a) if heads_outer else (a, b)
-                p, q = token_p[i], token_q[i]
-                at = (p, q, n)
-                if row_base.size > 0:
-                    r = row_base[p] + n * row_step[p]
-                    at = (r, 0, 0) if row_strides else (r // num_n, 0, r % num_n)
-                _merge_row_stats(
-                    m_bufs, m_strides, l_bufs, l_strides, out_m, out_l, out_strides,
-                    at, lanes, lse_form, scale, weights, i * num_n + n,
-                )  # fmt: skip
+                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, row_strides)
+                maxima[i * num_n + n] = _merge_row_max(m_bufs, m_cols, at, lse_form, scale, weights, i * num_n + n)
+        _exp_in_place(weights)  # a separate loop, so that it vectorises
+        for a in range(outer):
+            for b in range(inner):
+                i, n = (b, a) if heads_outer else (a, b)
+                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, row_strides)
+                row = i * num_n + n
+                first_stat, second_stat = _merge_row_sum(l_bufs, l_cols, at, lse_form, maxima[row], scale, weights, row)
+                _fill(out_m, _at(out_cols, 0, at[0], at[1], at[2]), step_m, lanes, first_stat)
+                if not lse_form:
+                    _fill(out_l, _at(out_cols, 1, at[0], at[1], at[2]), step_l, lanes, second_stat)
         # Phase 2: outputs, in attention order; one read of each part, one rounded write per element.
         # Per-part bases, steps and weights go through fixed-size tuples so that they are registers in the
         # element loop (read from arrays there, LLVM cannot prove them loop-invariant and does not vectorise).
@@ -289,7 +410,7 @@ def _merge_rows_kernel(
                 for k in range(parts):
                     scratch[k] = _offset(o_strides, k, p, q, n)
                 bases = to_fixed_tuple(scratch, parts)
-                w = to_fixed_tuple(weights[row], parts)
+                w = to_fixed_tuple(weights[row * parts : (row + 1) * parts], parts)
                 out_base = _offset(out_strides, 2, p, q, n)
                 for d in range(np.uint64(dim)):
                     x = _widen(o_bufs[0][bases[0] + d * steps[0]]) * w[0]
