@@ -110,10 +110,9 @@ def make_update_inputs(
     def attn() -> torch.Tensor:
         return (torch.rand(attn_shape, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
 
-    stats_dtype = torch.float32
     prev_m, prev_l = random_stats(rows, gen, empty_fraction)
     cur_m, cur_l = random_stats(rows, gen, empty_fraction)
-    return UpdateInputs(layout, attn(), prev_m.to(stats_dtype), prev_l, attn(), cur_m, cur_l, offsets, softmax_layout)
+    return UpdateInputs(layout, attn(), prev_m, prev_l, attn(), cur_m, cur_l, offsets, softmax_layout)
 
 
 def strided_copy(t: torch.Tensor, how: str) -> torch.Tensor:

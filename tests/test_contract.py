@@ -68,8 +68,8 @@ def test_unknown_layout(gen, layout):
 @pytest.mark.parametrize("layout", ["sbh", "Sbh", "tnd"])
 def test_layout_is_case_insensitive(gen, layout):
     x = sbh(gen) if layout.upper() == "SBH" else tnd(gen)
-    out = call(x, layout=layout)
-    assert out[0].shape == x.prev_o.shape
+    got, want = call(x, layout=layout), call(x, layout=layout.upper())
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,6 @@ from .errors import (
 STATS_LANES = 8
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("SBH", "TND")
-SOFTMAX_LAYOUTS = (None, "TND")
 # SPEC section 5: the Ascend kernel's unified-buffer budget for one TND row block.
 ASCEND_UB_BYTES = 192 * 1024
 ASCEND_HEAD_DIM_ALIGN = 64
@@ -85,14 +84,6 @@ class UpdateProblem:
     @property
     def dtype(self) -> torch.dtype:
         return self.prev_o.dtype
-
-    @property
-    def stats_dtype(self) -> torch.dtype:
-        return self.prev_m.dtype
-
-    @property
-    def num_rows(self) -> int:
-        return self.prev_o.numel() // max(self.head_dim, 1) if self.head_dim else 0
 
     def attn_rows(self, o: torch.Tensor) -> torch.Tensor:
         """View an attention-shaped tensor as ``(P, Q, N, D)`` rows (no copy)."""

@@ -9,7 +9,7 @@ import torch
 
 from . import _backward, _ops, backends  # noqa: F401  (_backward registers the autograd formulas)
 from ._contract import check_outputs, validate_update
-from .errors import BackendError, DTypeError, expected
+from .errors import DTypeError, expected
 
 __all__ = ["ring_attention_update"]
 
@@ -138,8 +138,7 @@ def ring_attention_update(
     problem = validate_update(
         *tensors, actual_seq_qlen, layout, softmax_layout=softmax_layout, ascend_limits=ascend_limits
     )
-    if not isinstance(backend, str) or backend not in backends.BACKEND_NAMES:
-        raise BackendError(expected("backend", f"one of {', '.join(map(repr, backends.BACKEND_NAMES))}", backend))
+    backends.check_name(backend)  # before the custom op, so the error names the argument in eager and compile
     inputs = (problem.prev_o, problem.prev_m, problem.prev_l, problem.cur_o, problem.cur_m, problem.cur_l)
     options = (problem.seq_offsets, problem.layout, _STATS_LAYOUT[problem.stats_order], backend)
     if out is None:

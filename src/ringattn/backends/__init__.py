@@ -81,10 +81,15 @@ def _installed(name: str) -> bool:
     return module.unavailable_reason() is None
 
 
-def select(name: str, problem: UpdateProblem) -> ModuleType:
-    """The backend module that runs ``problem``; raises BackendError when ``name`` cannot."""
+def check_name(name: object) -> None:
+    """Raise BackendError unless ``name`` is one of ``BACKEND_NAMES``."""
     if not isinstance(name, str) or name not in BACKEND_NAMES:
         raise BackendError(expected("backend", f"one of {', '.join(map(repr, BACKEND_NAMES))}", name))
+
+
+def select(name: str, problem: UpdateProblem) -> ModuleType:
+    """The backend module that runs ``problem``; raises BackendError when ``name`` cannot."""
+    check_name(name)
     if name == "auto":
         for candidate in _AUTO.get(problem.device.type, ()):
             if _installed(candidate) and load(candidate).unsupported_reason(problem) is None:

@@ -24,28 +24,35 @@ def unsupported_reason(problem: UpdateProblem) -> str | None:
     return None
 
 
+def _logical_rows(row_map: tuple[torch.Tensor, torch.Tensor], heads: int) -> torch.Tensor:
+    """``(T, N)`` logical statistics row of each attention row under the per-batch map (Note [canonical rows])."""
+    row_base, row_step = row_map
+    return row_base.unsqueeze(1) + torch.arange(heads, device=row_base.device) * row_step.unsqueeze(1)
+
+
 def _gather_rows(stats: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """Lane 0 of a stats view as ``(P, Q, N, 1)`` aligned with attention rows (Note [canonical rows])."""
     lane0 = stats[..., :1]
     if row_map is None:
         return lane0
-    row_base, row_step = row_map
     tokens, _, heads, _ = stats.shape
-    rows = row_base.unsqueeze(1) + torch.arange(heads, device=row_base.device) * row_step.unsqueeze(1)
-    return lane0.reshape(tokens * heads, 1)[rows].unsqueeze(1)
+    return lane0.reshape(tokens * heads, 1)[_logical_rows(row_map, heads)].unsqueeze(1)
+
+
+def _write_rows(lanes: torch.Tensor, out: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Write ``lanes`` ``(P, Q, N, lanes)``, in attention-row order, to the stats view ``out``."""
+    if row_map is None:
+        out.copy_(lanes)
+        return
+    tokens, _, heads, width = out.shape
+    flat = torch.empty((tokens * heads, width), dtype=out.dtype, device=out.device)
+    flat[_logical_rows(row_map, heads).reshape(-1)] = lanes.reshape(-1, width).to(out.dtype)
+    out.copy_(flat.view(tokens, 1, heads, width))
 
 
 def _scatter_rows(values: torch.Tensor, out: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Write row values ``(P, Q, N, 1)`` to every lane of the stats view ``out``."""
-    if row_map is None:
-        out.copy_(values.expand_as(out))
-        return
-    row_base, row_step = row_map
-    tokens, _, heads, lanes = out.shape
-    rows = row_base.unsqueeze(1) + torch.arange(heads, device=row_base.device) * row_step.unsqueeze(1)
-    flat = torch.empty((tokens * heads, lanes), dtype=out.dtype, device=out.device)
-    flat[rows.reshape(-1)] = values.reshape(-1, 1).to(out.dtype).expand(-1, lanes)
-    out.copy_(flat.view(tokens, 1, heads, lanes))
+    _write_rows(values.expand(*values.shape[:-1], out.shape[-1]), out, row_map)
 
 
 def merge_rows(
@@ -100,15 +107,7 @@ def _scatter_lane0(values: torch.Tensor, out: torch.Tensor, row_map: tuple[torch
     """Write row values ``(P, Q, N, 1)`` to lane 0 of the stats view ``out`` and 0 to its other lanes."""
     full = torch.zeros(values.shape[:-1] + (out.shape[-1],), dtype=out.dtype, device=out.device)
     full[..., :1] = values
-    if row_map is None:
-        out.copy_(full)
-        return
-    row_base, row_step = row_map
-    tokens, _, heads, lanes = out.shape
-    rows = row_base.unsqueeze(1) + torch.arange(heads, device=row_base.device) * row_step.unsqueeze(1)
-    flat = torch.empty((tokens * heads, lanes), dtype=out.dtype, device=out.device)
-    flat[rows.reshape(-1)] = full.reshape(-1, lanes)
-    out.copy_(flat.view(tokens, 1, heads, lanes))
+    _write_rows(full, out, row_map)
 
 
 def merge_rows_backward(
