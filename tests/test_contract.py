@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import ringattn
 from inputs import make_update_inputs
-from ringattn import errors
+from ringattn import _contract, errors
 
 
 @pytest.fixture
@@ -325,3 +327,45 @@ def test_outputs_overlapping_each_other(gen):
     stats = torch.empty_like(x.prev_m)
     with raises((ValueError, errors.AliasError), "out[1] (softmax_max)", "out[2] (softmax_sum)"):
         call(x, out=(torch.empty_like(x.prev_o), stats, stats))
+
+
+def row_map_by_definition(offsets: list[int], heads: int) -> tuple[list[int], list[int]]:
+    """Note [canonical rows]: token t of batch b (c_b <= t < c_{b+1}) starts at row c_b * N + (t - c_b) and steps
+    by the batch length S_b = c_{b+1} - c_b from one head to the next."""
+    base, step = [], []
+    for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
+        for t in range(lo, hi):
+            base.append(lo * heads + (t - lo))
+            step.append(hi - lo)
+    return base, step
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lengths=st.lists(st.one_of(st.just(0), st.integers(0, 80)), min_size=1, max_size=8),
+    heads=st.integers(1, 5),
+)
+@example(lengths=[0], heads=3)
+@example(lengths=[7], heads=1)
+@example(lengths=[0, 4, 0, 0, 9, 0], heads=5)
+def test_cpu_row_map_matches_torch_row_map_and_definition(lengths, heads):
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    total = offsets[-1]
+    seq_offsets = torch.tensor(offsets, dtype=torch.int64)
+
+    base, step = _contract.per_batch_row_map(seq_offsets, total, heads)
+    want_base, want_step = _contract._row_map(seq_offsets, total, heads)
+    for got, want in ((base, want_base), (step, want_step)):
+        assert got.dtype == torch.int64 and got.shape == (total,) and got.device == seq_offsets.device
+        assert torch.equal(got, want)
+    def_base, def_step = row_map_by_definition(offsets, heads)
+    assert base.tolist() == def_base and step.tolist() == def_step
+    # Bijection between (token, head) pairs and the T * N statistics rows.
+    rows = (base.unsqueeze(1) + torch.arange(heads) * step.unsqueeze(1)).flatten()
+    assert torch.equal(rows.sort().values, torch.arange(total * heads))
+
+    again = _contract.per_batch_row_map(seq_offsets.clone(), total, heads)
+    assert torch.equal(again[0], base) and torch.equal(again[1], step)
+    assert again[0].tolist() == def_base and again[1].tolist() == def_step  # nobody wrote into the cached map

@@ -34,9 +34,11 @@ rows reads and writes every statistics row exactly once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import (
@@ -112,8 +114,26 @@ def per_batch_row_map(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(row_base, row_step)`` of the per-batch statistics layout, on ``seq_offsets``'s device.
 
-    Pure device arithmetic (no host sync), so it can be captured in a CUDA graph.
+    Pure device arithmetic (no host sync), so it can be captured in a CUDA graph. For plain CPU offsets the map
+    comes from a small cache keyed by their values (0.6 ms of torch ops for 16k tokens, 10% of a merge of that
+    size); callers must treat it as read-only.
     """
+    if type(seq_offsets) is torch.Tensor and seq_offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _cpu_row_map(tuple(seq_offsets.tolist()), total_tokens, num_heads)
+    return _row_map(seq_offsets, total_tokens, num_heads)
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_row_map(seq_offsets: tuple[int, ...], total_tokens: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = np.asarray(seq_offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    start = np.repeat(offsets[:-1], lengths)
+    row_base = start * (num_heads - 1) + np.arange(total_tokens, dtype=np.int64)
+    with torch.inference_mode(False):  # cached: must stay usable outside an inference_mode block
+        return torch.from_numpy(row_base), torch.from_numpy(np.repeat(lengths, lengths))
+
+
+def _row_map(seq_offsets: torch.Tensor, total_tokens: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = seq_offsets.to(torch.int64)
     tokens = torch.arange(total_tokens, device=offsets.device, dtype=torch.int64)
     # right=True picks, among repeated offsets of empty batches, the batch that really holds the token.
@@ -383,13 +403,13 @@ def check_outputs(
             raise DeviceError(expected(name, f"device {ref.device}", f"device {t.device}"))
         if torch._debug_has_internal_overlap(t) == 1:
             raise AliasError(expected(name, "a tensor without internally overlapping memory", f"strides {t.stride()}"))
-    others = list(inputs) + list(zip(names, outs, strict=True))
-    for name, t in zip(names, outs, strict=True):
-        lo, hi = _byte_range(t)
-        for other_name, other in others:
-            if other_name == name or other.numel() == 0 or t.numel() == 0:
+    spans = [(n, t, _byte_range(t)) for n, t in (*inputs, *zip(names, outs, strict=True)) if t.numel()]
+    for name, t, (lo, hi) in spans:
+        if name not in names:
+            continue
+        for other_name, other, (o_lo, o_hi) in spans:
+            if other_name == name:
                 continue
-            o_lo, o_hi = _byte_range(other)
             overlaps = lo < o_hi and o_lo < hi
             is_output = other_name in names
             if overlaps and (is_output or not _same_view(t, other)):

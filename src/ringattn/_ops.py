@@ -103,6 +103,45 @@ def row_backend(device: torch.device, backend: str, dtype: torch.dtype):
     return backends.for_device(device, backend)
 
 
+# --- Direct eager calls -----------------------------------------------------------------------------------------------
+
+# Note [direct eager calls]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~
+# Going through ``torch.ops.ringattn.*`` costs about 0.25 ms of Python per call on CPU (the autograd and
+# ADInplaceOrView wrappers of ``torch.library``, two redispatches, the dynamo-disable wrapper): 4-10% of a
+# 100-250 MB merge and most of a small one. When none of that machinery would act, the public functions call the
+# op's body directly instead: not tracing (``torch.compiler.is_compiling()``), no torch-function or dispatch mode
+# on the stack (``FlopCounterMode``, fake or functional tensors), no functorch transform (``vmap``), every tensor
+# a plain ``torch.Tensor`` on a CPU or CUDA device, and no gradient to record (grad mode off, or no input
+# requiring grad). The one effect of the wrappers that remains is the version counter bump of ``out=`` tensors
+# (what ADInplaceOrView does), so autograd still notices a tensor it saved being overwritten:
+# ``increment_version`` does it. Everything else (validation, backends, kernels) is the same code either way;
+# tests run both paths (tests/test_ops.py).
+
+_DIRECT_DEVICES = ("cpu", "cuda")
+
+
+def _modes_active() -> bool:
+    """A torch-function mode, a dispatch mode or a functorch transform (``vmap``, ``grad``: their wrapper tensors
+    are plain ``torch.Tensor`` objects without storage) is active."""
+    function_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
+    dispatch_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    transforms = getattr(torch._C, "_are_functorch_transforms_active", None)
+    if function_mode is None or dispatch_depth is None or transforms is None:  # private hooks gone: take the op
+        return True
+    return bool(function_mode()) or dispatch_depth() > 0 or bool(transforms())
+
+
+def direct_call_ok(tensors) -> bool:
+    """Whether the op's body may run without the dispatcher (Note [direct eager calls])."""
+    if torch.compiler.is_compiling() or _modes_active():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(
+        type(t) is torch.Tensor and t.device.type in _DIRECT_DEVICES and not (grad and t.requires_grad) for t in tensors
+    )
+
+
 # --- ring_attention_update: stats form, two parts --------------------------------------------------------------------
 
 _STATS_ORDER = {"BNS": "SBH", "TN": "token_major", "per_batch": "per_batch"}
@@ -130,6 +169,15 @@ def _update_into(
     backends.ring_attention_update(backends.select(backend, problem), problem, out_o, out_m, out_l)
 
 
+def _update_fresh(
+    prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_layout, backend
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Fresh outputs without page-fault storms on CPU (Note [fresh outputs] in _alloc.py).
+    outs = tuple(empty_fast(t.shape, t.dtype, t.device) for t in (prev_o, prev_m, prev_m))
+    _update_into(prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_layout, backend, *outs)
+    return outs
+
+
 @torch.library.custom_op("ringattn::ring_attention_update", mutates_args=())
 def ring_attention_update(
     prev_o: torch.Tensor,
@@ -143,10 +191,7 @@ def ring_attention_update(
     stats_layout: str,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Fresh outputs without page-fault storms on CPU (Note [fresh outputs] in _alloc.py).
-    outs = tuple(empty_fast(t.shape, t.dtype, t.device) for t in (prev_o, prev_m, prev_m))
-    _update_into(prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_layout, backend, *outs)
-    return outs
+    return _update_fresh(prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_layout, backend)
 
 
 @ring_attention_update.register_fake
@@ -180,6 +225,22 @@ def _(prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_la
     return None
 
 
+def update(inputs, options, outs=None):
+    """``ring_attention_update(*inputs, *options)``, or its ``_out`` variant into ``outs``; through the custom op or
+    directly (Note [direct eager calls]). Returns the outputs."""
+    tensors = [*inputs, *(outs or ()), *([options[0]] if options[0] is not None else [])]
+    if not direct_call_ok(tensors):
+        if outs is None:
+            return torch.ops.ringattn.ring_attention_update(*inputs, *options)
+        torch.ops.ringattn.ring_attention_update_out(*inputs, *options, *outs)
+        return tuple(outs)
+    if outs is None:
+        return _update_fresh(*inputs, *options)
+    _update_into(*inputs, *options, *outs)
+    torch.autograd.graph.increment_version(outs)
+    return tuple(outs)
+
+
 # --- merge_states: LSE form, K parts ----------------------------------------------------------------------------------
 
 
@@ -200,6 +261,14 @@ def _merge_states_into(parts_o, parts_lse, layout, lse_layout, lse_scale, backen
     )
 
 
+def _merge_states_fresh(
+    parts_o, parts_lse, layout, lse_layout, lse_scale, backend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, out_lse = (empty_fast(t.shape, t.dtype, t.device) for t in (parts_o[0], parts_lse[0]))
+    _merge_states_into(parts_o, parts_lse, layout, lse_layout, lse_scale, backend, out, out_lse)
+    return out, out_lse
+
+
 @torch.library.custom_op("ringattn::merge_states", mutates_args=())
 def merge_states(
     parts_o: list[torch.Tensor],
@@ -209,9 +278,7 @@ def merge_states(
     lse_scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, out_lse = (empty_fast(t.shape, t.dtype, t.device) for t in (parts_o[0], parts_lse[0]))
-    _merge_states_into(parts_o, parts_lse, layout, lse_layout, lse_scale, backend, out, out_lse)
-    return out, out_lse
+    return _merge_states_fresh(parts_o, parts_lse, layout, lse_layout, lse_scale, backend)
 
 
 @merge_states.register_fake
@@ -236,6 +303,21 @@ def merge_states_out(
 @merge_states_out.register_fake
 def _(parts_o, parts_lse, layout, lse_layout, lse_scale, backend, out, out_lse):
     return None
+
+
+def merge(parts_o, parts_lse, options, outs=None):
+    """``merge_states(parts_o, parts_lse, *options)``, or its ``_out`` variant into ``outs = (out, out_lse)``;
+    through the custom op or directly (Note [direct eager calls]). Returns the outputs."""
+    if not direct_call_ok([*parts_o, *parts_lse, *(outs or ())]):
+        if outs is None:
+            return torch.ops.ringattn.merge_states(parts_o, parts_lse, *options)
+        torch.ops.ringattn.merge_states_out(parts_o, parts_lse, *options, *outs)
+        return tuple(outs)
+    if outs is None:
+        return _merge_states_fresh(parts_o, parts_lse, *options)
+    _merge_states_into(parts_o, parts_lse, *options, *outs)
+    torch.autograd.graph.increment_version(outs)
+    return tuple(outs)
 
 
 def refuse_grad_with_out(named_inputs) -> None:

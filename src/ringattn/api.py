@@ -142,7 +142,7 @@ def ring_attention_update(
     inputs = (problem.prev_o, problem.prev_m, problem.prev_l, problem.cur_o, problem.cur_m, problem.cur_l)
     options = (problem.seq_offsets, problem.layout, _STATS_LAYOUT[problem.stats_order], backend)
     if out is None:
-        outs = torch.ops.ringattn.ring_attention_update(*inputs, *options)
+        outs = _ops.update(inputs, options)
         return tuple(t.numpy() for t in outs) if as_numpy else outs  # type: ignore[return-value]
     if not isinstance(out, (tuple, list)):
         raise DTypeError(expected("out", "a tuple of three tensors", type(out).__name__))
@@ -150,5 +150,5 @@ def ring_attention_update(
     if not torch.compiler.is_compiling():  # no data pointers to compare while tracing (see merge._check_out)
         outs = check_outputs(outs, problem, list(zip(_INPUT_NAMES, inputs, strict=True)))
     _ops.refuse_grad_with_out(zip(_INPUT_NAMES, inputs, strict=True))
-    torch.ops.ringattn.ring_attention_update_out(*inputs, *options, *outs)
+    _ops.update(inputs, options, outs)
     return tuple(out)  # type: ignore[return-value]

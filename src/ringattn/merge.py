@@ -232,7 +232,7 @@ def merge_states(
     scale = lse_scale(lse_base)
     parts_o, parts_lse, layout, lse_layout = _validate(outputs, lses, layout, lse_layout, backend)
     if out is None and out_lse is None:
-        return torch.ops.ringattn.merge_states(parts_o, parts_lse, layout, lse_layout, scale, backend)
+        return _ops.merge(parts_o, parts_lse, (layout, lse_layout, scale, backend))
     inputs = [*parts_o, *parts_lse]
     out = parts_o[0].new_empty(parts_o[0].shape) if out is None else _check_out("out", out, parts_o[0], inputs, out_lse)
     out_lse = (
@@ -243,7 +243,7 @@ def merge_states(
     _ops.refuse_grad_with_out(
         [*((f"outputs[{k}]", o) for k, o in enumerate(parts_o)), *((f"lses[{k}]", s) for k, s in enumerate(parts_lse))]
     )
-    torch.ops.ringattn.merge_states_out(parts_o, parts_lse, layout, lse_layout, scale, backend, out, out_lse)
+    _ops.merge(parts_o, parts_lse, (layout, lse_layout, scale, backend), (out, out_lse))
     return out, out_lse
 
 

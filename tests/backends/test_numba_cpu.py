@@ -163,6 +163,52 @@ def test_thread_counts_give_identical_results(threads: int) -> None:
         assert torch.equal(g, w)
 
 
+# --- streaming stores (Note [streaming stores]) ---------------------------------------------------------
+
+
+def _output_rows(parts_o: list[torch.Tensor], placement: str) -> torch.Tensor:
+    """A NaN-poisoned output shaped like the parts: a fresh tensor (rows aligned when D * itemsize is a multiple of
+    32 bytes), one element into a larger buffer (misaligned), or every row padded to 64 elements (aligned, D not
+    a multiple of the 32-byte chunk: a tail of plain stores)."""
+    like = parts_o[0]
+    if placement == "fresh":
+        return torch.full_like(like, math.nan)
+    if placement == "shifted":
+        return torch.full((like.numel() + 1,), math.nan, dtype=like.dtype)[1:].view(like.shape)
+    return torch.full((*like.shape[:3], 64), math.nan, dtype=like.dtype)[..., : like.shape[3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(("head_dim", "placement"), [(16, "fresh"), (64, "fresh"), (16, "shifted"), (36, "padded")])
+def test_streaming_stores_match_plain_stores(dtype, head_dim, placement, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(head_dim)
+    os_, ms, ls = parts(2, (5, 2, 3, head_dim), gen, dtype=dtype)
+    plain = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, ms, ls, *plain)
+    out_o = _output_rows(os_, placement)
+    aligned = numba_cpu._rows_aligned(out_o)
+    assert aligned == (placement != "shifted"), "the case does not exercise the path it is named for"
+    monkeypatch.setattr(numba_cpu, "_STREAM_BYTES", 0)  # stream at any size
+    streamed = (out_o, torch.full_like(ms[0], math.nan), torch.full_like(ms[0], math.nan))
+    numba_cpu.merge_rows(os_, ms, ls, *streamed)
+    for g, w in zip(streamed, plain, strict=True):
+        assert torch.equal(g, w)
+    want = float64_merge(os_, ms, ls)
+    torch.testing.assert_close(streamed[0].double(), want[0], atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_streaming_stores_accumulate_in_place(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(8)
+    os_, ms, ls = parts(2, (7, 1, 4, 32), gen)
+    want = float64_merge(os_, ms, ls)
+    monkeypatch.setattr(numba_cpu, "_STREAM_BYTES", 0)
+    assert numba_cpu._rows_aligned(os_[0])
+    numba_cpu.merge_rows(os_, ms, ls, os_[0], ms[0], ls[0])
+    tol = TOL[torch.float32]
+    for g, w in zip((os_[0], ms[0], ls[0]), want, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol)
+
+
 _THREADS_SCRIPT = """
 import torch
 from ringattn.backends import numba_cpu

@@ -21,7 +21,8 @@ float16 as int16 (numba has no float16 arithmetic on CPU). ``_widen`` / ``_narro
 with round-to-nearest-even (as torch rounds); they are overloaded on the buffer type, so one kernel
 source serves fp16, bf16, fp32 and fp64. Arithmetic is float32 (float64 when the output is float64).
 
-Work is split over threads in tiles of 1024 to 16384 rows (whole tokens, all heads; ``_TILE_ROWS_*``).
+Work is split over threads in tiles of 1024 to 65536 rows (whole tokens, all heads; ``_TILE_ROWS_*``), about
+``_TILES_PER_THREAD`` per thread.
 A tile runs in two phases, each walking memory in its own order:
 
 1. statistics: lane 0 of each part's max and sum, visited in the statistics' memory order (head-major
@@ -34,8 +35,12 @@ A tile runs in two phases, each walking memory in its own order:
    arguments of inlined helpers per call, which cost more than the arithmetic;
 2. outputs: rows in attention order; each element reads every part once, forms ``o_0 * p_0 + o_1 * p_1
    + ...`` (SPEC section 3: products, then adds in part order) and writes the rounded value once. K is
-   a compile-time constant (the tuple length), so the part loop is unrolled; the per-row bases, steps
-   and weights are fixed-size tuples (``to_fixed_tuple``), i.e. registers, which lets LLVM vectorise.
+   a compile-time constant (the tuple length) and the sum is written out term by term for it
+   (``_weighted_sum``); the per-row bases, steps and weights are fixed-size tuples (``to_fixed_tuple``),
+   i.e. registers, which lets LLVM vectorise.
+
+Calls over ``_STREAM_BYTES`` whose output rows are contiguous and 32-byte aligned compute each row into an
+L1-resident stage and write it with streaming stores (Note [streaming stores] in ``numba_stream.py``).
 
 A row's inputs are read before its outputs are written and rows never share memory, so outputs may be
 exactly the input views (in-place accumulation).
@@ -43,6 +48,7 @@ exactly the input views (in-place accumulation).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import numba
@@ -53,18 +59,23 @@ from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._contract import UpdateProblem
+from .numba_stream import STREAM_BYTES, store_fence, stream32
 
 NAME = "cpu"
 
 _PARALLEL_BYTES = 4 << 20
-# Rows per unit of work: about _TILES tiles (enough to balance 16 threads), within these bounds. Phase 1
-# of a tile reads one run of tokens per head and part (head-major statistics), so long tiles keep the
-# hardware prefetcher streaming: 1024-row tiles (32 tokens of 32 heads) left phase 1 latency-bound,
-# 8192-16384 rows ran it ~1.5x faster. A tile's weights (rows x K compute values) stay in L2 for phase 2.
-# (numba.get_num_threads() in the kernel would make it uncacheable: a ctypes global.)
-_TILES = 16
+# Calls moving at least this many bytes write their outputs with streaming stores (Note [streaming stores]):
+# about the last-level cache of a server CPU, above which the output is evicted before anyone reads it anyway.
+_STREAM_BYTES = 32 << 20
+# Rows per unit of work: about _TILES_PER_THREAD tiles per thread (the launcher passes the count: reading
+# numba.get_num_threads() in the kernel would make it uncacheable), within these bounds. Phase 1 of a tile
+# reads one run of tokens per head and part (head-major statistics), so long tiles keep the hardware
+# prefetcher streaming: 1024-row tiles (32 tokens of 32 heads) left phase 1 latency-bound, 8192-16384 rows
+# ran it ~1.5x faster, and 2 tiles per thread of up to 65536 rows another 3-8% on the whole merge (2 threads).
+# A tile's weights (rows x K compute values) then stay in L2/L3 for phase 2.
+_TILES_PER_THREAD = 2
 _TILE_ROWS_MIN = 1024
-_TILE_ROWS_MAX = 16384
+_TILE_ROWS_MAX = 65536
 _F32_TWO_POW_M24 = np.float32(2.0**-24)
 _F32_HALF = np.float32(0.5)
 _U32 = np.uint32
@@ -240,6 +251,24 @@ def _exp_in_place_impl(values):
 # Kernel
 
 
+def _weighted_sum(o_bufs, bases, steps, weights, d):  # pragma: no cover - numba stub
+    """``sum_k widen(o_k[bases[k] + d * steps[k]]) * weights[k]``: SPEC section 3's products, then adds in
+    part order, in the compute type."""
+
+
+@overload(_weighted_sum, inline="always")
+def _weighted_sum_impl(o_bufs, bases, steps, weights, d):
+    # Written out term by term for this K: a ``for k in range(1, K)`` loop indexing the tuples with k compiles
+    # to the same arithmetic, but LLVM then reloads the buffers' data pointers inside the vectorised element
+    # loop, which measured 20-25% slower over a whole merge.
+    terms = [f"_widen(o_bufs[{k}][bases[{k}] + d * steps[{k}]]) * weights[{k}]" for k in range(len(o_bufs))]
+    body = "".join(f"    x += {term}\n" for term in terms[1:])
+    source = f"def weighted_sum(o_bufs, bases, steps, weights, d):\n    x = {terms[0]}\n{body}    return x\n"
+    namespace = {"_widen": _widen}
+    exec(source, namespace)  # noqa: S102 - generated from the integer K only
+    return namespace["weighted_sum"]
+
+
 @numba.njit(inline="always", cache=True)
 def _offset(strides, k, p, q, n):
     """Element offset of index ``(p, q, n, 0)`` with the strides of row ``k``, unsigned: unsigned
@@ -285,10 +314,36 @@ def _stats_at(p, q, n, num_n, row_base, row_step, row_strides):
 
 
 @numba.njit(inline="always", cache=True)
+def _stream_row(stage, dst, dst_base, dim):
+    """``dst[dst_base:][:dim] = stage[:dim]``: whole 32-byte chunks by streaming stores, the tail by plain ones.
+    ``dst[dst_base]`` must be 32-byte aligned (Note [streaming stores])."""
+    per_chunk = np.uint64(STREAM_BYTES // dst.itemsize)
+    chunks = np.uint64(dim) // per_chunk
+    for chunk in range(chunks):
+        stream32(dst, dst_base + chunk * per_chunk, stage, chunk * per_chunk)
+    for d in range(chunks * per_chunk, np.uint64(dim)):
+        dst[dst_base + d] = stage[d]
+
+
+@numba.njit(inline="always", cache=True)
 def _fill(buf, base, step, lanes, value):
     """``buf[base + lane * step] = value`` for every lane (unsigned offsets)."""
     for lane in range(np.uint64(lanes)):
         buf[base + lane * step] = value
+
+
+def _lane0(bufs, cols, p, q, n):  # pragma: no cover - numba stub
+    """The K elements ``bufs[k][(p, q, n, 0)]`` (offsets through ``cols``, see ``_columns``) as a tuple."""
+
+
+@overload(_lane0, inline="always")
+def _lane0_impl(bufs, cols, p, q, n):
+    # One expression per part, for the reason given in _weighted_sum_impl: indexing the tuple of buffers with a
+    # loop variable spills the whole tuple to the stack at every access.
+    items = ", ".join(f"bufs[{k}][_at(cols, {k}, p, q, n)]" for k in range(len(bufs)))
+    namespace = {"_at": _at}
+    exec(f"def lane0(bufs, cols, p, q, n):\n    return ({items},)\n", namespace)  # noqa: S102 - from K only
+    return namespace["lane0"]
 
 
 @numba.njit(inline="always", cache=True)
@@ -301,8 +356,9 @@ def _merge_row_max(m_bufs, m_cols, at, lse_form, scale, weights, row):
     first = np.uint64(row) * np.uint64(parts)
     neg_inf = _compute(-np.inf, weights)
     new_max = neg_inf
+    maxima = _lane0(m_bufs, m_cols, p, q, n)
     for k in range(parts):
-        m = _compute(m_bufs[k][_at(m_cols, k, p, q, n)], weights)
+        m = _compute(maxima[k], weights)
         if lse_form:
             m *= scale
             if m == np.inf:  # old FlashAttention writes +inf for empty rows
@@ -325,10 +381,11 @@ def _merge_row_sum(l_bufs, l_cols, at, lse_form, new_max, scale, weights, row):
     p, q, n = at
     first = np.uint64(row) * np.uint64(parts)
     new_sum = _compute(0.0, weights)
+    sums = _lane0(l_bufs, l_cols, p, q, n)
     for k in range(parts):
         scaled = weights[first + np.uint64(k)]
         if not lse_form:
-            scaled *= _compute(l_bufs[k][_at(l_cols, k, p, q, n)], weights)
+            scaled *= _compute(sums[k], weights)
         weights[first + np.uint64(k)] = scaled
         new_sum = scaled if k == 0 else new_sum + scaled
     all_empty = new_max == -np.inf
@@ -359,11 +416,13 @@ def _merge_rows_kernel(
     heads_outer,  # bool: the statistics' head stride exceeds their token stride (visit order of phase 1)
     lse_form,  # bool: parts_m are LSEs (natural log after * lse_scale); no parts_l / out_l
     lse_scale,  # float
+    tiles,  # int: number of tiles to aim for (a few per thread)
+    stream,  # bool: out_o rows are contiguous and 32-byte aligned; write them with streaming stores
 ):
     num_p, num_q, num_n, dim, lanes = shape[0], shape[1], shape[2], shape[3], shape[4]
     parts = len(o_bufs)
     tokens = num_p * num_q
-    tile_rows = min(_TILE_ROWS_MAX, max(_TILE_ROWS_MIN, tokens * num_n // _TILES))
+    tile_rows = min(_TILE_ROWS_MAX, max(_TILE_ROWS_MIN, tokens * num_n // max(tiles, 1)))
     per_tile = max(1, tile_rows // max(num_n, 1))
     for tile in numba.prange((tokens + per_tile - 1) // per_tile):
         first = tile * per_tile
@@ -403,6 +462,7 @@ def _merge_rows_kernel(
             scratch[k] = o_strides[k, 3]
         steps = to_fixed_tuple(scratch, parts)
         out_step = np.uint64(out_strides[2, 3])
+        stage = np.empty(dim if stream else 0, out_o.dtype)  # L1-resident row for streaming stores
         for i in range(count):
             p, q = token_p[i], token_q[i]
             for n in range(num_n):
@@ -412,40 +472,67 @@ def _merge_rows_kernel(
                 bases = to_fixed_tuple(scratch, parts)
                 w = to_fixed_tuple(weights[row * parts : (row + 1) * parts], parts)
                 out_base = _offset(out_strides, 2, p, q, n)
+                if stage.size:
+                    for d in range(np.uint64(dim)):
+                        stage[d] = _narrow(_weighted_sum(o_bufs, bases, steps, w, d), stage)
+                    _stream_row(stage, out_o, out_base, dim)
+                    continue
                 for d in range(np.uint64(dim)):
-                    x = _widen(o_bufs[0][bases[0] + d * steps[0]]) * w[0]
-                    for k in range(1, parts):  # SPEC section 3: products, then adds in part order
-                        x += _widen(o_bufs[k][bases[k] + d * steps[k]]) * w[k]
-                    out_o[out_base + d * out_step] = _narrow(x, out_o)
+                    out_o[out_base + d * out_step] = _narrow(_weighted_sum(o_bufs, bases, steps, w, d), out_o)
+        if stream:
+            store_fence()
 
 
 # ---------------------------------------------------------------------------------------------------
 # Launcher
 
 
+# Element type of a flat buffer per tensor dtype (16-bit formats as integer bits, Note [cpu merge kernel]).
+_BUFFER_TYPES = {
+    torch.float16: (ctypes.c_int16, np.int16),
+    torch.bfloat16: (ctypes.c_uint16, np.uint16),
+    torch.float32: (ctypes.c_float, np.float32),
+    torch.float64: (ctypes.c_double, np.float64),
+}
+
+
 def _flat(t: torch.Tensor) -> np.ndarray:
-    """The 1-D NumPy view over ``t``'s memory span (Note [cpu merge kernel]); no copy."""
-    t = t.detach()
-    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
-    if t.dtype in (torch.float16, torch.bfloat16):
-        bits = t.view(torch.int16).as_strided((span,), (1,)).numpy()
-        return bits.view(np.uint16) if t.dtype == torch.bfloat16 else bits
-    return t.as_strided((span,), (1,)).numpy()
+    """The 1-D NumPy view over ``t``'s memory span (Note [cpu merge kernel]); no copy.
+
+    The view borrows the memory without holding a reference to ``t``: it is valid while the caller holds ``t``,
+    i.e. for one synchronous kernel launch. Built from the address (about 1 us) rather than through
+    ``as_strided(...).numpy()`` (about 7 us, times 9 tensors per call).
+    """
+    c_type, np_type = _BUFFER_TYPES[t.dtype]
+    if t.numel() == 0:
+        return np.empty(0, np_type)
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return np.frombuffer((c_type * span).from_address(t.data_ptr()), np_type)
+
+
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """Whether every row ``t[p, q, n, :]`` is contiguous and starts on a ``STREAM_BYTES`` boundary."""
+    size = t.element_size()
+    return (
+        (t.stride(3) == 1 or t.shape[3] == 1)
+        and t.data_ptr() % STREAM_BYTES == 0
+        and all((stride * size) % STREAM_BYTES == 0 for stride in t.stride()[:3])
+    )
 
 
 def _strides(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     return np.array([t.stride() for t in tensors], dtype=np.int64).reshape(len(tensors), 4)
 
 
-def _set_threads(nbytes: int) -> None:
+def _threads(nbytes: int) -> int:
     """Threads follow torch's setting, except that a pass over fewer than ``_PARALLEL_BYTES`` runs on the
     calling thread: waking a second thread costs more than it saves there (milliseconds on a busy machine)."""
     threads = torch.get_num_threads() if nbytes >= _PARALLEL_BYTES else 1
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    return max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def _launch(kernel, nbytes: int, *args) -> None:
-    """``kernel(*args)`` on the threads ``_set_threads(nbytes)`` picks, leaving torch's thread count alone.
+    """``kernel(*args)`` on the threads ``_threads(nbytes)`` picks, leaving torch's thread count alone.
 
     numba's OpenMP layer shares libgomp with torch, and starting its pool (on the first ``set_num_threads``
     or parallel launch of the process) sets the OpenMP thread count that ``torch.get_num_threads()``
@@ -454,7 +541,7 @@ def _launch(kernel, nbytes: int, *args) -> None:
     """
     torch_threads = torch.get_num_threads()
     try:
-        _set_threads(nbytes)
+        numba.set_num_threads(_threads(nbytes))
         kernel(*args)
     finally:
         if torch.get_num_threads() != torch_threads:
@@ -512,9 +599,10 @@ def merge_rows(
             strides[:, 0], strides[:, 1], strides[:, 2] = strides[:, 2], 0, 0
         return strides
 
+    nbytes = out_o.numel() * out_o.element_size() * (len(parts_o) + 1)
     _launch(
         _merge_rows_kernel,
-        out_o.numel() * out_o.element_size() * (len(parts_o) + 1),
+        nbytes,
         tuple(_flat(t) for t in parts_o),
         _strides(parts_o),
         tuple(_flat(t) for t in parts_m),
@@ -532,6 +620,8 @@ def merge_rows(
         row_map is not None or abs(parts_m[0].stride(2)) > abs(parts_m[0].stride(0)),
         lse_form,
         float(lse_scale),
+        _threads(nbytes) * _TILES_PER_THREAD,
+        nbytes >= _STREAM_BYTES and _rows_aligned(out_o),
     )
 
 
