@@ -328,6 +328,10 @@ def _stream_row(stage, dst, dst_base, dim):
 @numba.njit(inline="always", cache=True)
 def _fill(buf, base, step, lanes, value):
     """``buf[base + lane * step] = value`` for every lane (unsigned offsets)."""
+    if step == 1 and lanes == 8:  # Ascend's layout: a constant trip count lets LLVM emit one vector store
+        for lane in range(np.uint64(8)):
+            buf[base + lane] = value
+        return
     for lane in range(np.uint64(lanes)):
         buf[base + lane * step] = value
 
