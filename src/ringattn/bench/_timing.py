@@ -18,8 +18,9 @@ the median time of ``dst.copy_(src)`` with ``src`` and ``dst`` two distinct cont
 ``nbytes // 2`` bytes each, on the case's device, in the same process, thread count and run: it reads
 ``nbytes / 2`` and writes ``nbytes / 2``. Its effective bandwidth ``nbytes / time`` is what a
 memory-bound kernel moving the same bytes can hope for; "% of floor" is ``copy time / provider time``.
-A kernel may beat it slightly (it reads more than it writes, and reads are cheaper than writes, which
-also pay for write-allocate), so 100% is a yardstick rather than a hard bound.
+A kernel may beat it (it reads more than it writes, and reads are cheaper than writes, which also pay for
+write-allocate; a kernel that writes with streaming stores, as the CPU merge does for large outputs, skips that
+read entirely while ``copy_`` does not), so 100% is a yardstick rather than a hard bound.
 """
 
 from __future__ import annotations

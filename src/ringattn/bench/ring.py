@@ -1,10 +1,11 @@
 """``ringattn bench ring``: ring attention forward+backward on W local gloo ranks vs one process.
 
 Providers: ``single`` (PyTorch SDPA in one process with W threads), ``ringattn`` (zigzag ring, one
-thread per rank), ``ring-attention-pytorch`` (its ``ring_flash_attn`` with striped sharding, when
-importable). Every ring provider's gathered output and gradients are compared once with ``single``
-(max abs difference) before timing; times are medians of ``--repeat`` barrier-aligned runs after a
-warm-up. Ratios only mean something within one run on one machine.
+thread per rank), ``ring-attention-pytorch`` (its ``ring_flash_attn`` with striped sharding; installed
+by the ``peers`` extra, see :data:`PEER_INSTALL`, and reported as a failed row when missing). Every
+ring provider's gathered output and gradients are compared once with ``single`` (max abs difference)
+before timing; times are medians of ``--repeat`` barrier-aligned runs after a warm-up. Ratios only
+mean something within one run on one machine.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ..ring import gather_sequence, ring_attention, shard_sequence
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("single", "ringattn", "ring-attention-pytorch")
+PEER_INSTALL = "pip install 'ringattn[peers]' (from a checkout: pip install -e '.[peers]')"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +67,17 @@ def _ringattn(case: Case, rank: int, world: int):
     return shard, gather_sequence, run
 
 
+def _import_peer() -> Callable:
+    """ring-attention-pytorch's ``ring_flash_attn``; an ImportError saying how to install it when missing."""
+    try:
+        from ring_attention_pytorch import ring_flash_attn
+    except ImportError as exc:
+        raise ImportError(f"ring-attention-pytorch is not importable ({exc}); install it with {PEER_INSTALL}") from exc
+    return ring_flash_attn
+
+
 def _peer(case: Case, rank: int, world: int):
-    from ring_attention_pytorch import ring_flash_attn  # striped: rank r holds tokens r, r + W, ...
+    ring_flash_attn = _import_peer()  # striped: rank r holds tokens r, r + W, ...
 
     def gather(x):
         shards = [torch.empty_like(x) for _ in range(world)]
@@ -80,6 +91,8 @@ def _peer(case: Case, rank: int, world: int):
 
 
 _RING_PROVIDERS: dict[str, Callable] = {"ringattn": _ringattn, "ring-attention-pytorch": _peer}
+# Checked in this process before spawning the ranks: a missing package is one clear line, not W tracebacks.
+_PREFLIGHT: dict[str, Callable[[], object]] = {"ring-attention-pytorch": _import_peer}
 
 
 def _rank(rank: int, world: int, rendezvous: str, provider: str, case: Case, result_path: str) -> None:
@@ -125,6 +138,11 @@ def measure(case: Case, providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
     for provider in providers:
         if provider == "single":
             continue
+        try:
+            _PREFLIGHT.get(provider, lambda: None)()
+        except ImportError as exc:
+            rows.append({"provider": provider, "error": str(exc)})
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "result.pt")
             try:
@@ -157,7 +175,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=defaults.dtype)
     parser.add_argument("--no-causal", dest="causal", action="store_false")
     parser.add_argument("--repeat", type=int, default=defaults.repeat)
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated of {PROVIDERS}")
+    parser.add_argument(
+        "--providers",
+        default=",".join(PROVIDERS),
+        help=f"comma-separated of {PROVIDERS}; ring-attention-pytorch needs the 'peers' extra",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     ns = parser.parse_args(argv)
     case = Case(ns.world_size, ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.causal, ns.repeat)

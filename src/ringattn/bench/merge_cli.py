@@ -1,0 +1,186 @@
+"""``ringattn bench [merge]``'s command line: options, their checks, the printed table and the JSON / PNG files.
+
+The measurement itself (cases, inputs, providers, checks, timing) is :mod:`ringattn.bench.merge`; this module
+only turns arguments into its :class:`~ringattn.bench.merge.Options` and its rows into output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import backends
+from ..errors import BackendError
+from . import report
+from ._timing import Progress, machine_info, set_threads
+from .merge import DTYPES, SHAPE_LETTERS, CheckFailure, Options, cases, make_inputs, resolve_backend, run
+
+__all__ = ["build_parser", "main"]
+
+
+def _csv(convert: Callable[[str], object], what: str) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            values = [convert(part.strip()) for part in text.split(",") if part.strip()]
+        except (KeyError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _layout(text: str) -> str:
+    if text.upper() not in SHAPE_LETTERS:
+        raise ValueError(text)
+    return text.upper()
+
+
+def _backend(text: str) -> str:
+    if text not in backends.BACKEND_NAMES or text == "reference":
+        raise ValueError(text)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ringattn bench [merge]",
+        description="Time ring_attention_update (fresh outputs and out=) against the naive eager formula and a "
+        "copy of the same bytes, in one process. `ringattn bench ring --help` benchmarks ring attention.",
+    )
+    dtypes = "comma-separated dtypes from " + ", ".join(DTYPES)
+    parser.add_argument("--layout", type=_csv(_layout, "SBH and/or TND"), default=["SBH", "TND"], help="SBH,TND")
+    parser.add_argument("--dtype", type=_csv(DTYPES.__getitem__, dtypes), default=None, help="default float32,bfloat16")
+    parser.add_argument(
+        "--shape", type=_csv(_positive, "positive integers"), default=None,
+        help="S,B,N,D for SBH or T,N,D for TND (needs exactly one --layout)",
+    )  # fmt: skip
+    parser.add_argument("--sizes", type=_csv(_positive, "positive integers"), default=None,
+                        help="sweep the first dimension (S for SBH, T for TND) over these values")  # fmt: skip
+    parser.add_argument(
+        "--backend", type=_csv(_backend, "backends from auto, torch, cpu, triton"), default=["auto"],
+        help="comma-separated backends to time (default auto; also torch, cpu, triton)",
+    )  # fmt: skip
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (and numba)")
+    parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per provider (default 7)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls per provider after the check (default 1)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    parser.add_argument("--png", metavar="PATH", help="plot GB/s against size (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run for CI")
+    parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Options:
+    if args.shape is not None:
+        if len(args.layout) != 1:
+            parser.error("--shape: expected exactly one --layout, got " + ",".join(args.layout))
+        want = len(SHAPE_LETTERS[args.layout[0]])
+        if len(args.shape) != want:
+            parser.error(f"--shape: expected {want} values ({','.join(SHAPE_LETTERS[args.layout[0]])}) "
+                         f"for layout {args.layout[0]}, got {len(args.shape)}")  # fmt: skip
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device: expected an available device, got cuda (torch.cuda.is_available() is False)")
+    if args.png and report.png_unavailable_reason():
+        parser.error(report.png_unavailable_reason())
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup: expected a non-negative integer, got {args.warmup}")
+    grid = cases(
+        args.layout, args.dtype or (torch.float32, torch.bfloat16), shape=tuple(args.shape) if args.shape else None,
+        sizes=args.sizes, quick=args.quick,
+    )  # fmt: skip
+    return Options(
+        cases=grid,
+        backends=tuple(dict.fromkeys(args.backend)),
+        device=torch.device(args.device),
+        warmup=args.warmup if args.warmup is not None else 1,
+        repeats=args.repeats or (3 if args.quick else 7),
+        seed=args.seed,
+        threads=args.threads,
+    )
+
+
+def _notes(options: Options, rows: Sequence[report.Row]) -> list[str]:
+    notes = [
+        "floor: median time of dst.copy_(src), two uint8 buffers of (bytes moved)/2 each on the same device; "
+        "% floor = copy time / provider time",
+        "bytes moved: both attention inputs + four float32 statistics read, three outputs written, once each",
+        "max err: max |got - ref| / (1 + |ref|) of attn_out against ringattn.reference (float64); under tol = "
+        "allclose; the float32 statistics are checked at the float32 tolerance",
+        "x naive: naive time / provider time; fresh/out: fresh-output time / out= time of the same backend",
+    ]
+    for name in options.backends:
+        ran = sorted({row.backend for row in rows if row.provider == f"ringattn[{name}]"} - {None})  # type: ignore[arg-type]
+        notes.append(f"ringattn[{name}] ran backend {', '.join(ran)}")
+    for case in options.cases:
+        if not case.ascend_limits:
+            notes.append(f"{case.name}: run with ascend_limits=False ({case.limit_note})")
+    return notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ringattn bench [merge]``: returns the exit status (2 for a bad argument, 1 for a failed check)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+        if args.threads:
+            set_threads(args.threads)
+        options = _options(parser, args)
+        _check_backends(parser, options)
+    except SystemExit as exc:  # argparse reports and exits; the CLI wants a status
+        return int(exc.code or 0)
+    try:
+        rows = run(options, Progress(enabled=not args.no_progress))
+    except CheckFailure as exc:
+        print(f"ringattn bench: correctness check failed: {exc}", file=sys.stderr)
+        return 1
+    notes = _notes(options, rows)
+    print(report.format_table(rows))
+    print()
+    print("\n".join(notes))
+    meta = {
+        "command": "ringattn bench " + " ".join(argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(options.device),
+        "warmup": options.warmup,
+        "repeats": options.repeats,
+        "seed": options.seed,
+        "notes": notes,
+    }
+    if args.json:
+        report.write_json(args.json, meta, rows)
+    if args.png:
+        report.write_png(args.png, rows, f"ring_attention_update on {meta['machine']['cpu_model']} ({options.device})")
+    return 0
+
+
+def _check_backends(parser: argparse.ArgumentParser, options: Options) -> None:
+    """Report an unusable ``--backend`` as an argument error before any timing, on one-token cases."""
+    for case in options.cases:
+        probe = dataclasses.replace(case, shape=(1, *case.shape[1:]), seq_offsets=(0, 1) if case.seq_offsets else None)
+        for name in options.backends:
+            try:
+                resolve_backend(name, make_inputs(probe, options.device))
+            except BackendError as exc:
+                parser.error(f"--backend: {exc}")
