@@ -234,18 +234,25 @@ def assert_bitwise(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
+def bitwise_equal_on_both_paths(monkeypatch, call):
+    """``call()`` on the direct path and on the op path (checking each was taken); asserts bitwise equality and
+    returns the direct path's outputs."""
+    with call_path(monkeypatch, "direct") as taken:
+        direct = call()
+    assert taken == [True]
+    with call_path(monkeypatch, "op") as taken:
+        op = call()
+    assert taken == [False]
+    assert_bitwise(direct, op)
+    return direct
+
+
 @pytest.mark.parametrize("out_mode", ["fresh", "buffers", "inplace"])
 @pytest.mark.parametrize("case", list(UPDATE_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_update_direct_and_op_paths_are_bitwise_equal(monkeypatch, dtype, case, out_mode):
     x = update_inputs(case, dtype, seed=zlib.crc32(f"{case} {out_mode} {dtype}".encode()))
-    with call_path(monkeypatch, "direct") as taken:
-        direct = call_update(x, out_mode)
-    assert taken == [True]
-    with call_path(monkeypatch, "op") as taken:
-        op = call_update(x, out_mode)
-    assert taken == [False]
-    assert_bitwise(direct, op)
+    direct = bitwise_equal_on_both_paths(monkeypatch, lambda: call_update(x, out_mode))
     # Both paths agree with the float64 reference, so they are not merely equally wrong.
     want = call_update(x, "fresh", backend="reference")
     tol = TOL[dtype]
@@ -258,13 +265,7 @@ def test_update_direct_and_op_paths_are_bitwise_equal(monkeypatch, dtype, case, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_direct_and_op_paths_are_bitwise_equal(monkeypatch, dtype, case, out_mode):
     parts = merge_inputs(case, dtype, seed=zlib.crc32(f"{case} {out_mode} {dtype}".encode()))
-    with call_path(monkeypatch, "direct") as taken:
-        direct = call_merge(parts, out_mode)
-    assert taken == [True]
-    with call_path(monkeypatch, "op") as taken:
-        op = call_merge(parts, out_mode)
-    assert taken == [False]
-    assert_bitwise(direct, op)
+    direct = bitwise_equal_on_both_paths(monkeypatch, lambda: call_merge(parts, out_mode))
     assert direct[0].dtype == dtype and direct[1].dtype == torch.float32
     # The merged LSE is logsumexp over the parts (float32 both ways).
     torch.testing.assert_close(direct[1], torch.logsumexp(torch.stack(parts[1]), 0), rtol=1e-5, atol=1e-5)
