@@ -8,6 +8,7 @@ over the fake impls) without inductor's C++ code generation, which takes minutes
 from __future__ import annotations
 
 import contextlib
+import functools
 import zlib
 
 import pytest
@@ -333,30 +334,21 @@ def test_vmap_takes_the_op_path():
 
 
 @pytest.mark.parametrize("with_out", [False, True])
-@pytest.mark.parametrize("case", list(UPDATE_CASES))
-def test_dispatch_mode_sees_the_update_op(case, with_out):
-    x = update_inputs(case, torch.float32, seed=11)
+@pytest.mark.parametrize(
+    ("op", "case"), [("ring_attention_update", c) for c in UPDATE_CASES] + [("merge_states", c) for c in MERGE_CASES]
+)
+def test_dispatch_mode_sees_the_op(op, case, with_out):
     out_mode = "buffers" if with_out else "fresh"
-    want = call_update(x, out_mode)
+    if op == "ring_attention_update":
+        x = update_inputs(case, torch.float32, seed=11)
+        call = functools.partial(call_update, x, out_mode)
+    else:
+        call = functools.partial(call_merge, merge_inputs(case, torch.float32, seed=12), out_mode)
+    want = call()
     recorder = RecordingDispatch()
     with recorder:
-        got = call_update(x, out_mode)
-    name = "ringattn::ring_attention_update_out" if with_out else "ringattn::ring_attention_update"
-    assert recorder.ringattn_ops() == [name]
-    assert_bitwise(got, want)
-
-
-@pytest.mark.parametrize("with_out", [False, True])
-@pytest.mark.parametrize("case", list(MERGE_CASES))
-def test_dispatch_mode_sees_the_merge_op(case, with_out):
-    parts = merge_inputs(case, torch.float32, seed=12)
-    out_mode = "buffers" if with_out else "fresh"
-    want = call_merge(parts, out_mode)
-    recorder = RecordingDispatch()
-    with recorder:
-        got = call_merge(parts, out_mode)
-    name = "ringattn::merge_states_out" if with_out else "ringattn::merge_states"
-    assert recorder.ringattn_ops() == [name]
+        got = call()
+    assert recorder.ringattn_ops() == [f"ringattn::{op}_out" if with_out else f"ringattn::{op}"]
     assert_bitwise(got, want)
 
 
