@@ -524,6 +524,12 @@ def _rows_aligned(t: torch.Tensor) -> bool:
     )
 
 
+def _heads_outer(parts_m: Sequence[torch.Tensor], row_map) -> bool:
+    """Visit order of the statistics phases: heads outer when that is the statistics' memory order (their head
+    stride exceeds their token stride, as in SBH's (B, N, S) and per-batch TND's head-major batches)."""
+    return row_map is not None or abs(parts_m[0].stride(2)) > abs(parts_m[0].stride(0))
+
+
 def _strides(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     return np.array([t.stride() for t in tensors], dtype=np.int64).reshape(len(tensors), 4)
 
@@ -621,7 +627,7 @@ def merge_rows(
         np.ascontiguousarray(row_base, dtype=np.int64),
         np.ascontiguousarray(row_step, dtype=np.int64),
         row_strides,
-        row_map is not None or abs(parts_m[0].stride(2)) > abs(parts_m[0].stride(0)),
+        _heads_outer(parts_m, row_map),
         lse_form,
         float(lse_scale),
         _threads(nbytes) * _TILES_PER_THREAD,

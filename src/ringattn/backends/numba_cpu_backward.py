@@ -47,7 +47,21 @@ import torch
 from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
-from .numba_cpu import _at, _columns, _compute, _flat, _lane0, _launch, _narrow, _scratch, _strides, _threads, _widen
+from .numba_cpu import (
+    _at,
+    _columns,
+    _compute,
+    _flat,
+    _heads_outer,
+    _lane0,
+    _launch,
+    _narrow,
+    _scratch,
+    _stats_at,
+    _strides,
+    _threads,
+    _widen,
+)
 
 # Rows per tile: about _TILES_PER_THREAD tiles per thread (the launcher passes the count), within these bounds.
 # Phases 1 and 3 walk one run of tokens per head and statistics tensor, so long tiles keep the prefetcher
@@ -117,13 +131,13 @@ def _write_lane0_impl(bufs, cols, at, values, lanes):
 
 
 @numba.njit(inline="always", cache=True)
-def _stats_at(p, q, n, num_n, row_base, row_step):
-    """Index ``(p, q, n)`` of attention row ``(p, q, n)`` in the statistics views: itself, or through the
-    per-batch row map (Note [canonical rows]): logical row r sits at ``[r // N, 0, r % N]``."""
-    if row_base.size == 0:
-        return p, q, n
-    r = row_base[p] + n * row_step[p]
-    return r // num_n, 0, r % num_n
+def _lane_sum(buf, cols, k, at, lanes, like):
+    """Sum over the ``lanes`` entries of statistics row ``at`` of ``buf`` (offsets through ``cols``, row ``k``)."""
+    base, step = _at(cols, k, at[0], at[1], at[2]), np.uint64(cols[3][k])
+    total = _compute(0.0, like)
+    for lane in range(lanes):
+        total += _compute(buf[base + lane * step], like)
+    return total
 
 
 @numba.njit(cache=True)
@@ -217,7 +231,7 @@ def _merge_rows_backward_kernel(
         for a in range(outer):
             for b in range(inner):
                 i, n = (b, a) if heads_outer else (a, b)
-                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step)
+                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
                 r = i * num_n + n
                 got_m = _lane0(m_bufs, m_cols, at[0], at[1], at[2])
                 got_l = _lane0(l_bufs, l_cols, at[0], at[1], at[2])
@@ -258,24 +272,18 @@ def _merge_rows_backward_kernel(
         for a in range(outer):
             for b in range(inner):
                 i, n = (b, a) if heads_outer else (a, b)
-                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step)
+                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
                 r = i * num_n + n
                 mean_dot = zero  # <g, o>, recomputed from the parts
                 for k in range(parts):
                     mean_dot = rows[r, k] * dots[r, k] if k == 0 else mean_dot + rows[r, k] * dots[r, k]
-                base, step = _at(grad_cols, 0, at[0], at[1], at[2]), np.uint64(grad_cols[3][0])
-                g_m = zero
-                for lane in range(lanes_in):
-                    g_m += _compute(grad_ms[0][base + lane * step], like)
+                g_m = _lane_sum(grad_ms[0], grad_cols, 0, at, lanes_in, like)
                 if lse_form:
                     for k in range(parts):
                         values[k] = rows[r, k] * (scale * (dots[r, k] - mean_dot) + g_m)
                     _write_lane0(dm_bufs, dm_cols, at, values, lanes_out)
                     continue
-                base, step = _at(grad_cols, 1, at[0], at[1], at[2]), np.uint64(grad_cols[3][1])
-                g_l = zero
-                for lane in range(lanes_in):
-                    g_l += _compute(grad_ms[1][base + lane * step], like)
+                g_l = _lane_sum(grad_ms[1], grad_cols, 1, at, lanes_in, like)
                 new_sum, inv_sum = rows[r, 4 * parts], rows[r, 4 * parts + 1]
                 max_grad = g_m - new_sum * g_l
                 for k in range(parts):
@@ -355,7 +363,7 @@ def merge_rows_backward(
         np.array((num_p, num_q, num_n, dim, lanes_in, lanes_out), dtype=np.int64),
         np.ascontiguousarray(row_base, dtype=np.int64),
         np.ascontiguousarray(row_step, dtype=np.int64),
-        row_map is not None or abs(parts_m[0].stride(2)) > abs(parts_m[0].stride(0)),
+        _heads_outer(parts_m, row_map),
         lse_form,
         float(lse_scale),
         _threads(nbytes) * _TILES_PER_THREAD,
