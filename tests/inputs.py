@@ -20,6 +20,14 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-3, torch.bfl
 ATTN_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def backend_device(name: str) -> torch.device:
+    """Where ``name``'s tests put their tensors: Triton on the GPU when there is one (else CPU tensors
+    under ``TRITON_INTERPRET=1``), every other backend on the CPU."""
+    if name == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def available_backends() -> list[str]:
     """Every backend that can run in this process, the reference excluded."""
     names = []
@@ -59,6 +67,11 @@ class UpdateInputs:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.prev_o, self.prev_m, self.prev_l, self.cur_o, self.cur_m, self.cur_l]
+
+    def to(self, device: torch.device) -> UpdateInputs:
+        """The same inputs on ``device`` (contiguous copies; ``actual_seq_qlen`` stays a host list)."""
+        moved = [t.to(device) for t in self.tensors()]
+        return UpdateInputs(self.layout, *moved, self.seq_offsets, self.softmax_layout)
 
 
 def random_stats(
@@ -118,9 +131,9 @@ def make_update_inputs(
 def strided_copy(t: torch.Tensor, how: str) -> torch.Tensor:
     """The same values as ``t`` in a non-contiguous layout (``how``: 'gap' or 'transposed')."""
     if how == "gap":  # every dimension strided: a slice of a larger buffer
-        big = torch.full([2 * s + 1 for s in t.shape], float("nan"), dtype=t.dtype)
+        big = torch.full([2 * s + 1 for s in t.shape], float("nan"), dtype=t.dtype, device=t.device)
         view = big[tuple(slice(1, 2 * s + 1, 2) for s in t.shape)]
     else:  # reversed dimension order in memory
-        view = torch.empty(tuple(reversed(t.shape)), dtype=t.dtype).permute(*reversed(range(t.dim())))
+        view = torch.empty(tuple(reversed(t.shape)), dtype=t.dtype, device=t.device).permute(*reversed(range(t.dim())))
     view.copy_(t)
     return view

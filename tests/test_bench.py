@@ -78,6 +78,17 @@ def test_cuda_without_cuda_is_an_argument_error(capsys):
     assert "torch.cuda.is_available() is False" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_providers_are_timed_from_graph_replays(tmp_path):
+    """Every CUDA provider (ours fresh and out=, naive, copy) is captured: device times, not host overhead."""
+    path = tmp_path / "cuda.json"
+    assert bench.main(["--device", "cuda", "--quick", "--backend", "auto,torch", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert {r["provider"] for r in rows} >= {"ringattn[auto]", "ringattn[auto] out=", "naive", "copy"}
+    assert {r["timing"] for r in rows} == {"cuda graph"}, [(r["provider"], r["timing"]) for r in rows]
+    assert {r["backend"] for r in rows if r["provider"].startswith("ringattn[auto]")} == {"triton"}
+
+
 def test_wrong_provider_fails_the_check(monkeypatch, capsys):
     naive = merge.naive_update
 

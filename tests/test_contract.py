@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ringattn
-from inputs import make_update_inputs
+from inputs import backend_device, make_update_inputs
 from ringattn import _contract, errors
 
 
@@ -279,7 +279,7 @@ def test_unknown_backend(gen):
 
 def test_backend_that_cannot_run_the_call(gen):
     pytest.importorskip("triton", reason="needs the triton package")
-    x = sbh(gen, torch.float64)
+    x = sbh(gen, torch.float64).to(backend_device("triton"))
     with raises((ValueError, errors.BackendError), "backend", "'triton' cannot run this call", "float64"):
         call(x, backend="triton")
 

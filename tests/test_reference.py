@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ringattn
-from inputs import available_backends, make_update_inputs
+from inputs import available_backends, backend_device, make_update_inputs
 from ringattn.reference import merge_stats_reference, ring_attention_update_reference
 
 # Three batches of lengths 2, 0, 3 (T = 5) and N = 2 heads. SPEC section 4: token t of batch i, head n uses
@@ -38,15 +38,15 @@ def labelled_inputs(dtype: torch.dtype = torch.float64):
 @pytest.mark.parametrize("backend", ["reference", *available_backends()])
 @pytest.mark.parametrize(("softmax_layout", "table"), [(None, PER_BATCH_ROWS), ("TND", TOKEN_MAJOR_ROWS)])
 def test_tnd_statistics_rows_are_the_spec_ones(backend, softmax_layout, table):
-    args = labelled_inputs(torch.float32)
+    args = [t.to(backend_device(backend)) for t in labelled_inputs(torch.float32)]
     out, _, new_sum = ringattn.ring_attention_update(
         *args, [0, 2, 2, 5], "TND", softmax_layout=softmax_layout, ascend_limits=False, backend=backend
     )
     for (t, n), r in table.items():
         want = (r + 1) / (r + 2)
-        torch.testing.assert_close(out[t, n], torch.full((3,), want), rtol=1e-6, atol=0)
+        torch.testing.assert_close(out[t, n].cpu(), torch.full((3,), want), rtol=1e-6, atol=0)
     # Statistics are merged in their own layout, row by row, whatever the layout: sum = 1 + (r + 1).
-    torch.testing.assert_close(new_sum[..., 0].reshape(-1), torch.arange(10, dtype=torch.float32) + 2)
+    torch.testing.assert_close(new_sum[..., 0].reshape(-1).cpu(), torch.arange(10, dtype=torch.float32) + 2)
 
 
 def test_single_head_layouts_coincide():

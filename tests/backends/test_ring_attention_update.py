@@ -1,7 +1,8 @@
 """Every backend of ``ring_attention_update`` against the float64 reference (SPEC sections 3, 4, 6, 7).
 
-Runs against each backend that can run here: ``torch`` always, ``cpu`` when numba imports, ``triton``
-under ``TRITON_INTERPRET=1`` (fewer, smaller examples: the interpreter is slow).
+Runs against each backend that can run here: ``torch`` always, ``cpu`` when numba imports, ``triton`` on the
+GPU when there is one, else on CPU tensors under ``TRITON_INTERPRET=1`` (fewer, smaller examples: the
+interpreter is slow). The reference always runs on CPU copies of the inputs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ringattn
-from inputs import ATTN_DTYPES, TOL, UpdateInputs, available_backends, make_update_inputs, strided_copy
+from inputs import (
+    ATTN_DTYPES,
+    TOL,
+    UpdateInputs,
+    available_backends,
+    backend_device,
+    make_update_inputs,
+    strided_copy,
+)
 from ringattn.reference import ring_attention_update_reference
 
 BACKENDS = available_backends()
-EXAMPLES = {"triton": 12}
+
+
+def interpreted(backend: str) -> bool:
+    """Triton on CPU tensors runs in the interpreter, about a thousand times slower than compiled code."""
+    return backend == "triton" and backend_device(backend).type == "cpu"
 
 
 def backend_dtypes(backend: str) -> tuple[torch.dtype, ...]:
@@ -31,7 +44,7 @@ BACKEND_DTYPES = [(b, d) for b in BACKENDS for d in backend_dtypes(b)]
 
 
 def reference(x: UpdateInputs):
-    return ring_attention_update_reference(*x.args(), softmax_layout=x.softmax_layout)
+    return ring_attention_update_reference(*x.to(torch.device("cpu")).args(), softmax_layout=x.softmax_layout)
 
 
 def assert_matches_reference(x: UpdateInputs, got, dtype: torch.dtype) -> None:
@@ -39,7 +52,7 @@ def assert_matches_reference(x: UpdateInputs, got, dtype: torch.dtype) -> None:
     names = ("attn_out", "softmax_max", "softmax_sum")
     dtypes = (dtype, x.prev_m.dtype, x.prev_m.dtype)
     for name, g, w, d in zip(names, got, want, dtypes, strict=True):
-        g = torch.as_tensor(g)
+        g = torch.as_tensor(g).cpu()
         assert g.shape == w.shape, name
         assert g.dtype == d, name
         tol = TOL[d]
@@ -47,7 +60,7 @@ def assert_matches_reference(x: UpdateInputs, got, dtype: torch.dtype) -> None:
 
 
 @st.composite
-def update_cases(draw, small: bool, dtypes: tuple[torch.dtype, ...] = ATTN_DTYPES):
+def update_cases(draw, small: bool, device: torch.device, dtypes: tuple[torch.dtype, ...] = ATTN_DTYPES):
     layout = draw(st.sampled_from(["SBH", "TND"]))
     dtype = draw(st.sampled_from(dtypes))
     heads = draw(st.integers(1, 3 if small else 6))
@@ -74,11 +87,12 @@ def update_cases(draw, small: bool, dtypes: tuple[torch.dtype, ...] = ATTN_DTYPE
             head_dim=head_dim,
             softmax_layout=draw(st.sampled_from([None, "TND"])),
         )
+    x = x.to(device)
     layouts = draw(st.lists(st.sampled_from(["contiguous", "gap", "transposed"]), min_size=6, max_size=6))
     tensors = [t if how == "contiguous" else strided_copy(t, how) for t, how in zip(x.tensors(), layouts, strict=True)]
     x.prev_o, x.prev_m, x.prev_l, x.cur_o, x.cur_m, x.cur_l = tensors
     out_mode = draw(st.sampled_from(["new", "out", "alias_prev", "alias_cur", "numpy"]))
-    if out_mode == "numpy" and dtype == torch.bfloat16:  # NumPy has no bfloat16
+    if out_mode == "numpy" and (dtype == torch.bfloat16 or device.type != "cpu"):  # NumPy: no bfloat16, no GPU
         out_mode = "new"
     return x, dtype, out_mode
 
@@ -116,12 +130,12 @@ def run_case(backend: str, x: UpdateInputs, dtype: torch.dtype, out_mode: str) -
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference(backend):
     @settings(
-        max_examples=EXAMPLES.get(backend, 80),
+        max_examples=12 if interpreted(backend) else 80,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],
         derandomize=False,
     )
-    @given(case=update_cases(small=backend == "triton", dtypes=backend_dtypes(backend)))
+    @given(case=update_cases(interpreted(backend), backend_device(backend), backend_dtypes(backend)))
     def check(case):
         run_case(backend, *case)
 
@@ -141,6 +155,7 @@ def test_empty_rows(backend, layout, dtype):
     x.cur_l.view(-1, 8)[0::3] = 0.0
     x.prev_m.view(-1, 8)[1::3] = -math.inf  # rows 1, 4, ...: only prev empty
     x.prev_l.view(-1, 8)[1::3] = 0.0
+    x = x.to(backend_device(backend))
     o, m, l = ringattn.ring_attention_update(*x.args(), softmax_layout=x.softmax_layout, backend=backend)
     assert not o.isnan().any() and not m.isnan().any() and not l.isnan().any()
     assert (m.view(-1, 8)[0::3] == -math.inf).all() and (l.view(-1, 8)[0::3] == 0).all()
@@ -160,6 +175,7 @@ def test_nan_and_inf_follow_ieee(backend, dtype):
     x.cur_l[0, 1, 1] = math.inf  # row (s=1, b=0, n=1): +inf sum -> inf / inf weight
     x.prev_m[0, 0, 2] = math.inf  # row (s=2, b=0, n=0): +inf max -> inf - inf
     x.cur_o[3, 0, 7] = math.nan  # one element of row (s=3, n=1)
+    x = x.to(backend_device(backend))
     o, m, l = ringattn.ring_attention_update(*x.args(), backend=backend)
     assert o[0, 0, :5].isnan().all() and m[0, 0, 0].isnan().all() and l[0, 0, 0].isnan().all()
     assert o[1, 0, 5:].isnan().all()
@@ -178,6 +194,7 @@ def test_mindspeed_causal_half_views(backend):
     gen = torch.Generator().manual_seed(5)
     x = make_update_inputs("SBH", torch.bfloat16, gen, seq=seq, batch=batch, heads=heads, head_dim=head_dim)
     y = make_update_inputs("SBH", torch.bfloat16, gen, seq=seq // 2, batch=batch, heads=heads, head_dim=head_dim)
+    x, y = x.to(backend_device(backend)), y.to(backend_device(backend))
     attn = x.prev_o.clone()
     stats_m, stats_l = x.prev_m.clone(), x.prev_l.clone()
     half_o = attn.view(2, seq // 2, batch, heads * head_dim)[1]
@@ -207,7 +224,7 @@ def test_mindspeed_causal_half_views(backend):
 )
 def test_zero_size(backend, layout, kw):
     gen = torch.Generator().manual_seed(3)
-    x = make_update_inputs(layout, torch.float32, gen, **kw)
+    x = make_update_inputs(layout, torch.float32, gen, **kw).to(backend_device(backend))
     got = ringattn.ring_attention_update(*x.args(), ascend_limits=False, backend=backend)
     assert got[0].shape == x.prev_o.shape and got[1].shape == x.prev_m.shape and got[2].shape == x.prev_m.shape
     assert_matches_reference(x, got, torch.float32)

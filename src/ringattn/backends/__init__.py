@@ -50,6 +50,7 @@ else the portable ``torch`` backend.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -119,6 +120,14 @@ def for_device(device: torch.device, name: str = "auto") -> ModuleType:
     if name not in _MODULES or name == "reference":
         raise BackendError(expected("backend", "'auto', 'torch', 'cpu' or 'triton'", name))
     return load(name)
+
+
+def heads_outer(parts_m: Sequence[torch.Tensor], row_map: object | None) -> bool:
+    """Whether a fused kernel should visit rows heads outer (``(q, n, p)`` order, ``p`` fastest) rather than
+    tokens outer (``(p, q, n)``, ``n`` fastest): true when that is the statistics' memory order, i.e. their head
+    stride exceeds their token stride (SBH's ``(B, N, S)``) or they are per-batch TND (head-major batches,
+    ``row_map`` given). Either order is correct; the statistics' order reads whole cache lines of them."""
+    return row_map is not None or abs(parts_m[0].stride(2)) > abs(parts_m[0].stride(0))
 
 
 def ring_attention_update(

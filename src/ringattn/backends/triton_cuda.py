@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from .._contract import UpdateProblem
-from . import torch_eager
+from . import heads_outer, torch_eager
 
 try:
     import triton
@@ -97,8 +97,10 @@ def _launch_merge_rows(
     lse_scale: float,
     block_rows: int | None = None,
     block_d: int | None = None,
+    num_warps: int = 4,
 ) -> None:
-    """Launch :func:`_merge_rows_kernel` on already valid views; ``block_*`` override the tile (tests)."""
+    """Launch :func:`_merge_rows_kernel` on already valid views; ``block_*`` and ``num_warps`` override the
+    tile (tests, ``benchmarks/triton_tune.py``)."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
     if num_rows == 0:
@@ -135,10 +137,11 @@ def _launch_merge_rows(
             K=len(parts_o),
             IS_LSE=is_lse,
             HAS_ROW_MAP=row_map is not None,
+            HEADS_OUTER=heads_outer(parts_m, row_map),
             BLOCK_ROWS=block_rows,
             BLOCK_D=block_d,
             BLOCK_LANES=triton.next_power_of_2(lanes),
-            num_warps=4,
+            num_warps=num_warps,
             # SPEC section 3 rounds two products, then adds: no fused multiply-add.
             enable_fp_fusion=False,
         )
@@ -204,6 +207,7 @@ def _launch_merge_rows_backward(
             K=k,
             IS_LSE=is_lse,
             HAS_ROW_MAP=row_map is not None,
+            HEADS_OUTER=heads_outer(parts_m, row_map),
             BLOCK_ROWS=block_rows,
             BLOCK_D=block_d,
             BLOCK_K=triton.next_power_of_2(k),

@@ -3,8 +3,14 @@ backward]), with the small @triton.jit helpers both share. Launchers: ``triton_c
 
 Note [triton row tiles]
 -----------------------
-Rows are numbered ``r = (p * Q + q) * N + n`` over the ``(P, Q, N)`` row views of Note [canonical rows]
-(``_contract.py``). Program ``i`` owns the rows ``[i * BLOCK_ROWS, (i + 1) * BLOCK_ROWS)`` and walks
+Rows are numbered over the ``(P, Q, N)`` row views of Note [canonical rows] (``_contract.py``) in the
+statistics' memory order: ``r = (q * N + n) * P + p`` (heads outer) where the statistics' head stride exceeds
+their token stride (SBH's ``(B, N, S)``, per-batch TND's head-major batches), else ``r = (p * Q + q) * N + n``
+(token-major TND). A tile's statistics rows are then one contiguous run of 32-byte records instead of
+``BLOCK_ROWS`` records a head stride apart, each a separate DRAM access of which the merge uses 32 bytes (on an
+H100 the heads-inner order held SBH bf16 at 83 % of the copy floor; ``benchmarks/RESULTS.md``), while each
+attention row stays a contiguous run of ``D`` elements whatever the order. Program ``i`` owns the rows
+``[i * BLOCK_ROWS, (i + 1) * BLOCK_ROWS)`` and walks
 their ``D`` columns in ``BLOCK_D`` chunks, so it holds a ``BLOCK_ROWS x BLOCK_D`` tile: one program per
 (token, head), as vLLM's merge does, leaves most of the GPU idle on launch and scheduling overhead. For
 each row the program
@@ -74,15 +80,30 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+def _tile_rows(
+    num_rows,
+    Q,
+    N,
+    row_base,
+    row_step,
+    HAS_ROW_MAP: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
     """This program's rows (Note [triton row tiles]): ``(mask, p, q, n, sp, sq, sn)``, attention view indices
     ``(p, q, n)`` and statistics view indices ``(sp, sq, sn)``, all int64."""
     # int64 before any multiplication: offsets pass 2**31 near a million tokens.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < num_rows
-    n = rows % N
-    q = (rows // N) % Q
-    p = rows // N // Q
+    if HEADS_OUTER:  # r = (q * N + n) * P + p: consecutive rows are consecutive statistics rows
+        P = num_rows // (Q * N)
+        p = rows % P
+        n = (rows // P) % N
+        q = rows // P // N
+    else:  # r = (p * Q + q) * N + n
+        n = rows % N
+        q = (rows // N) % Q
+        p = rows // N // Q
     if HAS_ROW_MAP:  # Note [canonical rows]: per-batch TND statistics (Q == 1, p is the token)
         base = tl.load(row_base + p, mask=row_mask, other=0)
         stat_row = base + n * tl.load(row_step + p, mask=row_mask, other=0)
@@ -198,12 +219,13 @@ def _merge_rows_kernel(
     K: tl.constexpr,
     IS_LSE: tl.constexpr,
     HAS_ROW_MAP: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_LANES: tl.constexpr,
 ):
     # Note [triton row tiles].
-    row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, BLOCK_ROWS)
+    row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
     stats = (parts_m, m_strides, parts_l, l_strides)
     new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
     safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty rows are 0: no 0 / 0 on the way
@@ -271,6 +293,7 @@ def _merge_rows_backward_kernel(
     K: tl.constexpr,
     IS_LSE: tl.constexpr,
     HAS_ROW_MAP: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -278,7 +301,7 @@ def _merge_rows_backward_kernel(
     BLOCK_LANES: tl.constexpr,
 ):
     # Note [triton row tiles] and Note [triton row merge backward]; the formulas are Note [row merge backward].
-    row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, BLOCK_ROWS)
+    row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
     stats = (parts_m, m_strides, parts_l, l_strides)
     new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
     # All parts empty: weights 0, never 0 / 0 (the torch backend's rule, mirrored term by term).

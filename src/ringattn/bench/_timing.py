@@ -8,7 +8,14 @@ Note [bench timing]
   hits all providers alike and the ratios within one run stay meaningful even when absolute times move.
 * CPU: ``time.perf_counter`` around one call; CPU torch ops are synchronous. The returned tensors are
   dropped after the clock stops (freeing memory is not part of the op).
-  CUDA: a pair of ``torch.cuda.Event`` around one call, then ``Event.synchronize``.
+  CUDA: each provider is captured once into a CUDA graph of ``GRAPH_CALLS`` back-to-back calls (after its
+  warm-up calls, on a side stream as capture asks); a sample is one replay between a pair of
+  ``torch.cuda.Event`` divided by ``GRAPH_CALLS``. That is the device time of a call: Python's per-call cost
+  (argument checks, launch, ~0.1 ms) exceeds a merge's device time at these sizes (~0.03-0.1 ms on an H100),
+  so events around one eager call would time the host, not the kernel. Training loops hide that cost by
+  running ahead of the GPU or by capturing graphs themselves; ``ring_attention_update`` is capturable
+  (``tests/test_cuda.py``). A provider that cannot be captured is timed as ``GRAPH_CALLS`` eager calls
+  between the events instead, and ``measure`` reports it, with the capture's error, in ``eager_timed``.
 * The reported time of a provider is the median of its repeats.
 
 Note [copy floor]
@@ -37,6 +44,8 @@ import torch
 
 __all__ = ["measure", "copy_floor", "set_threads", "synchronize", "machine_info", "Progress", "median"]
 
+GRAPH_CALLS = 20  # calls per CUDA graph replay: Note [bench timing]
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for all queued work on ``device`` (a no-op on CPU)."""
@@ -44,15 +53,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], None] | str:
+    """``GRAPH_CALLS`` calls of ``fn`` captured as one CUDA graph, returned as its replay; the capture's error
+    message if ``fn`` cannot be captured (it synchronises with the host, say)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            fn()  # first use of this stream: allocator and handles outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                fn()
+    except RuntimeError as exc:
+        torch.cuda.synchronize()
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return graph.replay
+
+
+def _eager_calls(fn: Callable[[], Any]) -> Callable[[], None]:
+    def calls() -> None:
+        for _ in range(GRAPH_CALLS):
+            fn()
+
+    return calls
+
+
 def _time_once(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
+    if device.type == "cuda":  # fn runs GRAPH_CALLS calls: Note [bench timing]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        result = fn()
+        fn()
         end.record()
         end.synchronize()
-        del result
-        return start.elapsed_time(end) / 1e3
+        return start.elapsed_time(end) / 1e3 / GRAPH_CALLS
     start_s = time.perf_counter()
     result = fn()
     elapsed = time.perf_counter() - start_s
@@ -67,15 +102,23 @@ def measure(
     warmup: int,
     repeats: int,
     on_repeat: Callable[[int], None] | None = None,
+    eager_timed: list[tuple[str, str]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every ``fns`` entry: ``repeats`` interleaved samples each (Note [bench timing]).
 
-    ``on_repeat(r)`` is called after round ``r`` (for a progress display).
+    ``on_repeat(r)`` is called after round ``r`` (for a progress display). On CUDA, ``(name, error)`` of each
+    provider that could not be captured in a CUDA graph (and was timed eagerly) is appended to ``eager_timed``.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     synchronize(device)
+    if device.type == "cuda":
+        graphs = {name: _cuda_graph(fn) for name, fn in fns.items()}
+        if eager_timed is not None:
+            eager_timed.extend((name, graph) for name, graph in graphs.items() if isinstance(graph, str))
+        fns = {name: _eager_calls(fns[name]) if isinstance(g, str) else g for name, g in graphs.items()}
+        synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeats):
         for name, fn in fns.items():

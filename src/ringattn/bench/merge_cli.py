@@ -17,7 +17,7 @@ import torch
 from .. import backends
 from ..errors import BackendError
 from . import report
-from ._timing import Progress, machine_info, set_threads
+from ._timing import GRAPH_CALLS, Progress, machine_info, set_threads
 from .merge import DTYPES, SHAPE_LETTERS, CheckFailure, Options, cases, make_inputs, resolve_backend, run
 
 __all__ = ["build_parser", "main"]
@@ -132,6 +132,12 @@ def _notes(options: Options, rows: Sequence[report.Row]) -> list[str]:
     for name in options.backends:
         ran = sorted({row.backend for row in rows if row.provider == f"ringattn[{name}]"} - {None})  # type: ignore[arg-type]
         notes.append(f"ringattn[{name}] ran backend {', '.join(ran)}")
+    if options.device.type == "cuda":
+        eager = sorted({row.provider for row in rows if row.timing == "cuda eager"})
+        notes.append(
+            f"cuda: device time per call, from CUDA graph replays of {GRAPH_CALLS} calls (Note [bench timing])"
+            + (f"; not capturable, timed as eager calls (host overhead included): {', '.join(eager)}" if eager else "")
+        )
     for case in options.cases:
         if not case.ascend_limits:
             notes.append(f"{case.name}: run with ascend_limits=False ({case.limit_note})")

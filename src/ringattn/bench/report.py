@@ -38,6 +38,8 @@ class Row:
     ``fresh_of`` is set on an ``out=`` row to the name of the same backend's fresh-output provider.
     ``max_err`` is ``max |got - ref| / (1 + |ref|)`` over all outputs against the float64 reference, so it
     is below ``tol`` exactly when ``allclose(got, ref, atol=tol, rtol=tol)`` holds; None for the floor.
+    ``timing`` says how a call was timed (Note [bench timing]): ``"host clock"`` (CPU), ``"cuda graph"``, or
+    ``"cuda eager"`` (a CUDA provider that could not be captured: host overhead included).
     """
 
     case: str
@@ -49,6 +51,7 @@ class Row:
     max_err: float | None = None
     tol: float | None = None
     fresh_of: str | None = None
+    timing: str = "host clock"
     median_s: float = 0.0
     gbps: float = 0.0
     pct_floor: float | None = None

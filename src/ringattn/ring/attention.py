@@ -255,7 +255,9 @@ def ring_attention(
     if layout == "BNSD":
         q, k, v = (_heads_first(x) for x in (q, k, v))
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    cfg = RingConfig(bool(causal), float(scale), sharding, resolve_impl(impl, q.device, q.dtype), backend, comm)
+    cfg = RingConfig(
+        bool(causal), float(scale), sharding, resolve_impl(impl, q.device, q.dtype, q.shape[-1]), backend, comm
+    )
     out, lse = _RingAttention.apply(q, k, v, cfg)
     if layout == "BNSD":
         out = _heads_first(out)

@@ -7,15 +7,18 @@ causal mask of a square block (the ring never masks anything else, Note [ring sc
 
 Two implementations (``impl``):
 
-* ``"sdpa"``: PyTorch's fused CPU flash kernels, ``aten._scaled_dot_product_flash_attention_for_cpu``
-  (returns ``(out, lse)``, lse float32 natural log, layout ``(B, N, Sq)``) and its ``_backward``, which takes
-  ``out`` and ``lse``: given the FINAL output and LSE of the whole ring, its gradients for one block are
-  that block's exact share (``P = exp(s - lse)`` and ``delta = rowsum(dout * out)`` use the totals).
-* ``"torch"``: plain torch in float32 (float64 for float64 inputs); the fallback for other devices and,
-  by default, for float64, so float64 runs are a transcription of the math and not of a kernel.
+* ``"sdpa"``: PyTorch's fused flash kernels. On CPU ``aten._scaled_dot_product_flash_attention_for_cpu``
+  (float16, bfloat16, float32); on CUDA ``aten._scaled_dot_product_flash_attention`` (FlashAttention-2:
+  float16 and bfloat16, head size a multiple of 8 up to 256). Both return ``(out, lse)`` with lse float32
+  natural log, layout ``(B, N, Sq)``, and both backwards take ``out`` and ``lse``: given the FINAL output and
+  LSE of the whole ring, their gradients for one block are that block's exact share (``P = exp(s - lse)`` and
+  ``delta = rowsum(dout * out)`` use the totals).
+* ``"torch"``: plain torch in float32 (float64 for float64 inputs); the fallback for what no fused kernel
+  takes (CUDA float32, odd head sizes, other devices) and, by default, for float64, so float64 runs are a
+  transcription of the math and not of a kernel.
 
-``"auto"`` picks ``sdpa`` on CPU for float16/bfloat16/float32 and ``torch`` otherwise. GQA/MQA key/value
-heads are repeated here, locally, for the kernel; their gradients are summed back per group.
+``"auto"`` picks ``sdpa`` wherever :func:`sdpa_unsupported` finds nothing against it, else ``torch``. GQA/MQA
+key/value heads are repeated here, locally, for the kernel; their gradients are summed back per group.
 """
 
 from __future__ import annotations
@@ -28,15 +31,33 @@ IMPLS = ("auto", "sdpa", "torch")
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_flash_cuda = torch.ops.aten._scaled_dot_product_flash_attention
+_flash_cuda_backward = torch.ops.aten._scaled_dot_product_flash_attention_backward
+_CUDA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_FLASH_MAX_HEAD_DIM = 256
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The implementation ``impl`` means for inputs on ``device`` of ``dtype``."""
-    if impl == "sdpa" and device.type != "cpu":
-        raise BackendError(expected("impl", f"'auto' or 'torch' on {device.type} (no fused block kernel)", "'sdpa'"))
+def sdpa_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why no fused flash kernel runs blocks of ``dtype`` and head size ``head_dim`` on ``device``, or None."""
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"no fused block kernel on {device.type}"
+    if dtype not in _CUDA_FLASH_DTYPES:
+        return f"CUDA flash attention takes float16 and bfloat16, got {dtype}"
+    if head_dim % 8 or head_dim > _CUDA_FLASH_MAX_HEAD_DIM:
+        return f"CUDA flash attention takes head sizes that are multiples of 8 up to 256, got {head_dim}"
+    return None
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The implementation ``impl`` means for blocks of ``dtype`` and head size ``head_dim`` on ``device``."""
+    reason = sdpa_unsupported(device, dtype, head_dim)
+    if impl == "sdpa" and reason is not None:
+        raise BackendError(expected("impl", f"'auto' or 'torch' here ({reason})", "'sdpa'"))
     if impl != "auto":
         return impl
-    return "sdpa" if device.type == "cpu" and dtype != torch.float64 else "torch"
+    return "sdpa" if reason is None and dtype != torch.float64 else "torch"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,6 +93,9 @@ def attend(
     """
     groups = q.shape[1] // k.shape[1]
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
+    if impl == "sdpa" and q.device.type == "cuda":
+        o, lse = _flash_cuda(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        return o, lse
     if impl == "sdpa":
         return _flash_cpu(q, k, v, 0.0, causal, scale=scale)
     c = compute_dtype(q.dtype)
@@ -100,7 +124,14 @@ def attend_backward(
     """
     groups = q.shape[1] // k.shape[1]
     k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
-    if impl == "sdpa":
+    if impl == "sdpa" and q.device.type == "cuda":
+        # Dense inputs: no cumulative sequence lengths (None, as SDPA's own forward returns them); no dropout,
+        # so the random-state tensors are never read.
+        no_rng = torch.empty((), dtype=torch.int64, device=q.device)
+        dq, dk, dv = _flash_cuda_backward(
+            do, q, k_rep, v_rep, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, no_rng, no_rng, scale=scale
+        )
+    elif impl == "sdpa":
         dq, dk, dv = _flash_cpu_backward(do, q, k_rep, v_rep, out, lse, 0.0, causal, scale=scale)
     else:
         c = compute_dtype(q.dtype)
