@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import ringattn  # noqa: E402
 from inputs import TOL, UpdateInputs, make_update_inputs, random_stats  # noqa: E402
-from ringattn._contract import per_batch_row_map, validate_update  # noqa: E402
+from ringattn._contract import _row_map, per_batch_row_map, validate_update  # noqa: E402
 from ringattn.backends import torch_eager, triton_cuda  # noqa: E402
 from ringattn.reference import ring_attention_update_reference  # noqa: E402
 
@@ -342,6 +342,20 @@ def test_merge_rows_random(k, rows_shape, head_dim, dtype, form, block_rows, blo
     out = merge_outputs(rows_shape, head_dim, dtype, lanes, form)
     triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, lse_scale, block_rows, block_d)
     check_merge(out, merge_reference(parts_o, parts_m, parts_l, lse_scale), dtype, lanes)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=40), heads=st.integers(1, 5))
+def test_per_batch_row_map_kernel(lengths, heads):
+    """The one-launch device row map equals the torch one (and so its definition, tests/test_contract.py), with
+    empty batches anywhere and more batches than one search step covers."""
+    offsets = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0).to(DEVICE)
+    tokens = int(offsets[-1])
+    got = triton_cuda.per_batch_row_map(offsets, tokens, heads)
+    want = _row_map(offsets.cpu(), tokens, heads)
+    for g, w in zip(got, want, strict=True):
+        assert g.device.type == DEVICE.type and g.dtype == torch.int64
+        assert torch.equal(g.cpu(), w)
 
 
 def test_float64_and_many_parts_run_on_torch():

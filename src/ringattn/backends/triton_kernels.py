@@ -194,6 +194,41 @@ def _lane_sum(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.constex
     return tl.sum(tl.load(ptr + src, mask=mask, other=0.0).to(tl.float32), axis=1)
 
 
+@triton.jit
+def _merge_chunk(
+    d0,
+    parts_o,
+    o_strides,
+    stats,  # (parts_m, m_strides, parts_l, l_strides)
+    out_o,
+    out_o_strides,
+    rows,  # (p, q, n, sp, sq, sn, row_mask) from _tile_rows
+    merged,  # (all_empty, shift, safe_sum) from _merged_stats
+    D,
+    lse_scale,
+    K: tl.constexpr,
+    IS_LSE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Columns ``[d0, d0 + BLOCK_D)`` of the tile's merged rows: ``sum_k o_k * (a_k / L)``, rounded once."""
+    p, q, n, sp, sq, sn, row_mask = rows
+    all_empty, shift, safe_sum = merged
+    cols = d0 + tl.arange(0, BLOCK_D)
+    tile_mask = row_mask[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+    for k in tl.static_range(K):
+        # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
+        _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+        weight = tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum))
+        o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
+        o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
+        acc += o.to(tl.float32) * weight[:, None]
+    dst = p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2]
+    dst = dst[:, None] + cols[None, :] * out_o_strides[3]
+    tl.store(out_o + dst, acc.to(out_o.dtype.element_ty), mask=tile_mask)
+
+
 @triton.jit(do_not_specialize=["num_rows", "Q", "N"])
 def _merge_rows_kernel(
     parts_o,  # K pointers to [P, Q, N, D]
@@ -223,6 +258,7 @@ def _merge_rows_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_LANES: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D
 ):
     # Note [triton row tiles].
     row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
@@ -230,20 +266,15 @@ def _merge_rows_kernel(
     new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
     safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty rows are 0: no 0 / 0 on the way
 
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        tile_mask = row_mask[:, None] & (cols < D)[None, :]
-        acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
-        for k in tl.static_range(K):
-            # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
-            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
-            weight = tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum))
-            o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
-            o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
-            acc += o.to(tl.float32) * weight[:, None]
-        dst = p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2]
-        dst = dst[:, None] + cols[None, :] * out_o_strides[3]
-        tl.store(out_o + dst, acc.to(out_o.dtype.element_ty), mask=tile_mask)
+    rows = (p, q, n, sp, sq, sn, row_mask)
+    merged = (all_empty, shift, safe_sum)
+    if ONE_CHUNK:  # straight-line code: the compiler can issue the o_k loads before the statistics' arithmetic
+        _merge_chunk(0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
+                     BLOCK_ROWS, BLOCK_D)  # fmt: skip
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            _merge_chunk(d0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
+                         BLOCK_ROWS, BLOCK_D)  # fmt: skip
 
     lanes = tl.arange(0, BLOCK_LANES)
     lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
@@ -362,3 +393,31 @@ def _merge_rows_backward_kernel(
             dm = (a * inv_sum) * centred + a * g_l + tie * max_grad
             _store_lanes(grad_parts_l[k], grad_parts_l_strides[k], sp, sq, sn, lanes, dl, lane_mask, True)
             _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dm, lane_mask, True)
+
+
+@triton.jit(do_not_specialize=["num_batches", "num_tokens", "N", "search_steps"])
+def _per_batch_row_map_kernel(
+    seq_offsets,  # [num_batches + 1] int64, valid (validated before any kernel runs)
+    num_batches,
+    num_tokens,
+    N,
+    search_steps,  # bit_length(num_batches): enough halvings of [0, num_batches - 1]
+    row_base,  # [num_tokens] int64, written
+    row_step,  # [num_tokens] int64, written
+    BLOCK: tl.constexpr,
+):
+    """Note [canonical rows]' per-batch map, one launch: token ``t`` of batch ``b`` (the last ``b`` with
+    ``offsets[b] <= t``, so empty batches are skipped) gets ``row_base = c_b (N - 1) + t`` and ``row_step = S_b``."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = t < num_tokens
+    lo = tl.zeros([BLOCK], tl.int64)  # offsets[lo] <= t holds throughout (offsets[0] == 0)
+    hi = tl.zeros([BLOCK], tl.int64) + (num_batches - 1)
+    for _ in range(search_steps):
+        mid = (lo + hi + 1) // 2
+        below = tl.load(seq_offsets + mid, mask=mask, other=0) <= t
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid - 1)
+    start = tl.load(seq_offsets + lo, mask=mask, other=0)
+    length = tl.load(seq_offsets + lo + 1, mask=mask, other=0) - start
+    tl.store(row_base + t, start * (N - 1) + t, mask=mask)
+    tl.store(row_step + t, length, mask=mask)
