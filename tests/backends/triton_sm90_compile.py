@@ -1,0 +1,86 @@
+"""Compile every Triton kernel variant the launchers pick for sm_90a (H100), without a GPU; run as a script.
+
+The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels) accepts Python that Triton's compiler rejects
+(a starred expression in a tuple, say, which reached a GPU run once); this compiles the real launch paths to
+cubin with ptxas instead. A stand-in driver reports an sm_90 target and every launch becomes a warm-up
+(compile, no launch), so the arguments can be CPU tensors. Prints one line per compiled kernel.
+Run by ``test_triton_compile.py`` in a process without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "compiles for sm_90a: run without TRITON_INTERPRET=1"
+
+
+class _Sm90Driver:
+    """Just enough of a driver for ``JITFunction.run(warmup=True)``."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+compiled: list[str] = []
+_run = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kwargs):
+    kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
+    cubin = kernel.asm.get("cubin", b"")
+    assert cubin, f"{self.fn.__name__}: no cubin"
+    compiled.append(f"{self.fn.__name__}: {len(cubin)} bytes of sm_90a cubin")
+    return kernel
+
+
+driver.set_active(_Sm90Driver())
+JITFunction.run = _compile_only
+
+from ringattn._contract import _row_map  # noqa: E402
+from ringattn.backends import triton_cuda  # noqa: E402
+
+
+def parts(k: int, shape: tuple[int, ...], dtype: torch.dtype, lse: bool):
+    o = [torch.randn(*shape, dtype=dtype) for _ in range(k)]
+    m = [torch.randn(*shape[:-1], 8) for _ in range(k)]
+    return o, m, (None if lse else [torch.rand(*shape[:-1], 8) for _ in range(k)])
+
+
+def forward_and_backward(k, shape, dtype, lse, row_map=None, backward=True):
+    o, m, l = parts(k, shape, dtype, lse)
+    out = (torch.empty_like(o[0]), torch.empty_like(m[0]), None if lse else torch.empty_like(m[0]))
+    triton_cuda.merge_rows(o, m, l, *out, row_map=row_map)
+    if backward:
+        grads = (torch.randn_like(o[0]), torch.randn_like(m[0]), None if lse else torch.randn_like(m[0]))
+        grad_parts = (
+            [torch.empty_like(t) for t in o],
+            [torch.empty_like(t) for t in m],
+            l and [torch.empty_like(t) for t in l],
+        )
+        triton_cuda.merge_rows_backward(*grads, o, m, l, *grad_parts, row_map=row_map)
+
+
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    forward_and_backward(2, (16, 2, 4, 128), dtype, lse=False)  # SBH-like rows, one chunk
+offsets = torch.tensor([0, 5, 5, 12])
+triton_cuda.per_batch_row_map(offsets, 12, 4)  # compiled, not run: its outputs stay unwritten
+forward_and_backward(2, (12, 1, 4, 64), torch.bfloat16, lse=False, row_map=_row_map(offsets, 12, 4))
+forward_and_backward(3, (16, 1, 4, 320), torch.float16, lse=True)  # LSE form, K = 3, D loops over chunks
+forward_and_backward(8, (16, 1, 2, 40), torch.float32, lse=True, backward=False)
+print("\n".join(compiled))
+sys.exit(0 if compiled else 1)
