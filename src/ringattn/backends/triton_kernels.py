@@ -28,10 +28,12 @@ may be exactly the same views as inputs. The per-batch map is a bijection (Note 
 statistics row is written by the program that read it.
 
 Block sizes. ``BLOCK_D = next_pow2(D)`` up to 256, so common head sizes (64, 128, 256) take one chunk;
-larger ``D`` loop. ``BLOCK_ROWS = tile // BLOCK_D``, at most 32, with a tile of 2048 elements for
-``K <= 2`` (1024 when ``D`` loops), 1024 for ``K <= 4`` and 512 beyond. With 4 warps that is 16 elements
-of each part per thread for ``K = 2`` (two 16-byte vector loads per part at 16 bits). The compiler issues
-all K parts' loads before the arithmetic, so registers grow with ``tile * K`` and with rows per thread;
+larger ``D`` loop. ``BLOCK_ROWS = tile // BLOCK_D``, at most 32, with a tile of 4 KiB per part for
+``K <= 2`` (2048 16-bit or 1024 32-bit elements; half that when ``D`` loops), 2 KiB for ``K <= 4`` and 1 KiB
+beyond. With 4 warps that is 32 bytes of each part per thread for ``K = 2`` (two 16-byte vector loads). When
+``D`` fits one chunk (``ONE_CHUNK``) the chunk is straight-line code, so the compiler issues all K parts' loads
+before the statistics' arithmetic (a runtime chunk loop made them wait for it: SBH bf16 82 -> 93 % of the copy
+floor on an H100). Registers grow with ``tile * K`` and with rows per thread;
 these sizes keep ptxas (sm_90a, checked by compiling without a GPU) at 80 registers for fp16 ``K = 2``,
 ``D = 128`` and at most ~144 for every layout, dtype, ``D`` and ``K <= 8`` tried, without spills: >= 3
 resident programs and >= 48 KB of loads in flight per SM, above the ~15 KB per SM that HBM latency needs
@@ -41,11 +43,11 @@ bounded by K, form, dtypes and these stride classes). Sizes that only count rows
 ``N``) are excluded from specialisation so that a new batch size or token count never compiles a new
 kernel.
 
-Expected cost on an H100 (not measured: no GPU was available when this was written). Per row and
-``K = 2``, bf16, ``D = 128``: 2 x 256 B of partial outputs read, 256 B written, and statistics at 32-byte sector
-granularity (4 sectors read, 2 written) = 960 B. At the ~3.0 TB/s an H100 copies, that is ~3.1e9 rows/s;
-a tile kernel of this shape typically reaches 80-90 % of copy bandwidth. Per-batch TND adds two int64
-loads per token (shared by its N heads, mostly cached).
+Cost. Per row and ``K = 2``, bf16, ``D = 128``: 2 x 256 B of partial outputs read, 256 B written, and
+statistics at 32-byte sector granularity (4 sectors read, 2 written) = 960 B. Measured on an H100 (CUDA graph
+replays, ``benchmarks/RESULTS.md``): 93 % of the device copy of the same bytes for SBH bf16, 84 % for float32;
+per-batch TND adds two int64 loads per token (cached) and, around the kernel, the row map's launch and the
+device-side checks of ``actual_seq_qlen`` (74-78 %).
 
 Note [triton row merge backward]
 --------------------------------
