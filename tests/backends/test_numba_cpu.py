@@ -163,6 +163,97 @@ def test_thread_counts_give_identical_results(threads: int) -> None:
         assert torch.equal(g, w)
 
 
+# --- phase 1 by chunks of rows, bfloat16 by 16-element chunks --------------------------------------------
+
+
+def _stats(lane: torch.Tensor, heads_outer: bool) -> torch.Tensor:
+    """``lane`` ``(P, Q, N, 1)`` as an 8-lane statistics tensor, in heads-outer memory order (as SBH's ``(B, N, S)``)
+    or the tensor's own order."""
+    p, q, n, _ = lane.shape
+    if not heads_outer:
+        return lane.expand(p, q, n, 8).contiguous()
+    return lane.permute(1, 2, 0, 3).expand(q, n, p, 8).contiguous().permute(2, 0, 1, 3)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("form", ["stats", "lse"])
+@pytest.mark.parametrize(("shape", "heads_outer"), [((700, 1, 3), True), ((2, 3, 300), False), ((350, 2, 2), True)])
+def test_statistics_chunks_with_special_values(k: int, form: str, shape, heads_outer: bool) -> None:
+    """Runs of more than one phase-1 chunk (``_CHUNK_ROWS``) in both visit orders, with empty rows, NaN and +inf
+    statistics and non-contiguous outputs, against the float64 merge."""
+    assert max(shape[0] * shape[1], shape[2]) > 2 * numba_cpu._CHUNK_ROWS
+    gen = torch.Generator().manual_seed(k + 10 * shape[2])
+    lse = form == "lse"
+
+    def special(t: torch.Tensor, values) -> torch.Tensor:
+        pick = torch.rand(t.shape, generator=gen)
+        for value, low in zip(values, (0.0, 0.03, 0.06), strict=False):
+            t = t.masked_fill((pick >= low) & (pick < low + 0.03), value)
+        return t
+
+    os_, ms, ls = [], [], []
+    for _ in range(k):
+        os_.append(torch.rand((*shape, 20), generator=gen) * 2 - 1)
+        empty = torch.rand((*shape, 1), generator=gen) < 0.2
+        m = (torch.randn((*shape, 1), generator=gen) * 4).masked_fill(empty, -math.inf)
+        m = special(m, (math.nan, math.inf) if lse else (math.nan,))
+        s = (1 + torch.rand((*shape, 1), generator=gen) * 63).masked_fill(empty, 0.0)
+        ms.append(_stats(m, heads_outer))
+        ls.append(_stats(special(s, (math.nan, math.inf)), heads_outer))
+    assert backends.heads_outer(ms, None) == heads_outer  # the kernel visits the order under test
+    parts_l = None if lse else ls
+    out_o = strided_copy(torch.full_like(os_[0], math.nan), "gap")
+    out_m = strided_copy(torch.full_like(ms[0], math.nan), "transposed")
+    out_l = None if lse else strided_copy(torch.full_like(ms[0], math.nan), "gap")
+    numba_cpu.merge_rows(os_, ms, parts_l, out_o, out_m, out_l, lse_scale=LN2 if lse else 1.0)
+    want = float64_merge(os_, ms, parts_l, lse_scale=LN2 if lse else 1.0)
+    tol = TOL[torch.float32]
+    for g, w in zip((out_o, out_m, out_l), want, strict=True):
+        if w is not None:
+            torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("head_dim", [16, 37, 128])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bf16_chunks_match_the_scalar_loop_bitwise(k: int, head_dim: int, stream: bool, monkeypatch) -> None:
+    """bfloat16 rows of unit stride go by 16-element chunks (Note [bf16 chunk merge]); a strided part sends the
+    call down the scalar element loop. Both must write the same bits, NaN / inf / rounding ties / subnormals
+    included, and agree with the float64 merge."""
+    gen = torch.Generator().manual_seed(k * 1000 + head_dim)
+    os_, ms, ls = parts(k, (6, 2, 5, head_dim), gen, dtype=torch.float32)
+    same = torch.rand((6, 2, 5, 1), generator=gen) < 0.5  # rows with equal statistics: weights 1 / K, e.g. 0.5,
+    for i in range(1, k):  # whose sums of two bfloat16 values land exactly halfway (rounding ties)
+        ms[i], ls[i] = torch.where(same, ms[0], ms[i]), torch.where(same, ls[0], ls[i])
+    specials = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, -1e-39, 3.0e38, 1.00390625, 1.01171875])
+    for o in os_:
+        flat = o.view(-1)
+        where = torch.randint(0, flat.numel(), (flat.numel() // 20,), generator=gen)
+        flat[where] = specials[torch.randint(0, len(specials), where.shape, generator=gen)]
+    os_ = [o.to(torch.bfloat16) for o in os_]
+
+    def outputs():  # output rows padded to whole 32-byte chunks: aligned, so streamed when stream
+        o = torch.full((*os_[0].shape[:3], -(-head_dim // 16) * 16), math.nan, dtype=torch.bfloat16)[..., :head_dim]
+        return o, torch.full_like(ms[0], math.nan), torch.full_like(ms[0], math.nan)
+
+    if stream:
+        monkeypatch.setattr(numba_cpu, "_STREAM_BYTES", 0)
+    chunked = outputs()
+    assert numba_cpu._rows_aligned(chunked[0])
+    numba_cpu.merge_rows(os_, ms, ls, *chunked)
+    scalar = outputs()
+    numba_cpu.merge_rows([strided_copy(os_[0], "gap"), *os_[1:]], ms, ls, *scalar)
+    assert torch.equal(chunked[0].view(torch.int16), scalar[0].view(torch.int16))
+    for g, w in zip(chunked[1:], scalar[1:], strict=True):
+        assert torch.equal(g, w)
+    want = float64_merge(os_, ms, ls)
+    finite = want[0].isfinite()
+    assert torch.equal(chunked[0].isnan(), want[0].isnan())
+    assert torch.equal(chunked[0][~finite & ~want[0].isnan()].double(), want[0][~finite & ~want[0].isnan()])
+    tol = TOL[torch.bfloat16]
+    torch.testing.assert_close(chunked[0].double()[finite], want[0][finite], atol=tol, rtol=tol)
+
+
 # --- streaming stores (Note [streaming stores]) ---------------------------------------------------------
 
 

@@ -47,12 +47,12 @@ import torch
 from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
+from . import heads_outer
 from .numba_cpu import (
     _at,
     _columns,
     _compute,
     _flat,
-    _heads_outer,
     _lane0,
     _launch,
     _narrow,
@@ -363,7 +363,7 @@ def merge_rows_backward(
         np.array((num_p, num_q, num_n, dim, lanes_in, lanes_out), dtype=np.int64),
         np.ascontiguousarray(row_base, dtype=np.int64),
         np.ascontiguousarray(row_step, dtype=np.int64),
-        _heads_outer(parts_m, row_map),
+        heads_outer(parts_m, row_map),
         lse_form,
         float(lse_scale),
         _threads(nbytes) * _TILES_PER_THREAD,
