@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numba
 import numpy as np
@@ -345,18 +345,39 @@ def _fill(buf, base, step, lanes, value):
         buf[base + lane * step] = value
 
 
+@numba.njit(inline="always", cache=True)
+def _part_max(raw, lse_form, scale, like):
+    """A part's row maximum (lane 0 as read) in the compute dtype of ``like``; in the LSE form ``lse * scale``,
+    with ``+inf`` (old FlashAttention's empty rows) read as ``-inf``."""
+    m = _compute(raw, like)
+    if lse_form:
+        m *= scale
+        if m == np.inf:
+            m = _compute(-np.inf, like)
+    return m
+
+
 def _lane0(bufs, cols, p, q, n):  # pragma: no cover - numba stub
     """The K elements ``bufs[k][(p, q, n, 0)]`` (offsets through ``cols``, see ``_columns``) as a tuple."""
 
 
+def _per_part_tuple(name: str, params: str, item: Callable[[int], str], parts: int, **names: object) -> Callable:
+    """``def name(params): return (item(0), ..., item(parts - 1),)``, compiled from source for one K.
+
+    For the reason given in ``_weighted_sum_impl``: indexing a tuple of buffers with a loop variable spills the
+    whole tuple to the stack at every access, so per-part code is written out with literal indices. ``names``
+    are the globals the items use. The source depends on the integer K only.
+    """
+    namespace = dict(names)
+    items = ", ".join(item(k) for k in range(parts))
+    exec(f"def {name}({params}):\n    return ({items},)\n", namespace)  # noqa: S102 - generated from K only
+    return namespace[name]
+
+
 @overload(_lane0, inline="always")
 def _lane0_impl(bufs, cols, p, q, n):
-    # One expression per part, for the reason given in _weighted_sum_impl: indexing the tuple of buffers with a
-    # loop variable spills the whole tuple to the stack at every access.
-    items = ", ".join(f"bufs[{k}][_at(cols, {k}, p, q, n)]" for k in range(len(bufs)))
-    namespace = {"_at": _at}
-    exec(f"def lane0(bufs, cols, p, q, n):\n    return ({items},)\n", namespace)  # noqa: S102 - from K only
-    return namespace["lane0"]
+    item = lambda k: f"bufs[{k}][_at(cols, {k}, p, q, n)]"  # noqa: E731
+    return _per_part_tuple("lane0", "bufs, cols, p, q, n", item, len(bufs), _at=_at)
 
 
 def _part_values(values, first, like):  # pragma: no cover - numba stub
@@ -366,10 +387,8 @@ def _part_values(values, first, like):  # pragma: no cover - numba stub
 @overload(_part_values, inline="always")
 def _part_values_impl(values, first, like):
     # Generated per K, as _lane0: a slice + to_fixed_tuple per row costs an array view (and its reference count).
-    items = ", ".join(f"values[first + np.uint64({k})]" for k in range(len(like)))
-    namespace = {"np": np}
-    exec(f"def part_values(values, first, like):\n    return ({items},)\n", namespace)  # noqa: S102 - from K only
-    return namespace["part_values"]
+    item = lambda k: f"values[first + np.uint64({k})]"  # noqa: E731
+    return _per_part_tuple("part_values", "values, first, like", item, len(like), np=np)
 
 
 def _part_offsets(cols, like, p, q, n):  # pragma: no cover - numba stub
@@ -378,10 +397,8 @@ def _part_offsets(cols, like, p, q, n):  # pragma: no cover - numba stub
 
 @overload(_part_offsets, inline="always")
 def _part_offsets_impl(cols, like, p, q, n):
-    items = ", ".join(f"_at(cols, {k}, p, q, n)" for k in range(len(like)))
-    namespace = {"_at": _at}
-    exec(f"def part_offsets(cols, like, p, q, n):\n    return ({items},)\n", namespace)  # noqa: S102 - from K only
-    return namespace["part_offsets"]
+    item = lambda k: f"_at(cols, {k}, p, q, n)"  # noqa: E731
+    return _per_part_tuple("part_offsets", "cols, like, p, q, n", item, len(like), _at=_at)
 
 
 def _chunked_row(o_bufs, bases, steps, weights, out, out_base, dim, stream):  # pragma: no cover - numba stub
@@ -474,12 +491,7 @@ def _merge_rows_kernel(
                     at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, row_strides)
                     maxima = _lane0(m_bufs, m_cols, at[0], at[1], at[2])
                     for k in range(parts):
-                        m = _compute(maxima[k], out_o)
-                        if lse_form:
-                            m *= scale
-                            if m == np.inf:  # old FlashAttention writes +inf for empty rows
-                                m = neg_inf
-                        part_m[np.uint64(k) * chunk + j] = m
+                        part_m[np.uint64(k) * chunk + j] = _part_max(maxima[k], lse_form, scale, out_o)
                     if not lse_form:
                         sums = _lane0(l_bufs, l_cols, at[0], at[1], at[2])
                         for k in range(parts):

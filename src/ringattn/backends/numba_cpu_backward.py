@@ -56,6 +56,8 @@ from .numba_cpu import (
     _lane0,
     _launch,
     _narrow,
+    _part_max,
+    _per_part_tuple,
     _scratch,
     _stats_at,
     _strides,
@@ -99,15 +101,14 @@ def _part_dots(
 def _part_dots_impl(g_buf, g_base, g_step, o_bufs, o_bases, o_steps, do_bufs, do_bases, do_steps, weights, dim):
     # Generated for this K (Note [cpu merge backward kernel]): one call per part, each indexing the tuples with a
     # literal, so that the buffers' data pointers are not spilled and reloaded; g is re-read from L1 by later parts.
-    calls = ", ".join(
-        f"_scale_and_dot(g_buf, g_base, g_step, o_bufs[{k}], o_bases[{k}], o_steps[{k}], "
-        f"do_bufs[{k}], do_bases[{k}], do_steps[{k}], weights[{k}], dim)"
-        for k in range(len(o_bufs))
-    )
+    def call(k: int) -> str:
+        return (
+            f"_scale_and_dot(g_buf, g_base, g_step, o_bufs[{k}], o_bases[{k}], o_steps[{k}], "
+            f"do_bufs[{k}], do_bases[{k}], do_steps[{k}], weights[{k}], dim)"
+        )
+
     signature = "g_buf, g_base, g_step, o_bufs, o_bases, o_steps, do_bufs, do_bases, do_steps, weights, dim"
-    namespace = {"_scale_and_dot": _scale_and_dot}
-    exec(f"def part_dots({signature}):\n    return ({calls},)\n", namespace)  # noqa: S102 - from K only
-    return namespace["part_dots"]
+    return _per_part_tuple("part_dots", signature, call, len(o_bufs), _scale_and_dot=_scale_and_dot)
 
 
 def _write_lane0(bufs, cols, at, values, lanes):  # pragma: no cover - numba stub
@@ -237,11 +238,7 @@ def _merge_rows_backward_kernel(
                 got_l = _lane0(l_bufs, l_cols, at[0], at[1], at[2])
                 new_max = neg_inf
                 for k in range(parts):
-                    m = _compute(got_m[k], like)
-                    if lse_form:
-                        m *= scale
-                        if m == np.inf:  # old FlashAttention writes +inf for empty rows
-                            m = neg_inf
+                    m = _part_max(got_m[k], lse_form, scale, like)
                     maxima[k] = m
                     if m > new_max or m != m:  # NaN propagates
                         new_max = m
