@@ -96,7 +96,7 @@ def per_batch_row_map(
 
     ``seq_offsets``: a valid int64 ``(B + 1,)`` sequence on the device (``_contract`` validates it first).
     """
-    offsets = seq_offsets.to(torch.int64).contiguous()
+    offsets = seq_offsets.contiguous()  # int64, as validate_update guarantees
     row_base = torch.empty(total_tokens, dtype=torch.int64, device=offsets.device)
     row_step = torch.empty_like(row_base)
     num_batches = offsets.numel() - 1

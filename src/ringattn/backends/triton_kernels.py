@@ -7,9 +7,10 @@ Rows are numbered over the ``(P, Q, N)`` row views of Note [canonical rows] (``_
 statistics' memory order: ``r = (q * N + n) * P + p`` (heads outer) where the statistics' head stride exceeds
 their token stride (SBH's ``(B, N, S)``, per-batch TND's head-major batches), else ``r = (p * Q + q) * N + n``
 (token-major TND). A tile's statistics rows are then one contiguous run of 32-byte records instead of
-``BLOCK_ROWS`` records a head stride apart, each a separate DRAM access of which the merge uses 32 bytes (on an
-H100 the heads-inner order held SBH bf16 at 83 % of the copy floor; ``benchmarks/RESULTS.md``), while each
-attention row stays a contiguous run of ``D`` elements whatever the order. Program ``i`` owns the rows
+``BLOCK_ROWS`` records a head stride apart, while each attention row stays a contiguous run of ``D`` elements
+whatever the order. (On an H100 this measured no faster than the heads-inner order, within 1 %: the sector
+reads were not what held the kernel back, see ``ONE_CHUNK`` below. It is kept because it costs nothing and
+the CPU kernel visits rows the same way, by the same rule: ``backends.heads_outer``.) Program ``i`` owns the rows
 ``[i * BLOCK_ROWS, (i + 1) * BLOCK_ROWS)`` and walks
 their ``D`` columns in ``BLOCK_D`` chunks, so it holds a ``BLOCK_ROWS x BLOCK_D`` tile: one program per
 (token, head), as vLLM's merge does, leaves most of the GPU idle on launch and scheduling overhead. For

@@ -326,6 +326,13 @@ class Options:
     threads: int | None = None
 
 
+def _timing(device: torch.device, *, eagerly: bool) -> str:
+    """``report.Row.timing`` of a provider on ``device`` (Note [bench timing])."""
+    if device.type != "cuda":
+        return "host clock"
+    return "cuda eager" if eagerly else "cuda graph"
+
+
 def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
     """Check, then time, every provider and the copy floor on every case; rows with ratios filled."""
     progress = progress or Progress(enabled=False)
@@ -386,11 +393,7 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
                     max_err=errors.get(name),
                     tol=tol if name in errors else None,
                     fresh_of=base if name.endswith(" out=") else None,
-                    timing="host clock"
-                    if device.type != "cuda"
-                    else "cuda eager"
-                    if name in eager_names
-                    else "cuda graph",
+                    timing=_timing(device, eagerly=name in eager_names),
                 )
             )
         del inputs, timed
