@@ -2,6 +2,7 @@
 
 from . import ops
 from .api import ring_attention_update
+from .block import block_attention
 from .errors import (
     AliasError,
     AutogradError,
@@ -26,6 +27,7 @@ __all__ = [
     "merge_states",
     "stats_to_lse",
     "lse_to_stats",
+    "block_attention",
     "ring_attention",
     "shard_sequence",
     "unshard_sequence",
