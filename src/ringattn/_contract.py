@@ -34,7 +34,9 @@ rows reads and writes every statistics row exactly once.
 from __future__ import annotations
 
 import dataclasses
-import functools
+import threading
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +63,7 @@ ASCEND_HEAD_DIM_ALIGN = 64
 
 _ATTN_NAMES = ("prev_attn_out", "cur_attn_out")
 _STATS_NAMES = ("prev_softmax_max", "prev_softmax_sum", "cur_softmax_max", "cur_softmax_sum")
+OUT_NAMES = ("out[0] (attn_out)", "out[1] (softmax_max)", "out[2] (softmax_sum)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +118,9 @@ def per_batch_row_map(
     """Per-token ``(row_base, row_step)`` of the per-batch statistics layout, on ``seq_offsets``'s device.
 
     Pure device arithmetic (no host sync), so it can be captured in a CUDA graph. For plain CPU offsets the map
-    comes from a small cache keyed by their values (0.6 ms of torch ops for 16k tokens, 10% of a merge of that
-    size); callers must treat it as read-only. On CUDA with Triton it is one kernel launch (nine torch ops
-    otherwise: in a CUDA graph each costs a few microseconds, a sixth of a 16k-token bf16 merge on an H100).
+    comes from a small cache keyed by their values (Note [row map cache]); callers must treat it as read-only. On
+    CUDA with Triton it is one kernel launch (nine torch ops otherwise: in a CUDA graph each costs a few
+    microseconds, a sixth of a 16k-token bf16 merge on an H100).
     """
     if type(seq_offsets) is torch.Tensor and not torch.compiler.is_compiling():
         if seq_offsets.device.type == "cpu":
@@ -130,8 +133,61 @@ def per_batch_row_map(
     return _row_map(seq_offsets, total_tokens, num_heads)
 
 
-@functools.lru_cache(maxsize=32)
+# Note [row map cache]
+# ~~~~~~~~~~~~~~~~~~~~
+# A CPU row map costs 16 bytes per token (two int64 per token) and about 1 ms per million tokens to build with NumPy
+# (1.0-3.0 ms at T = 2**20 on the 2-core CI machine, against 46 ms for the merge itself at N = 1, D = 64, bf16: a few
+# percent), and 0.6 ms of torch ops at 16k tokens, where it is a tenth of the merge. So it is worth keeping for
+# small and medium calls that repeat a packing, and never worth much memory: the cache is an LRU bounded in *bytes*
+# (``ROW_MAP_CACHE_BYTES``, the maps plus their keys), not in entries. A map larger than the whole budget is built
+# and returned but not cached. (An entry bound of 32 kept 16 bytes per token for each of 32 packings: +0.5 GB at
+# T = 2**20 with changing packings, issue 13.)
+
+ROW_MAP_CACHE_BYTES = 32 << 20
+_KEY_BYTES_PER_OFFSET = 40  # a Python int (28-32 bytes) plus its tuple slot
+_row_map_lock = threading.Lock()
+_row_map_cache: OrderedDict[tuple, tuple[tuple[torch.Tensor, torch.Tensor], int]] = OrderedDict()
+_row_map_cache_bytes = 0
+
+
+def row_map_cache_info() -> tuple[int, int]:
+    """``(entries, bytes)`` held by the CPU row-map cache (Note [row map cache])."""
+    with _row_map_lock:
+        return len(_row_map_cache), _row_map_cache_bytes
+
+
+def clear_row_map_cache() -> None:
+    """Drop every cached CPU row map (Note [row map cache])."""
+    global _row_map_cache_bytes
+    with _row_map_lock:
+        _row_map_cache.clear()
+        _row_map_cache_bytes = 0
+
+
 def _cpu_row_map(seq_offsets: tuple[int, ...], total_tokens: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    global _row_map_cache_bytes
+    key = (seq_offsets, total_tokens, num_heads)
+    with _row_map_lock:
+        hit = _row_map_cache.get(key)
+        if hit is not None:
+            _row_map_cache.move_to_end(key)
+            return hit[0]
+    maps = _build_cpu_row_map(seq_offsets, total_tokens, num_heads)
+    nbytes = 16 * total_tokens + _KEY_BYTES_PER_OFFSET * len(seq_offsets)
+    if nbytes <= ROW_MAP_CACHE_BYTES:
+        with _row_map_lock:
+            if key not in _row_map_cache:
+                _row_map_cache[key] = (maps, nbytes)
+                _row_map_cache_bytes += nbytes
+            while _row_map_cache_bytes > ROW_MAP_CACHE_BYTES:
+                _, (_, dropped) = _row_map_cache.popitem(last=False)
+                _row_map_cache_bytes -= dropped
+    return maps
+
+
+def _build_cpu_row_map(
+    seq_offsets: tuple[int, ...], total_tokens: int, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = np.asarray(seq_offsets, dtype=np.int64)
     lengths = np.diff(offsets)
     start = np.repeat(offsets[:-1], lengths)
@@ -148,6 +204,50 @@ def _row_map(seq_offsets: torch.Tensor, total_tokens: int, num_heads: int) -> tu
     start = offsets[batch]
     length = offsets[batch + 1] - start
     return start * (num_heads - 1) + tokens, length
+
+
+# Note [NumPy arrays]
+# ~~~~~~~~~~~~~~~~~~~
+# NumPy inputs are viewed as tensors without a copy (``torch.from_numpy``) wherever torch can view them. Two kinds
+# of array torch cannot view are copied once instead, exactly (the values are unchanged): arrays with a negative
+# stride (``a[::-1]``: tensors have no negative strides) and arrays in non-native byte order (``dtype('>f4')``).
+# Arrays of a dtype torch has no counterpart for (object, strings, datetimes) raise DTypeError naming the argument.
+# ``out=`` arrays are written in place, so a copy would lose the result: a read-only ``out=`` array raises
+# AliasError (torch would only warn, then write into it), as does one with a negative stride; one in non-native
+# byte order raises DTypeError. Read-only *input* arrays are fine (inputs are never written) and raise no warning.
+
+_NUMPY_KINDS = "biufc"  # bool, signed, unsigned, float, complex: what torch.from_numpy may accept
+
+
+def from_numpy(name: str, value: np.ndarray, *, output: bool = False) -> torch.Tensor:
+    """``value`` as a tensor under Note [NumPy arrays]; ``output`` for ``out=`` arrays (written in place)."""
+    if value.dtype.kind not in _NUMPY_KINDS:
+        raise DTypeError(expected(name, "a NumPy array of a numeric dtype", f"an array of dtype {value.dtype}"))
+    native = value.dtype.isnative
+    negative = any(stride < 0 for stride in value.strides)
+    if output:
+        if not value.flags.writeable:
+            raise AliasError(expected(name, "a writeable array (out= is written in place)", "a read-only array"))
+        if negative:
+            want = "an array with non-negative strides (out= is written in place)"
+            raise AliasError(expected(name, want, f"strides {value.strides}"))
+        if not native:
+            raise DTypeError(
+                expected(name, "an array in native byte order (out= is written in place)", f"dtype {value.dtype.str}")
+            )
+    else:
+        if not native:
+            value = value.astype(value.dtype.newbyteorder("="))  # a copy, with non-negative strides
+        elif negative:
+            value = np.ascontiguousarray(value)
+    try:
+        if not value.flags.writeable:  # an input: never written, so torch's warning about it does not apply
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.from_numpy(value)
+        return torch.from_numpy(value)
+    except TypeError as error:  # a numeric dtype torch lacks (e.g. float128)
+        raise DTypeError(expected(name, "a NumPy dtype torch supports", f"an array of dtype {value.dtype}")) from error
 
 
 def normalise_layout(layout: Any) -> str:
@@ -195,51 +295,85 @@ def _check_devices(named: Sequence[tuple[str, torch.Tensor]]) -> None:
 
 
 def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch.device) -> torch.Tensor:
-    """Validate ``actual_seq_qlen`` and return it as int64 on ``device``.
-
-    Host values (a list, a NumPy array, a CPU tensor) are checked on the host and raise SeqLenError; they
-    are then copied to ``device`` asynchronously. A CUDA tensor is checked on the device with
-    ``torch._assert_async`` (no host sync, CUDA-graph capturable): a bad sequence fails as a device-side
-    assert at the next synchronisation instead of a SeqLenError.
-    """
+    """Validate ``actual_seq_qlen`` and return it as int64 on ``device`` (Note [checking actual_seq_qlen])."""
     if actual_seq_qlen is None:
         raise SeqLenError(
             expected("actual_seq_qlen", "a 1-D int64 tensor of cumulative lengths for layout 'TND'", "None")
         )
     if isinstance(actual_seq_qlen, torch.Tensor):
         offsets = actual_seq_qlen
+    elif isinstance(actual_seq_qlen, np.ndarray):
+        offsets = from_numpy("actual_seq_qlen", actual_seq_qlen)
+    elif isinstance(actual_seq_qlen, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in actual_seq_qlen):
+            raise DTypeError(expected("actual_seq_qlen", "integers", actual_seq_qlen))
+        _check_offset_values(list(actual_seq_qlen), total_tokens)
+        return torch.tensor(list(actual_seq_qlen), dtype=torch.int64, device=device)
     else:
-        try:
-            import numpy as np
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            np = None  # type: ignore[assignment]
-        if np is not None and isinstance(actual_seq_qlen, np.ndarray):
-            offsets = torch.from_numpy(actual_seq_qlen)
-        elif isinstance(actual_seq_qlen, (list, tuple)):
-            if not all(isinstance(v, int) and not isinstance(v, bool) for v in actual_seq_qlen):
-                raise DTypeError(expected("actual_seq_qlen", "integers", actual_seq_qlen))
-            _check_offset_values(list(actual_seq_qlen), total_tokens)
-            return torch.tensor(list(actual_seq_qlen), dtype=torch.int64, device=device)
-        else:
-            raise DTypeError(
-                expected("actual_seq_qlen", "an int64 tensor, array or a list of ints", type(actual_seq_qlen).__name__)
-            )
+        raise DTypeError(
+            expected("actual_seq_qlen", "an int64 tensor, array or a list of ints", type(actual_seq_qlen).__name__)
+        )
     if offsets.dtype != torch.int64:
         raise DTypeError(expected("actual_seq_qlen", "dtype int64", offsets.dtype))
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise SeqLenError(expected("actual_seq_qlen", "a non-empty 1-D tensor", f"shape {tuple(offsets.shape)}"))
-    if offsets.device.type == "cuda" or torch.compiler.is_compiling():
-        # Device-side checks: no host sync, capturable in a CUDA graph and traceable by torch.compile. A
-        # bad sequence surfaces as a device-side assert at the next synchronising call (fatal to the CUDA
-        # context); pass a list or a CPU tensor to eager code to get a SeqLenError naming the problem.
+    if _device_checks_only(offsets.device):
+        # Note [checking actual_seq_qlen]: no host sync allowed; a bad sequence is a device-side assert.
         torch._assert_async(offsets[0] == 0, "actual_seq_qlen: expected a sequence starting at 0")
         torch._assert_async(
             offsets[-1] == total_tokens, f"actual_seq_qlen: expected a sequence ending at T = {total_tokens}"
         )
         torch._assert_async((offsets[1:] >= offsets[:-1]).all(), "actual_seq_qlen: expected a non-decreasing sequence")
         return offsets if offsets.device == device else offsets.to(device, non_blocking=True)
-    _check_offset_values(offsets.tolist(), total_tokens)
-    return offsets.to(device, non_blocking=True)
+    if offsets.device.type == "meta":
+        raise DeviceError(
+            expected(
+                "actual_seq_qlen",
+                "a tensor holding values (a list, a NumPy array, a CPU tensor or one on the inputs' device)",
+                "a tensor on device meta",
+            )
+        )
+    if _values_on_host(offsets.device):
+        _check_offset_values(offsets.tolist(), total_tokens)
+    else:
+        valid = (offsets[0] == 0) & (offsets[-1] == total_tokens) & (offsets[1:] >= offsets[:-1]).all()
+        if not _fetch_flag(valid):  # the one host sync of a device actual_seq_qlen
+            _check_offset_values(offsets.tolist(), total_tokens)  # raises, naming the problem
+            raise SeqLenError(expected("actual_seq_qlen", "a non-decreasing sequence from 0 to T", "an invalid one"))
+    return offsets if offsets.device == device else offsets.to(device, non_blocking=True)
+
+
+# Note [checking actual_seq_qlen]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# A bad ``actual_seq_qlen`` must raise SeqLenError and leave the process usable. Host values (a list, a NumPy array,
+# a CPU tensor) are checked on the host at no device cost. A device tensor (CUDA) is checked on its device: the
+# three conditions are reduced to one boolean there and read back with one ``.item()``: one host sync per call,
+# which costs a device round trip (~10-20 us) *and* waits for all work queued before it on the current stream to
+# finish, so the host can no longer run ahead of the GPU. Callers avoid that cost by passing ``actual_seq_qlen`` as a
+# list or a CPU tensor (checked on the host, then copied to the device asynchronously), or by capturing the call in
+# a CUDA graph.
+# Two contexts forbid a host sync: CUDA-graph capture (``torch.cuda.is_current_stream_capturing()``) and
+# torch.compile tracing (``torch.compiler.is_compiling()``). There the checks stay on the device
+# (``torch._assert_async``): a bad sequence fails as a device-side assert at the next synchronising call, which on
+# CUDA leaves the CUDA context unusable for the rest of the process. Validate packings before capturing or compiling.
+# A meta tensor has no values to check and raises DeviceError (outside tracing).
+
+
+def _device_checks_only(device: torch.device) -> bool:
+    """Whether ``actual_seq_qlen`` on ``device`` must be checked without a host sync (tracing or graph capture)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _values_on_host(device: torch.device) -> bool:
+    """Whether a tensor's values can be read without a device sync."""
+    return device.type == "cpu"
+
+
+def _fetch_flag(flag: torch.Tensor) -> bool:
+    """Read a 0-d boolean device tensor on the host: the one host sync of Note [checking actual_seq_qlen]."""
+    return bool(flag.item())
 
 
 def _check_offset_values(values: list[int], total_tokens: int) -> None:
@@ -299,6 +433,8 @@ def validate_update(
 ) -> UpdateProblem:
     """Check a ``ring_attention_update`` call against SPEC section 5 and normalise it."""
     layout = normalise_layout(layout)
+    if not isinstance(ascend_limits, (bool, np.bool_)):
+        raise DTypeError(expected("ascend_limits", "True or False", repr(ascend_limits)))
     if softmax_layout is not None:
         if not isinstance(softmax_layout, str) or softmax_layout.upper() != "TND":
             raise LayoutError(expected("softmax_layout", "None or 'TND'", softmax_layout))
@@ -388,17 +524,68 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (expanded or otherwise self-overlapping strides).
+
+    Exact for every layout torch or NumPy produces by slicing, transposing, expanding or broadcasting: sorted by
+    stride, each dimension of size > 1 must step past everything the smaller-stride dimensions reach. A layout that
+    fails that test without overlapping (interleaved strides) is reported as overlapping: a destination whose
+    elements cannot be shown distinct is refused rather than written with undefined results.
+    """
+    if t.numel() <= 1:
+        return False
+    reach = 0  # the largest element offset the dimensions seen so far address
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride(), strict=True) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
+
+
+def check_destinations(outputs: Sequence[tuple[str, torch.Tensor]], inputs: Sequence[tuple[str, torch.Tensor]]) -> None:
+    """The aliasing rule of every ``out=`` in ringattn; raises :class:`AliasError` naming the output.
+
+    An output may be exactly the same view as an input (in-place accumulation: each element is read before it is
+    written, by the same row); any other overlap with an input, any overlap between two outputs, and any overlap
+    inside one output (expanded strides) is refused: the kernels would write one location from several rows and
+    return garbage.
+    """
+    for name, t in outputs:
+        if has_internal_overlap(t):
+            raise AliasError(
+                expected(
+                    name,
+                    "a tensor without internally overlapping memory (no expanded or broadcast strides)",
+                    f"shape {tuple(t.shape)} with strides {t.stride()}",
+                )
+            )
+    output_names = {name for name, _ in outputs}
+    spans = [(n, t, _byte_range(t)) for n, t in (*inputs, *outputs) if t.numel()]
+    for name, t in outputs:
+        if not t.numel() or t.device.type == "meta":  # meta tensors own no memory
+            continue
+        lo, hi = _byte_range(t)
+        for other_name, other, (o_lo, o_hi) in spans:
+            if other_name == name or other.device != t.device:
+                continue
+            overlaps = lo < o_hi and o_lo < hi
+            if overlaps and (other_name in output_names or not _same_view(t, other)):
+                raise AliasError(
+                    expected(
+                        name,
+                        f"no overlap with {other_name} other than being exactly the same view",
+                        "a partial overlap",
+                    )
+                )
+
+
 def check_outputs(
     out: Any, problem: UpdateProblem, inputs: Sequence[tuple[str, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate ``out=(attn_out, softmax_max, softmax_sum)`` for ``problem``.
-
-    An output may be exactly the same view as an input (in-place accumulation); any other overlap with an
-    input, between outputs, or inside one output (expanded strides) raises :class:`AliasError`.
-    """
+    """Validate ``out=(attn_out, softmax_max, softmax_sum)`` for ``problem`` (aliasing: :func:`check_destinations`)."""
     if not isinstance(out, (tuple, list)) or len(out) != 3:
         raise ShapeError(expected("out", "a tuple (attn_out, softmax_max, softmax_sum)", type(out).__name__))
-    names = ("out[0] (attn_out)", "out[1] (softmax_max)", "out[2] (softmax_sum)")
+    names = OUT_NAMES
     refs = (problem.prev_o, problem.prev_m, problem.prev_m)
     outs = tuple(_check_tensor(n, t) for n, t in zip(names, out, strict=True))
     for name, t, ref in zip(names, outs, refs, strict=True):
@@ -408,23 +595,5 @@ def check_outputs(
             raise DTypeError(expected(name, f"dtype {ref.dtype}", t.dtype))
         if t.device != ref.device:
             raise DeviceError(expected(name, f"device {ref.device}", f"device {t.device}"))
-        if torch._debug_has_internal_overlap(t) == 1:
-            raise AliasError(expected(name, "a tensor without internally overlapping memory", f"strides {t.stride()}"))
-    spans = [(n, t, _byte_range(t)) for n, t in (*inputs, *zip(names, outs, strict=True)) if t.numel()]
-    for name, t, (lo, hi) in spans:
-        if name not in names:
-            continue
-        for other_name, other, (o_lo, o_hi) in spans:
-            if other_name == name:
-                continue
-            overlaps = lo < o_hi and o_lo < hi
-            is_output = other_name in names
-            if overlaps and (is_output or not _same_view(t, other)):
-                raise AliasError(
-                    expected(
-                        name,
-                        f"no overlap with {other_name} other than being exactly the same view",
-                        "a partial overlap",
-                    )
-                )
+    check_destinations(list(zip(names, outs, strict=True)), inputs)
     return outs  # type: ignore[return-value]

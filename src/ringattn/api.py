@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import _backward, _ops, backends  # noqa: F401  (_backward registers the autograd formulas)
-from ._contract import check_outputs, validate_update
+from ._contract import OUT_NAMES, check_outputs, from_numpy, validate_update
 from .errors import DTypeError, expected
 
 __all__ = ["ring_attention_update"]
@@ -27,9 +27,10 @@ _INPUT_NAMES = (
 _STATS_LAYOUT = {"SBH": "BNS", "token_major": "TN", "per_batch": "per_batch"}
 
 
-def _to_torch(value: Any) -> Any:
+def _to_torch(name: str, value: Any, *, output: bool = False) -> Any:
+    """NumPy arrays as tensors (Note [NumPy arrays] in _contract.py); anything else unchanged."""
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+        return from_numpy(name, value, output=output)
     return value
 
 
@@ -73,12 +74,13 @@ def ring_attention_update(
         float64 statistics are accepted with float64 attention.
     actual_seq_qlen : int64 Tensor/array or list of ints, ``(batches + 1,)``; TND only (ignored for SBH)
         Cumulative query lengths ``[0, c1, ..., T]``, non-decreasing; zero-length batches allowed. Always
-        validated, never a silent wrong answer. Host values (list, NumPy, CPU tensor) are checked on the
-        host and raise SeqLenError; with CUDA inputs they are then copied to the device asynchronously. A
-        CUDA tensor is checked on the device (``torch._assert_async``: no host sync, CUDA-graph capturable),
-        so a bad one fails as a device-side assert at the next synchronisation instead of a SeqLenError;
-        pass a list or a CPU tensor to get the named error at no sync cost. Under ``torch.compile`` the
-        device-side checks run for tensors of any device.
+        validated, never a silent wrong answer: a bad one raises SeqLenError and leaves the process usable.
+        Host values (list, NumPy, CPU tensor) are checked on the host at no device cost, then copied to the
+        inputs' device asynchronously. A CUDA tensor is checked on the GPU and read back with one host sync
+        per call (a round trip that also waits for the work already queued on the stream); pass a list or a
+        CPU tensor to avoid it. Inside CUDA-graph capture and under ``torch.compile`` no sync is allowed: the
+        checks run as device-side asserts, so a bad sequence fails at the next synchronisation and, on CUDA,
+        leaves the CUDA context unusable. A meta tensor has no values to check and raises DeviceError.
     layout : ``"SBH"`` or ``"TND"``, case-insensitive
     softmax_layout : None or ``"TND"``, keyword-only
         TND statistics layout. None (default, as FlashAttention on Ascend produces them): per batch,
@@ -86,12 +88,14 @@ def ring_attention_update(
         view. ``"TND"``: token-major, row ``t * N + n``.
     ascend_limits : bool, keyword-only, default True
         Enforce the Ascend-only TND limits (D a multiple of 64; the unified-buffer size bound) so that code
-        that runs here also runs on Ascend. False lifts those two and nothing else.
+        that runs here also runs on Ascend. False lifts those two and nothing else. Must be a bool.
     out : tuple ``(attn_out, softmax_max, softmax_sum)``, optional, keyword-only
         Destinations with the output shapes and dtypes. Each may be exactly the same view as an input
         (``out=(prev_attn_out, prev_softmax_max, prev_softmax_sum)`` accumulates in place); any other
-        overlap raises AliasError. Not differentiable: combined with an input that requires grad (while grad
-        mode is on) it raises AutogradError.
+        overlap (with an input, another output, or itself: expanded strides) raises AliasError. NumPy
+        destinations must be writeable, with non-negative strides and native byte order (else AliasError or
+        DTypeError). Not differentiable: combined with an input that requires grad (while grad mode is on) it
+        raises AutogradError.
     backend : ``"auto"``, ``"reference"``, ``"torch"``, ``"cpu"`` or ``"triton"``, keyword-only
         ``auto`` takes the fused kernel of the inputs' device when available, else ``torch``. The backward
         runs that backend's row-level backward (``torch`` for ``reference``, and until a backend has one).
@@ -102,6 +106,8 @@ def ring_attention_update(
         ``attn_out`` with the shape and dtype of ``prev_attn_out``; ``softmax_max``, ``softmax_sum`` with
         the shape and dtype of ``prev_softmax_max``. New tensors unless ``out`` is given (then ``out``
         itself). NumPy inputs give NumPy outputs. Inputs are never modified (unless aliased by ``out``).
+        NumPy inputs are viewed without a copy, except arrays with a negative stride or in non-native byte
+        order, which are copied once (exactly); arrays of a non-numeric dtype raise DTypeError.
 
     Raises
     ------
@@ -110,13 +116,15 @@ def ring_attention_update(
     ShapeError (ValueError, RuntimeError)
         Ranks, the statistics' last dimension, or sizes disagree (the message names both arguments).
     DTypeError (TypeError, RuntimeError)
-        Attention dtypes differ or are unsupported; statistics not float32; ``actual_seq_qlen`` not int64.
+        Attention dtypes differ or are unsupported; statistics not float32; ``actual_seq_qlen`` not int64;
+        a non-tensor argument or a NumPy array of a non-numeric dtype; ``ascend_limits`` not a bool.
     SeqLenError (ValueError, RuntimeError)
         TND without ``actual_seq_qlen``, or it does not rise from 0 to T.
     HardwareLimitError (ValueError, RuntimeError)
         TND beyond the Ascend limits while ``ascend_limits=True``.
     DeviceError, AliasError, BackendError (ValueError)
-        Mixed devices; outputs overlapping inputs other than exactly; unknown or unavailable backend.
+        Mixed devices or a meta ``actual_seq_qlen``; outputs overlapping inputs other than exactly, each
+        other or themselves, or read-only; unknown or unavailable backend.
 
     Notes
     -----
@@ -131,10 +139,8 @@ def ring_attention_update(
     maxima are equal the max's gradient is split equally. Empty rows get finite gradients, never NaN.
     """
     as_numpy = isinstance(prev_attn_out, np.ndarray)
-    tensors = [
-        _to_torch(v)
-        for v in (prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum)
-    ]
+    values = (prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum)
+    tensors = [_to_torch(name, v) for name, v in zip(_INPUT_NAMES, values, strict=True)]
     problem = validate_update(
         *tensors, actual_seq_qlen, layout, softmax_layout=softmax_layout, ascend_limits=ascend_limits
     )
@@ -146,7 +152,7 @@ def ring_attention_update(
         return tuple(t.numpy() for t in outs) if as_numpy else outs  # type: ignore[return-value]
     if not isinstance(out, (tuple, list)):
         raise DTypeError(expected("out", "a tuple of three tensors", type(out).__name__))
-    outs = [_to_torch(o) for o in out]
+    outs = [_to_torch(name, o, output=True) for name, o in zip(OUT_NAMES, out, strict=False)] + list(out[3:])
     if not torch.compiler.is_compiling():  # no data pointers to compare while tracing (see merge._check_out)
         outs = check_outputs(outs, problem, list(zip(_INPUT_NAMES, inputs, strict=True)))
     _ops.refuse_grad_with_out(zip(_INPUT_NAMES, inputs, strict=True))

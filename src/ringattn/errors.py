@@ -58,7 +58,9 @@ class BackendError(RingAttnError, ValueError):
 
 
 class AliasError(RingAttnError, ValueError):
-    """An output overlaps an input (or itself) in a way other than being exactly the same view."""
+    """An ``out=`` destination cannot be written as given: it overlaps an input, another output or itself
+    (expanded strides) in a way other than being exactly the same view as an input, or it is a read-only or
+    negatively strided NumPy array."""
 
 
 class ConfigError(RingAttnError, ValueError, RuntimeError):

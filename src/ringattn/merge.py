@@ -31,11 +31,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import _backward, _ops  # noqa: F401  (_backward registers the autograd formulas)
-from ._contract import ATTN_DTYPES, _byte_range, _same_view
-from .errors import AliasError, BackendError, DeviceError, DTypeError, LayoutError, ShapeError, expected
+from ._contract import ATTN_DTYPES, check_destinations, from_numpy
+from .errors import BackendError, DeviceError, DTypeError, LayoutError, ShapeError, expected
 
 __all__ = ["merge_states", "stats_to_lse", "lse_to_stats"]
 
@@ -127,15 +128,19 @@ def _validate(outputs: Any, lses: Any, layout: Any, lse_layout: Any, backend: An
             raise DTypeError(
                 expected(f"lses[{k}]", "float32 (float64 allowed with float64 outputs), one dtype", s.dtype)
             )
-    for k, t in [*enumerate(parts_o), *enumerate(parts_lse)]:
+    for name, t in _named_parts(parts_o, parts_lse):
         if t.device != first.device:
-            raise DeviceError(
-                expected(f"part {k}", f"device {first.device} (that of outputs[0])", f"device {t.device}")
-            )
+            raise DeviceError(expected(name, f"device {first.device} (that of outputs[0])", f"device {t.device}"))
     return parts_o, parts_lse, layout, lse_layout
 
 
-def _check_out(name: str, t: Any, like: torch.Tensor, inputs: Sequence[torch.Tensor], other: torch.Tensor | None):
+def _named_parts(parts_o: list[torch.Tensor], parts_lse: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """Every input part with the name errors give it: ``outputs[k]``, ``lses[k]``."""
+    named = [(f"outputs[{k}]", o) for k, o in enumerate(parts_o)]
+    return named + [(f"lses[{k}]", s) for k, s in enumerate(parts_lse)]
+
+
+def _check_out(name: str, t: Any, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DTypeError(expected(name, "a torch.Tensor", type(t).__name__))
     if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
@@ -146,18 +151,6 @@ def _check_out(name: str, t: Any, like: torch.Tensor, inputs: Sequence[torch.Ten
                 f"{tuple(t.shape)}, {t.dtype} on {t.device}",
             )
         )
-    if torch.compiler.is_compiling():
-        # No data pointers while tracing; the compiled graph is functionalised, so it reads the inputs as they
-        # were before the call whatever the overlap.
-        return t
-    lo, hi = _byte_range(t)
-    for x in [*inputs, *([other] if other is not None else [])]:
-        x_lo, x_hi = _byte_range(x)
-        overlap = t.numel() and x.numel() and lo < x_hi and x_lo < hi
-        if overlap and (x is other or not _same_view(t, x)):
-            raise AliasError(
-                expected(name, "no overlap with an input other than being exactly the same view", "a partial overlap")
-            )
     return t
 
 
@@ -200,8 +193,9 @@ def merge_states(
         Log base of every LSE in and out. FlashInfer uses 2; flash-attn, SDPA, xformers and vLLM use e.
     out, out_lse : Tensor, optional
         Destinations shaped like ``outputs[0]`` / ``lses[0]`` (same dtype and device). Each may be exactly the same
-        view as an input part (in-place accumulation); any other overlap raises AliasError. Not differentiable:
-        with an input that requires grad (grad mode on) they raise AutogradError.
+        view as an input part (in-place accumulation); any other overlap (with an input, the other destination, or
+        itself: expanded strides such as ``torch.empty(1, 1, 1, D).expand(B, S, N, D)``) raises AliasError. Not
+        differentiable: with an input that requires grad (grad mode on) they raise AutogradError.
     backend : ``"auto"``, ``"torch"``, ``"cpu"`` or ``"triton"``
         Which ``merge_rows`` runs (Note [row merge]). ``auto``: the device's fused kernel when installed, else
         ``torch``; float64 always runs on ``torch``.
@@ -221,7 +215,8 @@ def merge_states(
     DTypeError (TypeError, RuntimeError)
         Outputs of mixed or unsupported dtypes; LSEs not float32.
     DeviceError, AliasError, BackendError (ValueError)
-        Mixed devices; outputs overlapping inputs other than exactly; unknown backend.
+        Mixed devices; destinations overlapping inputs other than exactly, each other or themselves; unknown
+        backend.
 
     Notes
     -----
@@ -233,83 +228,115 @@ def merge_states(
     parts_o, parts_lse, layout, lse_layout = _validate(outputs, lses, layout, lse_layout, backend)
     if out is None and out_lse is None:
         return _ops.merge(parts_o, parts_lse, (layout, lse_layout, scale, backend))
-    inputs = [*parts_o, *parts_lse]
-    out = parts_o[0].new_empty(parts_o[0].shape) if out is None else _check_out("out", out, parts_o[0], inputs, out_lse)
-    out_lse = (
-        parts_lse[0].new_empty(parts_lse[0].shape)
-        if out_lse is None
-        else _check_out("out_lse", out_lse, parts_lse[0], inputs, out)
-    )
-    _ops.refuse_grad_with_out(
-        [*((f"outputs[{k}]", o) for k, o in enumerate(parts_o)), *((f"lses[{k}]", s) for k, s in enumerate(parts_lse))]
-    )
+    named_inputs = _named_parts(parts_o, parts_lse)
+    given = [("out", _check_out("out", out, parts_o[0]))] if out is not None else []
+    if out_lse is not None:
+        given.append(("out_lse", _check_out("out_lse", out_lse, parts_lse[0])))
+    if not torch.compiler.is_compiling():
+        # No data pointers while tracing; the compiled graph is functionalised, so it reads the inputs as they
+        # were before the call whatever the overlap.
+        check_destinations(given, named_inputs)
+    out = parts_o[0].new_empty(parts_o[0].shape) if out is None else out
+    out_lse = parts_lse[0].new_empty(parts_lse[0].shape) if out_lse is None else out_lse
+    _ops.refuse_grad_with_out(named_inputs)
     _ops.merge(parts_o, parts_lse, (layout, lse_layout, scale, backend), (out, out_lse))
     return out, out_lse
 
 
-def stats_to_lse(softmax_max: torch.Tensor, softmax_sum: torch.Tensor, /, *, lse_base: str | int = "e") -> torch.Tensor:
+def stats_to_lse(
+    softmax_max: torch.Tensor | np.ndarray, softmax_sum: torch.Tensor | np.ndarray, /, *, lse_base: str | int = "e"
+) -> torch.Tensor | np.ndarray:
     """Ascend statistics ``(max, sum)`` to a log-sum-exp: ``lse = (max + ln(sum)) / ln(lse_base)``.
 
     Parameters
     ----------
-    softmax_max, softmax_sum : Tensor ``(..., 8)``, same shape, float32 (or float64)
+    softmax_max, softmax_sum : Tensor or NumPy array ``(..., lanes)``, lanes >= 1, same shape, float32 (or float64)
         Row max of the scaled scores and ``sum(exp(s - max))`` (natural exponent), 8 equal lanes; lane 0 is read.
         ``(B, N, S, 8)`` gives the ``(B, N, S)`` BNS LSE; token-major ``(T, N, 8)`` gives ``(T, N)`` TN. (Per-batch
-        TND statistics keep their per-batch row order: the result is not a token-major TN LSE.)
+        TND statistics keep their per-batch row order: the result is not a token-major TN LSE.) Both on one device.
     lse_base : ``"e"`` (default) or ``2``
         Base of the returned LSE.
 
     Returns
     -------
-    Tensor ``(...)`` (the lane axis dropped), dtype of ``softmax_max``. Empty rows (``max = -inf`` or ``sum = 0``)
-    give ``-inf``. Differentiable; empty rows get gradient 0, not NaN.
+    Tensor ``(...)`` (the lane axis dropped), dtype of ``softmax_max``; a NumPy array when ``softmax_max`` is one.
+    Empty rows (``max = -inf`` or ``sum = 0``) give ``-inf``. Differentiable; empty rows get gradient 0, not NaN.
+
+    Raises
+    ------
+    DTypeError (TypeError)   not a tensor or array, or not float32/float64 of one dtype
+    ShapeError (ValueError)  shapes differ, or no lane axis (0-d, or lanes = 0)
+    DeviceError (ValueError) the two on different devices
+    LayoutError (ValueError) ``lse_base`` not ``"e"`` or 2
     """
     scale = lse_scale(lse_base)
-    m, l = _stats_pair(softmax_max, softmax_sum)
+    as_numpy = isinstance(softmax_max, np.ndarray)
+    m, l = _stats_pair(_from_numpy("softmax_max", softmax_max), _from_numpy("softmax_sum", softmax_sum))
     empty = (m == float("-inf")) | (l == 0)
     lse = m + torch.log(torch.where(empty, torch.ones_like(l), l))  # log(1) keeps the gradient finite on empty rows
-    return torch.where(empty, torch.full_like(lse, float("-inf")), lse) / scale
+    lse = torch.where(empty, torch.full_like(lse, float("-inf")), lse) / scale
+    return lse.numpy() if as_numpy else lse
 
 
 def lse_to_stats(
-    lse: torch.Tensor, /, *, lse_base: str | int = "e", lanes: int = 8
-) -> tuple[torch.Tensor, torch.Tensor]:
+    lse: torch.Tensor | np.ndarray, /, *, lse_base: str | int = "e", lanes: int = 8
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[np.ndarray, np.ndarray]:
     """A log-sum-exp to Ascend statistics: ``max = lse * ln(lse_base)``, ``sum = 1``, each replicated to ``lanes``.
 
     ``(max, 1)`` is exact: ``max + ln(1)`` is the natural LSE, and the merge only depends on that sum of the two.
 
     Parameters
     ----------
-    lse : Tensor ``(...)``, float32 (or float64)
+    lse : Tensor or NumPy array ``(...)``, float32 (or float64)
         Log-sum-exp in ``lse_base``; ``(B, N, S)`` gives ``(B, N, S, 8)`` SBH statistics, ``(T, N)`` token-major TND
         statistics (``softmax_layout="TND"`` in ``ring_attention_update``).
     lse_base : ``"e"`` (default) or ``2``
-    lanes : int, default 8
+    lanes : int >= 1, default 8
 
     Returns
     -------
     (softmax_max, softmax_sum) : Tensors ``(..., lanes)``, dtype of ``lse``, contiguous (no expanded strides, so
-    they can be ``out=`` destinations). Empty rows (``lse = -inf``, or ``+inf`` from old FlashAttention) give the
-    empty state ``(-inf, 0)``. NaN gives ``(NaN, 1)``. Differentiable.
+    they can be ``out=`` destinations); NumPy arrays when ``lse`` is one. Empty rows (``lse = -inf``, or ``+inf``
+    from old FlashAttention) give the empty state ``(-inf, 0)``. NaN gives ``(NaN, 1)``. Differentiable.
+
+    Raises
+    ------
+    DTypeError (TypeError)   ``lse`` not a float32/float64 tensor or array; ``lanes`` not an int
+    ShapeError (ValueError)  ``lanes`` < 1
+    LayoutError (ValueError) ``lse_base`` not ``"e"`` or 2
     """
     scale = lse_scale(lse_base)
+    if isinstance(lanes, bool) or not isinstance(lanes, (int, np.integer)):
+        raise DTypeError(expected("lanes", "an int", repr(lanes)))
+    if lanes < 1:
+        raise ShapeError(expected("lanes", "at least 1", int(lanes)))
+    as_numpy = isinstance(lse, np.ndarray)
+    lse = _from_numpy("lse", lse)
     if not isinstance(lse, torch.Tensor):
-        raise DTypeError(expected("lse", "a torch.Tensor", type(lse).__name__))
+        raise DTypeError(expected("lse", "a torch.Tensor or numpy.ndarray", type(lse).__name__))
     if lse.dtype not in (torch.float32, torch.float64):
         raise DTypeError(expected("lse", "float32 or float64", lse.dtype))
     empty = lse.isinf()
     m = torch.where(empty, torch.full_like(lse, float("-inf")), lse * scale)
     l = (~empty).to(lse.dtype)
-    shape = (*lse.shape, lanes)
-    return m.unsqueeze(-1).expand(shape).contiguous(), l.unsqueeze(-1).expand(shape).contiguous()
+    shape = (*lse.shape, int(lanes))
+    stats = m.unsqueeze(-1).expand(shape).contiguous(), l.unsqueeze(-1).expand(shape).contiguous()
+    return (stats[0].numpy(), stats[1].numpy()) if as_numpy else stats
+
+
+def _from_numpy(name: str, value: Any) -> Any:
+    return from_numpy(name, value) if isinstance(value, np.ndarray) else value
 
 
 def _stats_pair(softmax_max: Any, softmax_sum: Any) -> tuple[torch.Tensor, torch.Tensor]:
     for name, t in (("softmax_max", softmax_max), ("softmax_sum", softmax_sum)):
         if not isinstance(t, torch.Tensor):
-            raise DTypeError(expected(name, "a torch.Tensor", type(t).__name__))
+            raise DTypeError(expected(name, "a torch.Tensor or numpy.ndarray", type(t).__name__))
         if t.dtype not in (torch.float32, torch.float64) or t.dtype != softmax_max.dtype:
             raise DTypeError(expected(name, "float32 or float64, the dtype of softmax_max", t.dtype))
-        if t.dim() < 1 or t.shape != softmax_max.shape:
-            raise ShapeError(expected(name, "(..., lanes) with the shape of softmax_max", tuple(t.shape)))
+        if t.dim() < 1 or t.shape != softmax_max.shape or t.shape[-1] < 1:
+            raise ShapeError(expected(name, "(..., lanes), lanes >= 1, the shape of softmax_max", tuple(t.shape)))
+    if softmax_sum.device != softmax_max.device:
+        want = f"device {softmax_max.device} (that of softmax_max)"
+        raise DeviceError(expected("softmax_sum", want, f"device {softmax_sum.device}"))
     return softmax_max[..., 0], softmax_sum[..., 0]
