@@ -17,7 +17,7 @@ from .errors import (
     ShapeError,
 )
 from .merge import lse_to_stats, merge_states, stats_to_lse
-from .ring import gather_sequence, ring_attention, shard_sequence, unshard_sequence
+from .ring import gather_sequence, ring_attention, shard_sequence, simulate_ring_attention, unshard_sequence
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "lse_to_stats",
     "block_attention",
     "ring_attention",
+    "simulate_ring_attention",
     "shard_sequence",
     "unshard_sequence",
     "gather_sequence",

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from ring_spawn import SoloComm, reference, run_ranks
 
-from ringattn.errors import ConfigError, DTypeError, LayoutError, ShapeError
+from ringattn.errors import BackendError, ConfigError, DTypeError, LayoutError, ShapeError
 from ringattn.ring import ring_attention, shard_sequence
 from ringattn.ring.comm import RingComm
 from ringattn.ring.schedule import messages_per_rank
@@ -150,11 +150,37 @@ def _check_mismatches(rank: int, world: int) -> None:
         ring_attention(q[0] if rank == 0 else q, k, v)
     with pytest.raises(ConfigError, match=f"causal \\(rank {last}\\)"):
         ring_attention(q, k, v, causal=rank != last)
+    # Options are checked in the same all-gather: a bad value on one rank raises on every rank.
+    with pytest.raises(LayoutError, match=f"sharding \\(rank {last}\\)"):
+        ring_attention(q, k, v, causal=True, sharding="zig" if rank == last else "zigzag")
+    with pytest.raises(BackendError, match="impl \\(rank 0\\)"):
+        ring_attention(q, k, v, impl="fast" if rank == 0 else "auto")
+    with pytest.raises(LayoutError, match=f"layout \\(rank {last}\\)"):
+        ring_attention(q, k, v, layout="SBH" if rank == last else "BSND")
+    with pytest.raises(ConfigError, match=f"softmax_scale \\(rank {last}\\)"):
+        ring_attention(q, k, v, softmax_scale=0.5 if rank == last else None)
+    with pytest.raises(ConfigError, match=f"requires_grad \\(rank {last}\\)"):
+        ring_attention(q.detach().requires_grad_(rank != last), k, v)
+
+
+def _check_empty_shards(rank: int, world: int) -> None:
+    """A zero-length local sequence is a valid shard (PyTorch's CPU flash kernel dies of SIGFPE on one)."""
+    empty = torch.randn(1, 0, 2, 4, requires_grad=True)
+    for causal in (False, True):
+        out, lse = ring_attention(empty, empty, empty, causal=causal, return_lse=True)
+        out.backward(torch.randn_like(out))
+        assert out.shape == (1, 0, 2, 4) and lse.shape == (1, 2, 0) and empty.grad.shape == empty.shape
+    q = torch.randn(1, 4, 2, 4, requires_grad=True)  # queries that see no key at all: an empty result
+    out, lse = ring_attention(q, empty, empty, return_lse=True)
+    out.backward(torch.randn_like(out))
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
+    assert torch.equal(q.grad, torch.zeros_like(q))
 
 
 def _check_all(rank: int, world: int) -> None:
     for i, case in enumerate(CASES):
         _check_case(case, seed=1000 + i, rank=rank, world=world)
+    _check_empty_shards(rank, world)
     if world > 1:
         _check_mismatches(rank, world)
 

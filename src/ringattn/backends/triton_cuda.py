@@ -40,6 +40,9 @@ else:
 
 NAME = "triton"
 MAX_PARTS = 8
+# Parts may differ in dtype: each is loaded as its own type and widened (ring attention merges a bfloat16 block
+# output into a float32 accumulator without widening it first).
+MIXED_PART_DTYPES = True
 _MAX_BLOCK_D = 256
 _MAX_BLOCK_ROWS = 32
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

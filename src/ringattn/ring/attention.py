@@ -16,11 +16,10 @@ import torch
 import torch.distributed as dist
 
 from .. import backends
-from ..errors import BackendError, LayoutError, expected
 from . import checks
-from .blocks import IMPLS, attend, attend_backward, compute_dtype, resolve_impl
+from .blocks import attend, attend_backward, compute_dtype, resolve_impl
 from .comm import RingComm
-from .schedule import SHARDINGS, chunks_per_rank, step_blocks
+from .schedule import chunks_per_rank, step_blocks
 
 _KV_TAG, _DKV_TAG = 0, 1
 
@@ -32,9 +31,22 @@ class RingConfig:
     causal: bool
     scale: float
     sharding: str  # "zigzag" | "contiguous"
-    impl: str  # resolved block implementation: "sdpa" | "torch"
+    impl: str  # resolved block kernel (Note [block kernels]): "flash" | "cudnn" | "efficient" | "torch"
     backend: str  # row-merge backend name for backends.for_device
-    comm: Any  # RingComm or a test double with the same interface
+    comm: Any  # RingComm, VirtualComm (virtual.py) or a test double with the same interface
+
+
+@dataclasses.dataclass(frozen=True)
+class RingOptions:
+    """``ring_attention``'s keyword options as the caller gave them; validated on every rank at once by
+    ``checks.check_table`` (so they may hold anything until then)."""
+
+    causal: Any = False
+    softmax_scale: Any = None
+    layout: Any = "BSND"
+    sharding: Any = "zigzag"
+    impl: Any = "auto"
+    backend: Any = "auto"
 
 
 def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -75,7 +87,9 @@ def ring_forward(
     comm, world = cfg.comm, cfg.comm.world_size
     c = compute_dtype(q.dtype)
     chunk = q.shape[1] // chunks_per_rank(cfg.causal, cfg.sharding)
-    merge_rows = backends.for_device(q.device, cfg.backend).merge_rows
+    merge = backends.for_device(q.device, cfg.backend)
+    # A backend that reads each part in its own dtype merges the block's output as it is; others get it widened.
+    widen = not getattr(merge, "MIXED_PART_DTYPES", False)
     acc_o = torch.empty(q.shape, dtype=c, device=q.device)
     acc_lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=c, device=q.device)
     kv = _pack_kv(k, v) if world > 1 else None
@@ -98,9 +112,10 @@ def ring_forward(
                 acc_o.copy_(_heads_first(o))
                 acc_lse.copy_(lse)
                 continue
-            o_rows, acc_rows = _heads_first(o).to(c), acc_o[:, qs]
+            o_rows, acc_rows = _heads_first(o), acc_o[:, qs]
+            o_rows = o_rows.to(c) if widen else o_rows
             lse_rows, acc_lse_rows = _stats_rows(lse), _stats_rows(acc_lse[:, :, qs])
-            merge_rows([acc_rows, o_rows], [acc_lse_rows, lse_rows], None, acc_rows, acc_lse_rows, None)
+            merge.merge_rows([acc_rows, o_rows], [acc_lse_rows, lse_rows], None, acc_rows, acc_lse_rows, None)
         if step < world - 1:
             pending.wait()
             kv = kv_next
@@ -184,9 +199,22 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _check_option(name: str, value: Any, allowed: tuple[str, ...], error: type[Exception]) -> None:
-    if value not in allowed:
-        raise error(expected(name, f"one of {', '.join(map(repr, allowed))}", repr(value)))
+def prepare(
+    q: Any, k: Any, v: Any, options: RingOptions, comm: Any, *, needs_grad: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RingConfig]:
+    """Validate one rank's call on every rank (one all-gather) and return its ``(B, S_local, N, D)`` views and
+    :class:`RingConfig`. ``needs_grad`` (default: grad mode on and an input requiring grad) is compared across
+    ranks: a rank that skipped the backward would leave the others blocked in it."""
+    if needs_grad is None:
+        needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
+    table = comm.all_gather_ints(checks.encode(q, k, v, options, needs_grad=needs_grad))
+    checks.check_table(table, options)
+    if options.layout == "BNSD":
+        q, k, v = (_heads_first(x) for x in (q, k, v))
+    scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
+    impl = resolve_impl(options.impl, q.device, q.dtype, q.shape[-1])
+    cfg = RingConfig(bool(options.causal), float(scale), options.sharding, impl, options.backend, comm)
+    return q, k, v, cfg
 
 
 def ring_attention(
@@ -208,19 +236,20 @@ def ring_attention(
     """Exact attention of this rank's queries over the keys/values of every rank of ``group``.
 
     Every rank of ``group`` calls this with its local shard; the result is what single-device attention
-    over the whole sequence gives for this rank's query tokens. Differentiable in q, k and v.
+    over the whole sequence gives for this rank's query tokens. Differentiable in q, k and v. To run every
+    rank of a ring in one process (debugging, tests, one GPU), see :func:`ringattn.simulate_ring_attention`.
 
     Parameters
     ----------
     q : Tensor ``(B, S_local, N, D)`` (layout ``"BSND"``) or ``(B, N, S_local, D)`` (``"BNSD"``)
-        float16, bfloat16, float32 or float64; any strides; CPU (gloo) or CUDA (NCCL).
+        float16, bfloat16, float32 or float64; any strides; CPU (gloo) or CUDA (NCCL). ``S_local`` may be 0.
     k, v : Tensor, like q but with ``Nkv`` heads, ``N % Nkv == 0`` (GQA/MQA; they travel unrepeated)
         Same dtype and device as q, same shape as each other. Non-causal: any ``S_local`` (may differ
         from q's). Causal: the same ``S_local`` as q.
     causal : bool
         Mask key positions after the query position, in GLOBAL sequence order as set by ``sharding``.
     softmax_scale : float, optional
-        Multiplies the scores; default ``1 / sqrt(D)``.
+        Multiplies the scores; default ``1 / sqrt(D)``. Must be the same on every rank.
     group : ProcessGroup, optional
         The ring (default: the default group). Without an initialised process group the call is a
         ring of one and computes plain attention.
@@ -230,8 +259,10 @@ def ring_attention(
         balanced, ``S_local`` must be even. ``"contiguous"``: rank r holds the r-th of W chunks.
     return_lse : bool
         Also return the log-sum-exp (not differentiable).
-    impl : {"auto", "sdpa", "torch"}
-        Block kernels: PyTorch's fused CPU flash kernels, or plain torch (see ``ring/blocks.py``).
+    impl : {"auto", "sdpa", "cudnn", "flash", "efficient", "torch"}
+        Block kernel (Note [block kernels] in ``ring/blocks.py``): ``"auto"`` picks the fastest fused kernel
+        that runs the call (cuDNN, then FlashAttention-2, then memory-efficient on CUDA; PyTorch's flash
+        kernel on CPU) and plain torch for float64; ``"sdpa"`` the same among fused kernels only.
     backend : str
         Row-merge backend of ``ringattn.backends.for_device`` ("auto": the device's fused one).
 
@@ -239,25 +270,19 @@ def ring_attention(
     -------
     out : Tensor, shape and layout of q, q's dtype (contiguous in BSND order)
     lse : Tensor ``(B, N, S_local)``, natural log of the sum of ``exp(scaled score)`` over all keys
-        each query sees; float32 (float64 for float64 inputs). Only with ``return_lse=True``.
+        each query sees (``-inf`` for a query that sees none); float32 (float64 for float64 inputs). Only
+        with ``return_lse=True``.
 
     Raises
     ------
-    ShapeError, DTypeError, DeviceError, LayoutError, ConfigError
-        On every rank of the group, when any rank's inputs are invalid or ranks disagree on shapes,
-        dtypes, device types or options (checked with one small all_gather before any transfer).
+    ShapeError, DTypeError, DeviceError, LayoutError, BackendError, ConfigError
+        On every rank of the group, when any rank's inputs or options are invalid or ranks disagree on
+        shapes, dtypes, device types, options, ``softmax_scale`` or on whether a backward will run
+        (checked with one small all_gather before any transfer).
     """
-    _check_option("layout", layout, checks.LAYOUTS, LayoutError)
-    _check_option("sharding", sharding, SHARDINGS, LayoutError)
-    _check_option("impl", impl, IMPLS, BackendError)
     comm = _comm if _comm is not None else RingComm(group)
-    checks.check_table(comm.all_gather_ints(checks.encode(q, k, v, causal=causal, layout=layout, sharding=sharding)))
-    if layout == "BNSD":
-        q, k, v = (_heads_first(x) for x in (q, k, v))
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    cfg = RingConfig(
-        bool(causal), float(scale), sharding, resolve_impl(impl, q.device, q.dtype, q.shape[-1]), backend, comm
-    )
+    options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend)
+    q, k, v, cfg = prepare(q, k, v, options, comm)
     out, lse = _RingAttention.apply(q, k, v, cfg)
     if layout == "BNSD":
         out = _heads_first(out)

@@ -3,66 +3,196 @@
 Layout here is SDPA's: ``q (B, N, Sq, D)``, ``k, v (B, Nkv, Sk, D)`` with ``N % Nkv == 0`` (any strides;
 the ring passes transposed views of ``(B, S, N, D)`` tensors). ``lse (B, N, Sq)`` is the natural-log
 log-sum-exp of the scaled scores of each query row over the block's keys. ``causal`` is the top-left
-causal mask of a square block (the ring never masks anything else, Note [ring schedule]).
+causal mask of a square block (the ring never masks anything else, Note [ring schedule]). A block with no
+queries or no keys is computed here, not by a kernel: output 0, LSE ``-inf`` (an empty partial result).
 
-Two implementations (``impl``):
+Note [block kernels]
+--------------------
+Each kernel is a :class:`BlockKernel`: the ATen entry points it calls, what it supports, and its layout
+contract, enforced in one place (:func:`_kernel_layout`, :func:`_lse_for_backward`) for forward and backward:
 
-* ``"sdpa"``: PyTorch's fused flash kernels. On CPU ``aten._scaled_dot_product_flash_attention_for_cpu``
-  (float16, bfloat16, float32); on CUDA ``aten._scaled_dot_product_flash_attention`` (FlashAttention-2:
-  float16 and bfloat16, head size a multiple of 8 up to 256). Both return ``(out, lse)`` with lse float32
-  natural log, layout ``(B, N, Sq)``, and both backwards take ``out`` and ``lse``: given the FINAL output and
-  LSE of the whole ring, their gradients for one block are that block's exact share (``P = exp(s - lse)`` and
-  ``delta = rowsum(dout * out)`` use the totals).
-* ``"torch"``: plain torch in float32 (float64 for float64 inputs); the fallback for what no fused kernel
-  takes (CUDA float32, odd head sizes, other devices) and, by default, for float64, so float64 runs are a
-  transcription of the math and not of a kernel.
+========== ======= ===================================================== ====================================
+name       device  ATen op (fwd / bwd)                                   contract
+========== ======= ===================================================== ====================================
+flash      cpu     ``_scaled_dot_product_flash_attention_for_cpu``       fp16/bf16/fp32/fp64, any strides
+flash      cuda    ``_scaled_dot_product_flash_attention`` (FA2)         fp16/bf16, D % 8 == 0, D <= 256
+cudnn      cuda    ``_scaled_dot_product_cudnn_attention``               fp16/bf16, D % 8 == 0, D <= 128,
+                                                                         sm80+; lse ``(B, N, Sq, 1)``
+efficient  cuda    ``_scaled_dot_product_efficient_attention``           fp16/bf16/fp32, D % (16 bytes) == 0;
+                                                                         lse padded to ``ceil(Sq/32)*32``
+torch      any     plain torch in float32 (float64 for float64)          none
+========== ======= ===================================================== ====================================
 
-``"auto"`` picks ``sdpa`` wherever :func:`sdpa_unsupported` finds nothing against it, else ``torch``. GQA/MQA
-key/value heads are repeated here, locally, for the kernel; their gradients are summed back per group.
+Every CUDA kernel reads ``q, k, v, out, dout`` with a unit stride along D and the LSE as a CONTIGUOUS
+buffer whatever strides the tensor claims: handing the backward the ring's strided slice ``lse[:, :, qs]``
+gave dq errors of 1e3-5e4 on an H100 (issue 11), silently. So the wrappers below make the row tensors
+D-contiguous in the ``(B, S, N, D)`` memory order SDPA itself produces (no copy for the ring's B = 1
+slices), and hand every backward a fresh contiguous LSE in the kernel's own shape. ``tests/ring/
+test_block_doubles.py`` replaces the ATen ops by CPU doubles that assert exactly these preconditions, so CI
+runs the CUDA code path without a GPU.
+
+The backwards take the FINAL output and LSE of the whole ring: given those, each block's gradients are
+its exact share (``P = exp(s - lse)`` and ``delta = rowsum(dout * out)`` use the totals).
+
+``impl="auto"`` picks, per device, the first kernel of :data:`AUTO_ORDER` that supports the call (cuDNN
+before FlashAttention-2 on CUDA, as PyTorch's SDPA does on Hopper and Ampere: 1.7x faster there), and
+``torch`` for float64 or when none does. ``impl="sdpa"`` is the same choice among the fused kernels only
+(an error where none runs); a kernel name forces that kernel. GQA/MQA key/value heads are repeated here,
+once per block, for the kernels; their gradients are summed back per group.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
 
 import torch
 
 from ..errors import BackendError, expected
 
-IMPLS = ("auto", "sdpa", "torch")
+_aten = torch.ops.aten
+# The ATen entry points, looked up through this table so tests can put CPU doubles in their place.
+ATEN: dict[str, Callable] = {
+    "flash_cpu": _aten._scaled_dot_product_flash_attention_for_cpu,
+    "flash_cpu_backward": _aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    "flash_cuda": _aten._scaled_dot_product_flash_attention,
+    "flash_cuda_backward": _aten._scaled_dot_product_flash_attention_backward,
+    "cudnn": _aten._scaled_dot_product_cudnn_attention,
+    "cudnn_backward": _aten._scaled_dot_product_cudnn_attention_backward,
+    "efficient": _aten._scaled_dot_product_efficient_attention,
+    "efficient_backward": _aten._scaled_dot_product_efficient_attention_backward,
+}
 
-_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-_flash_cuda = torch.ops.aten._scaled_dot_product_flash_attention
-_flash_cuda_backward = torch.ops.aten._scaled_dot_product_flash_attention_backward
-_CUDA_FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_CUDA_FLASH_MAX_HEAD_DIM = 256
+_HALF = (torch.float16, torch.bfloat16)
+EFFICIENT_LSE_ROWS = 32  # the memory-efficient kernel pads its LSE to a multiple of 32 query rows
 
 
-def sdpa_unsupported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why no fused flash kernel runs blocks of ``dtype`` and head size ``head_dim`` on ``device``, or None."""
-    if device.type == "cpu":
+def device_type(device: torch.device) -> str:
+    """The device type kernels are chosen for (a function so that tests can route CPU tensors as CUDA)."""
+    return device.type
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA device, (0, 0) without CUDA (a function so that tests can stand in for a
+    GPU)."""
+    return torch.cuda.get_device_capability(device) if torch.cuda.is_available() else (0, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockKernel:
+    """One block-attention kernel: what it runs (dtypes, head sizes, device) and how it is called."""
+
+    name: str
+    device: str  # device type, or "any"
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int | None = None
+    head_dim_bytes: int = 1  # D * element size must be a multiple of this
+    min_capability: tuple[int, int] | None = None
+    switch: str | None = None  # key of ENABLED: PyTorch's on/off switch for this kernel
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+        """Why this kernel cannot run blocks of ``dtype`` and head size ``head_dim`` on ``device``, or None."""
+        kind = device_type(device)
+        if self.device not in ("any", kind):
+            return f"the {self.name} kernel runs on {self.device}, not {kind}"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return f"the {kind} {self.name} kernel takes {names}, got {dtype}"
+        element = torch.empty((), dtype=dtype).element_size()
+        if self.max_head_dim is not None and head_dim > self.max_head_dim or (head_dim * element) % self.head_dim_bytes:
+            step = self.head_dim_bytes // element
+            top = f" up to {self.max_head_dim}" if self.max_head_dim else ""
+            return f"the {kind} {self.name} kernel takes head sizes that are multiples of {step}{top}, got {head_dim}"
+        if self.min_capability is not None and cuda_capability(device) < self.min_capability:
+            return f"the {self.name} kernel needs compute capability {self.min_capability} or newer"
+        if self.switch is not None and not ENABLED[self.switch]():
+            return f"the {self.name} kernel is disabled here ({self.switch})"
         return None
-    if device.type != "cuda":
-        return f"no fused block kernel on {device.type}"
-    if dtype not in _CUDA_FLASH_DTYPES:
-        return f"CUDA flash attention takes float16 and bfloat16, got {dtype}"
-    if head_dim % 8 or head_dim > _CUDA_FLASH_MAX_HEAD_DIM:
-        return f"CUDA flash attention takes head sizes that are multiples of 8 up to 256, got {head_dim}"
-    return None
+
+
+# PyTorch's switches (torch.backends.cuda.enable_*_sdp) are honoured; cuDNN attention needs cuDNN 9.
+ENABLED: dict[str, Callable[[], bool]] = {
+    "cudnn_sdp_enabled": lambda: (
+        torch.backends.cuda.cudnn_sdp_enabled() and (torch.backends.cudnn.version() or 0) >= 90000
+    ),
+    "flash_sdp_enabled": torch.backends.cuda.flash_sdp_enabled,
+    "mem_efficient_sdp_enabled": torch.backends.cuda.mem_efficient_sdp_enabled,
+}
+
+KERNELS: dict[tuple[str, str], BlockKernel] = {
+    ("cpu", "flash"): BlockKernel("flash", "cpu", (torch.float16, torch.bfloat16, torch.float32, torch.float64)),
+    ("cuda", "cudnn"): BlockKernel(
+        "cudnn", "cuda", _HALF, max_head_dim=128, head_dim_bytes=16, min_capability=(8, 0), switch="cudnn_sdp_enabled"
+    ),
+    ("cuda", "flash"): BlockKernel(
+        "flash", "cuda", _HALF, max_head_dim=256, head_dim_bytes=16, switch="flash_sdp_enabled"
+    ),
+    ("cuda", "efficient"): BlockKernel(
+        "efficient",
+        "cuda",
+        (*_HALF, torch.float32),
+        head_dim_bytes=16,
+        switch="mem_efficient_sdp_enabled",
+    ),
+}
+TORCH_KERNEL = BlockKernel("torch", "any", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+AUTO_ORDER = {"cpu": ("flash",), "cuda": ("cudnn", "flash", "efficient")}
+IMPLS = ("auto", "sdpa", "torch", "flash", "cudnn", "efficient")
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The implementation ``impl`` means for blocks of ``dtype`` and head size ``head_dim`` on ``device``."""
-    reason = sdpa_unsupported(device, dtype, head_dim)
-    if impl == "sdpa" and reason is not None:
-        raise BackendError(expected("impl", f"'auto' or 'torch' here ({reason})", "'sdpa'"))
-    if impl != "auto":
-        return impl
-    return "sdpa" if reason is None and dtype != torch.float64 else "torch"
+    """The kernel name (``"flash"``, ``"cudnn"``, ``"efficient"`` or ``"torch"``) that ``impl`` means for blocks
+    of ``dtype`` and head size ``head_dim`` on ``device``; BackendError when ``impl`` names one that cannot run."""
+    if impl not in IMPLS:
+        raise BackendError(expected("impl", f"one of {', '.join(map(repr, IMPLS))}", repr(impl)))
+    if impl == "torch":
+        return "torch"
+    kind = device_type(device)
+    if impl in ("auto", "sdpa"):
+        reasons = []
+        for name in AUTO_ORDER.get(kind, ()):
+            reason = KERNELS[kind, name].unsupported(device, dtype, head_dim)
+            if reason is None and (impl == "sdpa" or dtype != torch.float64):
+                return name
+            reasons.append(reason)
+        if impl == "auto":
+            return "torch"
+        why = "; ".join(r for r in reasons if r) or f"no fused block kernel on {kind}"
+        raise BackendError(expected("impl", f"'auto' or 'torch' here ({why})", "'sdpa'"))
+    kernel = KERNELS.get((kind, impl))
+    reason = kernel.unsupported(device, dtype, head_dim) if kernel else f"no {impl} kernel on {kind}"
+    if reason is not None:
+        raise BackendError(expected("impl", f"a kernel that runs here ({reason})", repr(impl)))
+    return impl
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of ring attention: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- the kernels' layout contract (Note [block kernels]) -------------------------------------------------
+
+
+def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x (B, N, S, D)`` as the kernels read it: unit stride along D, in ``(B, S, N, D)`` memory order
+    (SDPA's own); a no-op for the ring's transposed ``(B, S, N, D)`` slices when B == 1."""
+    bsnd = x.transpose(1, 2)
+    return x if bsnd.is_contiguous() else bsnd.contiguous().transpose(1, 2)
+
+
+def _lse_for_backward(lse: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The FINAL LSE ``(B, N, Sq)`` as a contiguous buffer in the shape and dtype CUDA ``kernel`` reads."""
+    lse = lse.to(torch.float32)
+    if kernel == "cudnn":
+        return lse.contiguous().unsqueeze(-1)  # (B, N, Sq, 1)
+    if kernel == "efficient":
+        b, n, sq = lse.shape
+        padded = torch.zeros(b, n, math.ceil(sq / EFFICIENT_LSE_ROWS) * EFFICIENT_LSE_ROWS, device=lse.device)
+        padded[..., :sq] = lse
+        return padded
+    return lse.contiguous()
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -73,7 +203,7 @@ def _sum_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return dx
     b, n, s, d = dx.shape
-    return dx.view(b, n // groups, groups, s, d).sum(2)
+    return dx.reshape(b, n // groups, groups, s, d).sum(2)
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
@@ -84,20 +214,54 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> tor
     return s
 
 
+def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool):
+    if not cuda:
+        return ATEN["flash_cpu"](q, k, v, 0.0, causal, scale=scale)
+    q, k, v = (_kernel_layout(x) for x in (q, k, v))
+    if kernel == "flash":
+        return ATEN["flash_cuda"](q, k, v, 0.0, causal, False, scale=scale)[:2]
+    if kernel == "cudnn":
+        o, lse = ATEN["cudnn"](q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        return o, lse.squeeze(-1)
+    o, lse = ATEN["efficient"](q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return o, lse[..., : q.shape[2]]
+
+
+def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool):
+    if not cuda:  # the CPU kernel takes the LSE in the inputs' accumulation dtype, any strides
+        return ATEN["flash_cpu_backward"](do, q, k, v, out, lse, 0.0, causal, scale=scale)
+    lse = _lse_for_backward(lse, kernel)
+    do, q, k, v, out = (_kernel_layout(x) for x in (do, q, k, v, out))
+    # No dropout: the random-state tensors are never read. Dense inputs: no cumulative sequence lengths.
+    no_rng = torch.empty((), dtype=torch.int64, device=q.device)
+    sq, sk = q.shape[2], k.shape[2]
+    if kernel == "flash":
+        return ATEN["flash_cuda_backward"](do, q, k, v, out, lse, None, None, sq, sk, 0.0, causal, no_rng, no_rng,
+                                           scale=scale)  # fmt: skip
+    if kernel == "cudnn":
+        return ATEN["cudnn_backward"](do, q, k, v, out, lse, no_rng, no_rng, None, None, None, sq, sk, 0.0, causal,
+                                      scale=scale)  # fmt: skip
+    return ATEN["efficient_backward"](do, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False],
+                                      causal, scale=scale)[:3]  # fmt: skip
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, impl: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block attention: ``(o (B, N, Sq, D) in q's dtype, lse (B, N, Sq) natural log)``.
 
-    lse is float32 (float64 with the ``torch`` impl on float64 inputs).
+    ``impl`` is a kernel name from :func:`resolve_impl`. lse is float32 (float64 with the ``torch`` kernel on
+    float64 inputs) and contiguous.
     """
-    groups = q.shape[1] // k.shape[1]
+    b, n, sq, _ = q.shape
+    if sq == 0 or k.shape[2] == 0:  # an empty block (kernels divide by these sizes)
+        lse = torch.full((b, n, sq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
+        return q.new_zeros(b, n, sq, v.shape[-1]), lse
+    groups = n // k.shape[1]
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
-    if impl == "sdpa" and q.device.type == "cuda":
-        o, lse = _flash_cuda(q, k, v, 0.0, causal, False, scale=scale)[:2]
-        return o, lse
-    if impl == "sdpa":
-        return _flash_cpu(q, k, v, 0.0, causal, scale=scale)
+    if impl != "torch":
+        o, lse = _fused_forward(q, k, v, causal, scale, impl, device_type(q.device) == "cuda")
+        return o, lse.contiguous()
     c = compute_dtype(q.dtype)
     s = _scores(q.to(c), k.to(c), causal, scale)
     lse = torch.logsumexp(s, dim=-1)
@@ -119,20 +283,17 @@ def attend_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of ``(dq, dk, dv)`` given the FINAL ``out`` and ``lse`` of the query rows.
 
-    ``do, out (B, N, Sq, D)``, ``lse (B, N, Sq)``. Gradients come in q's dtype (``sdpa``) or the compute
-    dtype (``torch``); dk/dv have k's head count.
+    ``do, out (B, N, Sq, D)``, ``lse (B, N, Sq)`` with any strides (each kernel gets them in its own layout,
+    Note [block kernels]). Gradients come in q's dtype (fused kernels) or the compute dtype (``torch``);
+    dk/dv have k's head count.
     """
     groups = q.shape[1] // k.shape[1]
+    if q.shape[2] == 0 or k.shape[2] == 0:  # an empty block contributes nothing
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
-    if impl == "sdpa" and q.device.type == "cuda":
-        # Dense inputs: no cumulative sequence lengths (None, as SDPA's own forward returns them); no dropout,
-        # so the random-state tensors are never read.
-        no_rng = torch.empty((), dtype=torch.int64, device=q.device)
-        dq, dk, dv = _flash_cuda_backward(
-            do, q, k_rep, v_rep, out, lse, None, None, q.shape[2], k.shape[2], 0.0, causal, no_rng, no_rng, scale=scale
-        )
-    elif impl == "sdpa":
-        dq, dk, dv = _flash_cpu_backward(do, q, k_rep, v_rep, out, lse, 0.0, causal, scale=scale)
+    if impl != "torch":
+        dq, dk, dv = _fused_backward(do, q, k_rep, v_rep, out, lse, causal, scale, impl,
+                                     device_type(q.device) == "cuda")  # fmt: skip
     else:
         c = compute_dtype(q.dtype)
         q_c, k_c, v_c, do_c = q.to(c), k_rep.to(c), v_rep.to(c), do.to(c)

@@ -1,19 +1,25 @@
 """Input checks of ring attention that raise on EVERY rank instead of hanging some of them.
 
-Each rank encodes what it was given (tensor or not, rank, shape, dtype, device, options) as a short row
-of integers; one ``all_gather`` gives every rank the whole table, and every rank then runs the same
-pure validation over it. So a bad input on one rank, or ranks that disagree, raise the same ringattn
-error everywhere before the first P2P transfer is posted.
+Each rank encodes what it was given (tensor or not, rank, shape, dtype, device, and every option, valid or
+not) as a short row of integers; one ``all_gather`` gives every rank the whole table, and every rank then
+runs the same pure validation over it. So a bad input or option on one rank, or ranks that disagree
+(shapes, dtypes, devices, options, ``softmax_scale``, whether a backward will run), raise the same ringattn
+error everywhere before the first P2P transfer is posted. Nothing is validated before the gather: an error
+raised on one rank only would leave the others blocked in it.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DeviceError, DTypeError, ShapeError, expected
+from .. import backends
+from ..errors import BackendError, ConfigError, DeviceError, DTypeError, LayoutError, ShapeError, expected
+from .blocks import IMPLS
 from .schedule import SHARDINGS
 
 LAYOUTS = ("BSND", "BNSD")
@@ -24,6 +30,16 @@ _MAX_DIMS = 4
 _NAMES = ("q", "k", "v")
 # Row layout per tensor: is_tensor, ndim, 4 sizes (-1 padded), dtype code, device type code.
 _FIELDS = 2 + _MAX_DIMS + 2
+# Options, in row order after the tensors: (name, allowed values, error class). -1 encodes "not allowed".
+_CHOICES = (
+    ("layout", LAYOUTS, LayoutError),
+    ("sharding", SHARDINGS, LayoutError),
+    ("impl", IMPLS, BackendError),
+    ("backend", tuple(n for n in backends.BACKEND_NAMES if n != "reference"), BackendError),
+    ("causal", (False, True), ConfigError),
+)
+# After the choices: softmax_scale as (kind, bits) with kind 0 = default, 1 = a float, -1 = invalid; then
+# whether this rank will run a backward (ranks that disagree would hang in it).
 
 
 def _encode_tensor(x: Any) -> list[int]:
@@ -35,10 +51,32 @@ def _encode_tensor(x: Any) -> list[int]:
     return [1, x.dim(), *sizes, dtype, device]
 
 
-def encode(q: Any, k: Any, v: Any, *, causal: bool, layout: str, sharding: str) -> list[int]:
-    """This rank's row of the check table."""
+def _index(value: Any, allowed: tuple) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1) and allowed == (False, True):
+        value = bool(value)  # causal=0 / 1
+    for i, candidate in enumerate(allowed):
+        if type(value) is type(candidate) and value == candidate:
+            return i
+    return -1
+
+
+def _encode_scale(scale: Any) -> list[int]:
+    if scale is None:
+        return [0, 0]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        return [-1, 0]
+    return [1, struct.unpack("<q", struct.pack("<d", float(scale)))[0]]
+
+
+def _decode_scale(kind: int, bits: int) -> float | None:
+    return None if kind == 0 else struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def encode(q: Any, k: Any, v: Any, options: Any, *, needs_grad: bool) -> list[int]:
+    """This rank's row of the check table; ``options`` is a :class:`RingOptions` (any values, valid or not)."""
     row = [v_ for x in (q, k, v) for v_ in _encode_tensor(x)]
-    return [*row, int(causal), LAYOUTS.index(layout), SHARDINGS.index(sharding)]
+    row += [_index(getattr(options, name), allowed) for name, allowed, _ in _CHOICES]
+    return [*row, *_encode_scale(options.softmax_scale), int(needs_grad)]
 
 
 def _fields(row: Sequence[int], i: int) -> tuple[bool, int, tuple[int, ...], str, str]:
@@ -49,10 +87,25 @@ def _fields(row: Sequence[int], i: int) -> tuple[bool, int, tuple[int, ...], str
     return bool(is_tensor), ndim, sizes[: min(ndim, _MAX_DIMS)], dtype_name, device_name
 
 
-def _check_row(row: Sequence[int], where: str) -> None:
-    """Validate one rank's inputs; ``where`` (e.g. ``" (rank 2)"``) is appended to argument names."""
+def _options(row: Sequence[int]) -> list[int]:
+    return list(row[3 * _FIELDS :])
+
+
+def _check_options(row: Sequence[int], where: str, given: Any) -> None:
+    codes = _options(row)
+    for (name, allowed, error), code in zip(_CHOICES, codes, strict=False):
+        if code < 0:
+            got = repr(getattr(given, name)) if given is not None else "another value on that rank"
+            raise error(expected(name + where, f"one of {', '.join(map(repr, allowed))}", got))
+    if codes[len(_CHOICES)] < 0:
+        got = repr(given.softmax_scale) if given is not None else "another value on that rank"
+        raise ConfigError(expected("softmax_scale" + where, "None or a finite float", got))
+
+
+def _check_tensors(row: Sequence[int], where: str) -> None:
     q, k, v = (_fields(row, i) for i in range(3))
-    causal, layout, sharding = bool(row[-3]), LAYOUTS[row[-2]], SHARDINGS[row[-1]]
+    layout = LAYOUTS[_options(row)[0]]
+    causal, sharding = bool(_options(row)[4]), SHARDINGS[_options(row)[1]]
     letters = "(B, S_local, N, D)" if layout == "BSND" else "(B, N, S_local, D)"
     for name, (is_tensor, ndim, sizes, dtype, _) in zip(_NAMES, (q, k, v), strict=True):
         if not is_tensor:
@@ -69,9 +122,11 @@ def _check_row(row: Sequence[int], where: str) -> None:
     if v[2] != k[2]:
         raise ShapeError(expected("v" + where, f"shape {k[2]} like k", f"shape {v[2]}"))
     seq, heads = (1, 2) if layout == "BSND" else (2, 1)
+    if q[2][3] == 0 or q[2][heads] == 0:
+        raise ShapeError(expected("q" + where, "at least one head of size >= 1", f"shape {q[2]}"))
     if k[2][0] != q[2][0] or k[2][3] != q[2][3]:
         raise ShapeError(expected("k" + where, f"batch {q[2][0]} and head size {q[2][3]} like q", f"shape {k[2]}"))
-    if q[2][heads] % max(k[2][heads], 1) != 0 or k[2][heads] == 0:
+    if k[2][heads] == 0 or q[2][heads] % k[2][heads] != 0:
         raise ShapeError(expected("k" + where, f"a head count dividing q's {q[2][heads]}", k[2][heads]))
     if causal and k[2][seq] != q[2][seq]:
         raise ShapeError(expected("k" + where, f"local sequence length {q[2][seq]} like q (causal)", k[2][seq]))
@@ -81,10 +136,15 @@ def _check_row(row: Sequence[int], where: str) -> None:
         )
 
 
-def check_table(table: Sequence[Sequence[int]]) -> None:
-    """Raise the first problem in the gathered table: a rank's own inputs, then disagreement with rank 0."""
+def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
+    """Raise the first problem in the gathered table, the same on every rank: a rank's options, then its
+    inputs, then disagreement with rank 0. ``given`` (this rank's options) only makes messages name the bad
+    value when the bad rank is this one's ring of one."""
+    many = len(table) > 1
     for rank, row in enumerate(table):
-        _check_row(row, f" (rank {rank})" if len(table) > 1 else "")
+        _check_options(row, f" (rank {rank})" if many else "", None if many else given)
+    for rank, row in enumerate(table):
+        _check_tensors(row, f" (rank {rank})" if many else "")
     first = table[0]
     for rank, row in enumerate(table[1:], start=1):
         for i, name in enumerate(_NAMES):
@@ -97,8 +157,19 @@ def check_table(table: Sequence[Sequence[int]]) -> None:
                 raise DTypeError(expected(where, f"{dtype0} as on rank 0", dtype))
             if device != device0:
                 raise DeviceError(expected(where, f"a {device0} tensor as on rank 0", device))
-        for label, pos, values in (("causal", -3, (False, True)), ("layout", -2, LAYOUTS), ("sharding", -1, SHARDINGS)):
-            if row[pos] != first[pos]:
-                raise ConfigError(
-                    expected(f"{label} (rank {rank})", f"{values[first[pos]]!r} as on rank 0", values[row[pos]])
+        mine, theirs = _options(first), _options(row)
+        for (name, allowed, _), want, got in zip(_CHOICES, mine, theirs, strict=False):
+            if got != want:
+                raise ConfigError(expected(f"{name} (rank {rank})", f"{allowed[want]!r} as on rank 0", allowed[got]))
+        scale0, scale = _decode_scale(*mine[-3:-1]), _decode_scale(*theirs[-3:-1])
+        if scale != scale0:
+            raise ConfigError(expected(f"softmax_scale (rank {rank})", f"{scale0!r} as on rank 0", repr(scale)))
+        if theirs[-1] != mine[-1]:
+            want_grad, got_grad = ("a", "no") if mine[-1] else ("no", "a")
+            raise ConfigError(
+                expected(
+                    f"requires_grad (rank {rank})",
+                    f"{want_grad} backward as on rank 0 (inputs requiring grad with grad mode on)",
+                    f"{got_grad} backward",
                 )
+            )

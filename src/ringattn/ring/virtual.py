@@ -1,0 +1,298 @@
+"""The virtual ring: every rank of a ring attention in one process, through the code real ranks run.
+
+Note [virtual ring]
+-------------------
+:func:`simulate_ring_attention` cuts full-sequence tensors into the shards of ``world_size`` ranks and runs
+each rank's part of the ring (the same ``prepare`` checks, ``ring_forward`` and ``ring_backward`` as
+:func:`ring_attention`) in a Python thread of its own, with a :class:`VirtualComm` in place of ``RingComm``:
+``exchange`` hands the sent buffer to the next rank, which copies it into its receive buffer, exactly where a
+real rank would receive it. So forward and backward see the real schedule, blocks, merges and messages.
+
+Only one virtual rank runs at a time. A rank holds the *baton* until it must wait for a message (or a
+collective), then passes it to the next rank in ring order. That keeps runs deterministic (the virtual ring
+gives bitwise the results of spawned gloo ranks with the same thread count), never launches two kernels at
+once (numba's default threading layer aborts on concurrent calls; CUDA work lands on one stream in one
+order), and turns a schedule that would deadlock real ranks into an error instead of a hang: a full round of
+ranks that all wait is reported. The time of a virtual ring is therefore the SUM of all ranks' work on one
+device, which is what ``ringattn bench ring --virtual W`` compares with single-device attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, ShapeError, expected
+from .attention import RingOptions, _heads_first, prepare, ring_backward, ring_forward
+from .comm import Pending
+from .schedule import next_rank
+from .sharding import shard_sequence, unshard_sequence
+
+
+class _Aborted(Exception):
+    """Raised in the other virtual ranks when one rank failed (the first failure is re-raised)."""
+
+
+class _Message:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.received = False
+
+
+class _Baton:
+    """Shared state of one virtual ring run: whose turn it is, mailboxes, gathered rows, the first failure."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.cond = threading.Condition()
+        self.turn = 0
+        self.finished = [False] * world_size
+        self.idle_passes = 0  # baton passes in a row by ranks that could not proceed
+        self.mail: dict[tuple[int, int], deque[_Message]] = defaultdict(deque)  # (receiver, tag) -> messages
+        self.rows: dict[int, dict[int, list[int]]] = defaultdict(dict)  # all_gather round -> rank -> row
+        self.failure: BaseException | None = None
+
+    def wait_until(self, rank: int, ready: Callable[[], bool]) -> None:
+        """Return once it is ``rank``'s turn and ``ready()`` holds (checked under the lock); pass the baton on
+        while it does not. Raises ``_Aborted`` when another rank failed, ConfigError on a deadlock."""
+        with self.cond:
+            while True:
+                if self.failure is not None:
+                    raise _Aborted
+                if self.turn == rank:
+                    if ready():
+                        self.idle_passes = 0
+                        return
+                    self.idle_passes += 1
+                    if self.idle_passes > 2 * self.finished.count(False):
+                        raise ConfigError(
+                            "virtual ring: every rank is waiting for a message no rank will send (a deadlock of "
+                            "the ring schedule)"
+                        )
+                    self._pass(rank)
+                self.cond.wait()
+
+    def _pass(self, rank: int) -> None:
+        for step in range(1, self.world_size + 1):
+            candidate = (rank + step) % self.world_size
+            if not self.finished[candidate]:
+                self.turn = candidate
+                break
+        self.cond.notify_all()
+
+    def finish(self, rank: int, failure: BaseException | None) -> None:
+        with self.cond:
+            self.finished[rank] = True
+            if failure is not None and self.failure is None:
+                self.failure = failure
+            self.idle_passes = 0
+            self._pass(rank)
+
+
+class VirtualComm:
+    """``RingComm``'s interface for one virtual rank (Note [virtual ring])."""
+
+    def __init__(self, baton: _Baton, rank: int) -> None:
+        self.baton, self.rank, self.world_size = baton, rank, baton.world_size
+        self._gathers = 0
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        baton, round_ = self.baton, self._gathers
+        self._gathers += 1
+        with baton.cond:
+            baton.rows[round_][self.rank] = list(values)
+        baton.wait_until(self.rank, lambda: len(baton.rows[round_]) == self.world_size)
+        return [baton.rows[round_][r] for r in range(self.world_size)]
+
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor, *, tag: int = 0) -> Pending:
+        message = _Message(send)
+        with self.baton.cond:
+            self.baton.mail[next_rank(self.rank, self.world_size), tag].append(message)
+        return _VirtualPending(self, recv, tag, message)
+
+
+class _VirtualPending(Pending):
+    """One posted exchange of a virtual rank: ``wait`` receives into ``recv``, then waits until the message
+    this rank sent has been received (as a completed real send would)."""
+
+    def __init__(self, comm: VirtualComm, recv: torch.Tensor, tag: int, sent: _Message) -> None:
+        super().__init__([], (recv,))
+        self._comm, self._recv, self._tag, self._sent = comm, recv, tag, sent
+
+    def wait(self) -> None:
+        baton, rank = self._comm.baton, self._comm.rank
+        box = baton.mail[rank, self._tag]
+        baton.wait_until(rank, lambda: len(box) > 0)
+        message = box.popleft()
+        self._recv.copy_(message.tensor)
+        message.received = True
+        baton.wait_until(rank, lambda: self._sent.received)
+
+
+def run_virtual_ranks(world_size: int, fn: Callable[[VirtualComm], Any]) -> list[Any]:
+    """``[fn(comm_0), ..., fn(comm_{W-1})]``, each rank in its own thread under one baton; the first exception
+    of any rank is raised here (after every thread has ended)."""
+    baton = _Baton(world_size)
+    results: list[Any] = [None] * world_size
+    grad_mode = torch.is_grad_enabled()
+
+    def body(rank: int) -> None:
+        failure = None
+        try:
+            baton.wait_until(rank, lambda: True)
+            with torch.set_grad_enabled(grad_mode):
+                results[rank] = fn(VirtualComm(baton, rank))
+        except _Aborted:
+            pass
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure = exc
+        baton.finish(rank, failure)
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"virtual-rank-{r}") for r in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if baton.failure is not None:
+        raise baton.failure
+    return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    world_size: int
+    options: RingOptions
+    seq_dim: int  # of the caller's layout
+
+
+def _shards(x: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
+    return [
+        shard_sequence(x, r, plan.world_size, sharding=plan.options.sharding, dim=plan.seq_dim)
+        for r in range(plan.world_size)
+    ]
+
+
+def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
+    return unshard_sequence(shards, sharding=plan.options.sharding, dim=dim)
+
+
+class _VirtualRing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, needs_grad: bool) -> Any:
+        shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
+
+        def rank_forward(comm: VirtualComm):
+            q_r, k_r, v_r, cfg = prepare(*shards[comm.rank], plan.options, comm, needs_grad=needs_grad)
+            out, lse = ring_forward(q_r, k_r, v_r, cfg)
+            return (q_r, k_r, v_r, out, lse), cfg
+
+        results = run_virtual_ranks(plan.world_size, rank_forward)
+        ctx.saved = [saved for saved, _ in results]
+        ctx.configs = [cfg for _, cfg in results]
+        ctx.plan = plan
+        out = _unshard([saved[3] for saved in ctx.saved], plan, dim=1)  # (B, S, N, D)
+        lse = _unshard([saved[4] for saved in ctx.saved], plan, dim=2)  # (B, N, S)
+        if plan.options.layout == "BNSD":
+            out = _heads_first(out)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
+        plan = ctx.plan
+        douts = _shards(dout, plan)
+
+        def rank_backward(comm: VirtualComm):
+            q_r, k_r, v_r, out, lse = ctx.saved[comm.rank]
+            do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
+            cfg = dataclasses.replace(ctx.configs[comm.rank], comm=comm)
+            return ring_backward(do_r, q_r, k_r, v_r, out, lse, cfg)
+
+        grads = run_virtual_ranks(plan.world_size, rank_backward)
+        full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) each
+        if plan.options.layout == "BNSD":
+            full = [_heads_first(g) for g in full]
+        return (*full, None, None)
+
+
+def simulate_ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    /,
+    *,
+    world_size: int,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "BSND",
+    sharding: str = "zigzag",
+    return_lse: bool = False,
+    impl: str = "auto",
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Ring attention of ``world_size`` virtual ranks in this process, on FULL-sequence tensors.
+
+    Cuts q, k, v into the shards of ``world_size`` ranks (``sharding``), runs every rank's part of
+    :func:`ringattn.ring_attention` on them with real message buffers passed between the virtual ranks
+    (Note [virtual ring] in ``ring/virtual.py``), and puts the output back in sequence order. The result is
+    what ``world_size`` real ranks compute, on one device: for debugging context parallelism on a laptop,
+    testing, and measuring the cost of the decomposition on one GPU. Differentiable in q, k and v.
+
+    Parameters
+    ----------
+    q, k, v : Tensor ``(B, S, N, D)`` / ``(B, S, Nkv, D)`` (layout ``"BSND"``) or ``(B, N, S, D)`` (``"BNSD"``)
+        The whole sequence; as :func:`ringattn.ring_attention` takes them otherwise. ``S`` must be a multiple
+        of ``2 * world_size`` (zigzag) or ``world_size`` (contiguous).
+    world_size : int
+        Number of virtual ranks, >= 1.
+    causal, softmax_scale, layout, sharding, impl, backend
+        As in :func:`ringattn.ring_attention`.
+    return_lse : bool
+        Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
+
+    Returns
+    -------
+    out : Tensor, the shape and layout of q, in sequence order (and ``lse`` with ``return_lse=True``).
+
+    Raises
+    ------
+    ConfigError
+        ``world_size`` is not an int >= 1.
+    ShapeError
+        The sequence length does not divide into the shards.
+    The errors of :func:`ringattn.ring_attention` for invalid inputs or options.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
+    options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend)
+    # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
+    # checks its shard again through the all-gather, as real ranks do.
+    prepare(q, k, v, options, _SoloComm(), needs_grad=False)
+    seq_dim = 1 if layout == "BSND" else 2
+    chunks = 2 * world_size if sharding == "zigzag" else world_size
+    for name, x in (("q", q), ("k", k)):
+        if x.shape[seq_dim] % chunks:
+            raise ShapeError(
+                expected(
+                    f"{name}.shape[{seq_dim}]",
+                    f"a sequence length divisible by {chunks} ({sharding} sharding over {world_size} ranks)",
+                    x.shape[seq_dim],
+                )
+            )
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, seq_dim), needs_grad)
+    return (out, lse) if return_lse else out
+
+
+class _SoloComm:
+    """A ring of one for the whole-call checks."""
+
+    rank, world_size = 0, 1
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        return [list(values)]
