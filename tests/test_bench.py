@@ -182,15 +182,26 @@ def test_subcommand_is_dispatched_lazily_to_its_command_line_module(monkeypatch,
 
 def test_missing_ring_peer_is_a_failed_row_naming_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ring_attention_pytorch", None)  # import raises ModuleNotFoundError
-    argv = ["--seq-len", "16", "--heads", "1", "--head-dim", "8", "--repeat", "1"]
+    argv = ["--seq-len", "16", "--heads", "1", "--head-dim", "8", "--repeats", "1"]
     assert bench.main(["ring", *argv, "--providers", "single,ring-attention-pytorch"]) == 0
     out = capsys.readouterr().out
     assert "ring-attention-pytorch    failed: ring-attention-pytorch is not importable" in out
     assert "pip install 'ringattn[peers]'" in out
     single, peer = ring.measure(
-        ring.Case(seq_len=16, heads=1, head_dim=8, repeat=1), ("single", "ring-attention-pytorch")
+        ring.Case(seq_len=16, heads=1, head_dim=8, repeats=1), ("single", "ring-attention-pytorch")
     )
     assert single["provider"] == "single" and single["median_s"] > 0
     assert (
         peer["provider"] == "ring-attention-pytorch" and ring.PEER_INSTALL in peer["error"] and "median_s" not in peer
     )
+
+
+def test_bench_ring_virtual_reports_the_decomposition_cost(capsys):
+    """``bench ring --virtual``: single SDPA and the virtual ring per block kernel, grads compared once."""
+    argv = ["ring", "--virtual", "--world-size", "2", "--seq-len", "16", "--heads", "2", "--kv-heads", "1"]
+    assert bench.main([*argv, "--head-dim", "8", "--repeats", "1", "--impls", "auto,torch,cudnn"]) == 0
+    out = capsys.readouterr().out
+    rows = ring.measure_virtual(ring.Case(world_size=2, seq_len=16, heads=2, head_dim=8, repeats=1, kv_heads=1))
+    assert [r["provider"] for r in rows] == ["single (SDPA)", "virtual ring W=2 (auto)"]
+    assert rows[1]["max_abs_diff"] < 1e-4 and rows[1]["ratio_to_single"] > 0
+    assert "virtual ring W=2 (torch)" in out and "virtual ring W=2 (cudnn)  failed: BackendError" in out

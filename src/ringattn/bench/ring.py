@@ -4,8 +4,13 @@ Providers: ``single`` (PyTorch SDPA in one process with W threads), ``ringattn``
 thread per rank), ``ring-attention-pytorch`` (its ``ring_flash_attn`` with striped sharding; installed
 by the ``peers`` extra, see :data:`PEER_INSTALL`, and reported as a failed row when missing). Every
 ring provider's gathered output and gradients are compared once with ``single`` (max abs difference)
-before timing; times are medians of ``--repeat`` barrier-aligned runs after a warm-up. Ratios only
+before timing; times are medians of ``--repeats`` barrier-aligned runs after a warm-up. Ratios only
 mean something within one run on one machine.
+
+``--virtual``: all W ranks as a virtual ring in this process on one device (``--device cuda`` for a GPU),
+timed against one full-sequence SDPA forward+backward with PyTorch's default kernel choice. The virtual
+ring's time is the SUM of every rank's work (Note [virtual ring]), so its ratio to ``single`` is the cost of
+the decomposition itself: 1.0 is ideal, communication excluded.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ..ring import gather_sequence, ring_attention, shard_sequence
+from ..ring import gather_sequence, ring_attention, shard_sequence, simulate_ring_attention
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("single", "ringattn", "ring-attention-pytorch")
@@ -41,18 +46,22 @@ class Case:
     head_dim: int = 64
     dtype: str = "float32"
     causal: bool = True
-    repeat: int = 3
+    repeats: int = 3
+    kv_heads: int = 0  # 0: as many as heads; fewer: GQA/MQA (the providers other than --virtual repeat them)
 
 
-def _inputs(case: Case) -> list[torch.Tensor]:
+def _inputs(case: Case, device: str = "cpu") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
-    return [torch.randn(shape, generator=gen).to(_DTYPES[case.dtype]) for _ in range(4)]
+    kv_heads = case.kv_heads or case.heads
+    shapes = [(case.batch, case.seq_len, n, case.head_dim) for n in (case.heads, kv_heads, kv_heads, case.heads)]
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=_DTYPES[case.dtype]) for shape in shapes]
 
 
 def _single(case: Case, q, k, v, g) -> list[torch.Tensor]:
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=case.causal)
+    heads = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = {"enable_gqa": True} if k.shape[2] != q.shape[2] else {}
+    out = F.scaled_dot_product_attention(*heads, is_causal=case.causal, **gqa)
     out.transpose(1, 2).backward(g)
     return [out.transpose(1, 2).detach(), q.grad, k.grad, v.grad]
 
@@ -107,7 +116,7 @@ def _rank(rank: int, world: int, rendezvous: str, provider: str, case: Case, res
         run(q, k, v, g)  # warm-up, and the results checked against `single`
         results = [gather(x) for x in (q.grad, k.grad, v.grad)]
         times = []
-        for _ in range(case.repeat):
+        for _ in range(case.repeats):
             q.grad = k.grad = v.grad = None
             dist.barrier()
             start = time.perf_counter()
@@ -128,7 +137,7 @@ def measure(case: Case, providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
     try:
         reference = _single(case, *full)[1:]
         times = []
-        for _ in range(case.repeat):
+        for _ in range(case.repeats):
             start = time.perf_counter()
             _single(case, *full)
             times.append(time.perf_counter() - start)
@@ -163,27 +172,87 @@ def measure(case: Case, providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
     return rows
 
 
+def _seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
+    """Median wall seconds of ``fn`` (synchronised on CUDA), after one warm-up call."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_virtual(case: Case, device: str = "cpu", impls: tuple[str, ...] = ("auto",)) -> list[dict]:
+    """One full-sequence SDPA forward+backward vs a virtual ring of ``case.world_size`` ranks (one row per block
+    kernel in ``impls``), on ``device``: median seconds, ratio to single, max |grad diff| vs single."""
+    q, k, v, g = _inputs(case, device)
+    reference = _single(case, q, k, v, g)[1:]
+
+    def virtual(impl: str) -> list[torch.Tensor]:
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = simulate_ring_attention(*leaves, world_size=case.world_size, causal=case.causal, impl=impl)
+        return list(torch.autograd.grad(out, leaves, g))
+
+    rows = [{"provider": "single (SDPA)", "median_s": _seconds(lambda: _single(case, q, k, v, g), device, case.repeats),
+             "max_abs_diff": 0.0}]  # fmt: skip
+    for impl in impls:
+        name = f"virtual ring W={case.world_size} ({impl})"
+        try:
+            diff = max(
+                (a.double() - b.double()).abs().max().item() for a, b in zip(virtual(impl), reference, strict=True)
+            )
+            seconds = _seconds(lambda i=impl: virtual(i), device, case.repeats)
+        except Exception as exc:  # a kernel that cannot run this case is reported, not fatal
+            rows.append({"provider": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"})
+            continue
+        rows.append({"provider": name, "median_s": seconds, "max_abs_diff": diff})
+    for row in rows:
+        if "median_s" in row:
+            row["ratio_to_single"] = row["median_s"] / rows[0]["median_s"]
+    return rows
+
+
 def main(argv: list[str]) -> int:
     """``ringattn bench ring [options]``; prints a table (and JSON with ``--json PATH``)."""
-    parser = argparse.ArgumentParser(prog="ringattn bench ring", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ringattn bench ring",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     defaults = Case()
-    parser.add_argument("--world-size", type=int, default=defaults.world_size)
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--world-size", type=int, default=defaults.world_size, help="ranks W")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="full sequence length S")
     parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--heads", type=int, default=defaults.heads)
+    parser.add_argument("--heads", type=int, default=defaults.heads, help="query heads N")
+    parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads, help="key/value heads (0: N)")
     parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default=defaults.dtype)
-    parser.add_argument("--no-causal", dest="causal", action="store_false")
-    parser.add_argument("--repeat", type=int, default=defaults.repeat)
+    parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs (median reported)")
     parser.add_argument(
         "--providers",
         default=",".join(PROVIDERS),
         help=f"comma-separated of {PROVIDERS}; ring-attention-pytorch needs the 'peers' extra",
     )
+    parser.add_argument("--virtual", action="store_true", help="all W ranks in this process (see the module doc)")
+    parser.add_argument("--device", default="cpu", help="--virtual only: cpu or cuda")
+    parser.add_argument("--impls", default="auto", help="--virtual only: comma-separated block kernels to time")
     parser.add_argument("--json", help="also write the rows to this file")
     ns = parser.parse_args(argv)
-    case = Case(ns.world_size, ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.causal, ns.repeat)
-    rows = measure(case, tuple(ns.providers.split(",")))
+    case = Case(ns.world_size, ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.causal, ns.repeats,
+                ns.kv_heads)  # fmt: skip
+    if ns.virtual:
+        rows = measure_virtual(case, ns.device, tuple(ns.impls.split(",")))
+    else:
+        rows = measure(case, tuple(ns.providers.split(",")))
     print(f"ring attention forward+backward: {case}")
     print(f"{'provider':<24}{'median s':>10}{'x single':>10}{'max|grad diff|':>16}")
     for row in rows:
