@@ -1,28 +1,54 @@
 #!/usr/bin/env bash
 # Everything a session with a CUDA GPU should run, in one command (the lent device machines are short-lived):
-#   bash benchmarks/cuda_session.sh [tests|bench|all]      (default all)
+#   bash benchmarks/cuda_session.sh [tests|bench|ring|all]      (default all)
+#     tests: the GPU's share of the suite (merge kernels, CUDA-only tests, ring blocks and virtual rings on CUDA)
+#     bench: `ringattn bench --device cuda` (the merge)
+#     ring:  the ring tests on CUDA, `ringattn bench ring --virtual` on the issue-11 cases, and where the
+#            virtual ring's time goes (benchmarks/ring_profile.py)
 # Logs and JSON go to $OUT (the device tool's output folder) or ./cuda-out. Uses the machine's python3 with
 # torch, triton and numba already installed, and this checkout through PYTHONPATH (nothing to install).
 set -uo pipefail
 OUT=${OUT:-cuda-out}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stage=${1:-all}
 status=0
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
     python3 -c "import torch, triton, numba; print('torch', torch.__version__, 'triton', triton.__version__,
-        'numba', numba.__version__, torch.cuda.get_device_name())"
+        'numba', numba.__version__, 'cudnn', torch.backends.cudnn.version(), torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/facts.txt"
 
+ring_tests=(tests/ring/test_blocks.py tests/ring/test_virtual.py tests/ring/test_ring.py)
+
 if [[ $stage == tests || $stage == all ]]; then
-    # The GPU's share of the suite: CUDA-only tests, the Triton kernels compiled (not interpreted), the shared
-    # property tests for the triton backend, ring blocks and ring attention on CUDA, the CUDA bench path.
-    timeout 480 python3 -m pytest -q -rs -p no:cacheprovider --timeout 300 -k "triton or cuda or blocks" \
+    timeout 420 python3 -m pytest -q -rs -p no:cacheprovider --timeout 300 -m "not distributed" \
+        -k "triton or cuda or blocks or virtual" \
         tests/test_cuda.py tests/backends/test_triton_cuda.py tests/backends/test_ring_attention_update.py \
-        tests/test_reference.py tests/test_contract.py tests/ring/test_blocks.py tests/ring/test_ring.py \
-        tests/test_bench.py 2>&1 | tee "$OUT/tests.txt" | tail -60
+        tests/test_reference.py tests/test_contract.py tests/test_bad_inputs.py tests/test_bench.py \
+        "${ring_tests[@]}" 2>&1 | tee "$OUT/tests.txt" | tail -60
+    status=$((status | PIPESTATUS[0]))
+fi
+
+if [[ $stage == ring ]]; then
+    timeout 240 python3 -m pytest -q -rs -p no:cacheprovider --timeout 200 -m "not distributed" \
+        "${ring_tests[@]}" 2>&1 | tee "$OUT/tests-ring.txt" | tail -40
+    status=$((status | PIPESTATUS[0]))
+fi
+
+if [[ $stage == ring || $stage == all ]]; then
+    # Issue 11's cases: B=1, N=32, Nkv=8, D=128, bfloat16; sum of all virtual ranks' fwd+bwd / one SDPA fwd+bwd.
+    common=(--virtual --device cuda --batch 1 --heads 32 --kv-heads 8 --head-dim 128 --dtype bfloat16)
+    {
+        timeout 120 python3 -m ringattn.bench ring "${common[@]}" --world-size 8 --seq-len 32768 --repeats 5 \
+            --impls auto,flash --json "$OUT/ring-32k-w8.json"
+        timeout 120 python3 -m ringattn.bench ring "${common[@]}" --world-size 8 --seq-len 131072 --repeats 3 \
+            --impls auto --json "$OUT/ring-128k-w8.json"
+        timeout 120 python3 -m ringattn.bench ring "${common[@]}" --world-size 4 --seq-len 32768 --repeats 5 \
+            --no-causal --impls auto,flash --json "$OUT/ring-32k-w4-full.json"
+        timeout 90 python3 benchmarks/ring_profile.py --seq-len 32768 --world-size 8
+    } 2>&1 | tee "$OUT/bench-ring.txt"
     status=$((status | PIPESTATUS[0]))
 fi
 
