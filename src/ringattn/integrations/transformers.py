@@ -1,0 +1,536 @@
+"""Ring attention for Hugging Face transformers models: context parallelism in two added lines.
+
+A working single-process training step becomes context parallel (the sequence sharded over the ranks of
+``group``, every rank holding the whole batch) with::
+
+    apply_ring_attention(model, group)                        # once, after building the model
+    ...
+    batch = shard_inputs(input_ids, labels, group=group)      # per step, instead of the plain inputs
+    loss = model(**batch).loss
+    loss.backward()                                           # gradients: summed over the group (hooks)
+    optimizer.step()
+
+The same script runs unchanged on one process (a ring of one). Every rank must pass the same full batch to
+``shard_inputs`` (it checks, with one small collective).
+
+Note [what the integration makes impossible]
+--------------------------------------------
+Each of these gives a plausible loss and wrong gradients when context parallelism is wired by hand; here each is
+either done right by construction or raises:
+
+* rotary embeddings fed LOCAL positions: ``shard_inputs`` returns GLOBAL position ids, and the attention function
+  checks, on every call, that the position ids are this rank's zigzag shard of ``0 .. S-1`` (a model that makes
+  its own ``arange`` positions, or packed position ids, raises);
+* labels shifted inside each shard (the token after each cut is lost): ``shard_inputs`` shifts over the full
+  sequence before sharding, and the model's loss function is wrapped to refuse ``labels`` without the
+  ``shift_labels`` and ``num_items_in_batch`` that ``shard_inputs`` returns;
+* the loss averaged per rank: ``num_items_in_batch`` is the global count of scored tokens, so each rank's loss is
+  its share of the global mean and the shares sum to it;
+* padding masks silently dropped (transformers builds no mask for an attention implementation it does not know):
+  the integration registers its own mask function, which raises on any padding it receives; right padding is
+  expressed by ``shard_inputs(attention_mask=...)`` instead (causal attention never lets a real token see a later
+  pad token, and pad tokens are not scored);
+* packed documents attending across documents: restarting position ids or ``cu_seqlens`` raise (the varlen ring
+  does not exist yet);
+* gradients averaged over the context-parallel ranks (DDP over them halves every gradient at W = 2): each rank's
+  parameter gradients are ALL-REDUCED WITH SUM over ``group`` by hooks, before accumulation, so that after
+  ``backward`` every rank holds the gradient of the global loss; a DDP over the same ranks then averages W equal
+  values and changes nothing;
+* ``ring_attention``'s ``causal=False`` default: the integration always passes ``causal=True`` and refuses
+  non-causal (encoder) attention modules;
+* attention dropout, sliding windows, logit soft-capping, attention sinks, a KV cache holding earlier tokens, and
+  any explicit mask raise: the ring computes plain causal attention and nothing else.
+
+Note [torch.compile]
+--------------------
+The attention function is wrapped in ``torch.compiler.disable``: Dynamo cannot trace the ring (Python-level
+communication, numba kernels), so each attention call is a graph break and runs eagerly; everything between runs
+compiled. Measured with ``torch._dynamo.explain`` on a 2-layer Llama (transformers 5.24, torch 2.13): see the
+integration tests (``test_compile_graph_breaks``) for the counted number.
+
+Composition with DDP / FSDP
+---------------------------
+With data parallelism on top (a mesh of ``dp x cp`` ranks), pass the context-parallel group here and the
+data-parallel group to DDP (``DDP(model, process_group=dp_group)``): the hooks sum over cp before DDP averages
+over dp. With FSDP, or to reduce in one message instead of one per parameter, pass ``reduce_gradients=False`` and
+either call :func:`all_reduce_gradients` after ``backward``, or let FSDP reduce over the flattened ``dp x cp``
+group (it averages over ``dp * cp`` ranks: multiply the loss by the cp size, as torchtitan does).
+
+``ringattn.gather_sequence`` (to collect full logits, say) is NOT differentiable: use it for evaluation only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError, DTypeError, ShapeError, expected
+from ..ring import ring_attention, shard_sequence
+
+try:
+    import transformers
+    from transformers import PreTrainedModel
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as error:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "ringattn.integrations.transformers needs Hugging Face transformers: pip install 'ringattn[transformers]'"
+    ) from error
+
+try:
+    from transformers.masking_utils import AttentionMaskInterface
+except ImportError:  # transformers < 4.53: no mask interface, so no way to see (and refuse) padding masks
+    AttentionMaskInterface = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "IGNORE_INDEX",
+    "apply_ring_attention",
+    "shard_inputs",
+    "all_reduce_gradients",
+    "ring_attention_forward",
+    "ring_attention_mask",
+]
+
+ATTN_IMPLEMENTATION = "ringattn"
+IGNORE_INDEX = -100
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "a sliding window",
+    "softcap": "logit soft-capping",
+    "s_aux": "attention sinks",
+}
+
+
+@dataclasses.dataclass
+class _RingState:
+    """What the attention function of a prepared model needs: the group, and the hooks to remove on re-apply."""
+
+    group: Any
+    handles: list = dataclasses.field(default_factory=list)
+    checked_positions: Any = None  # weakref to the last position-id tensor found correct
+
+
+# id(config) -> state. Configs are shared by every attention module of a model, and the attention function
+# receives the module, so this finds the group without touching the config (configs are deep-copied on save).
+_STATES: dict[int, _RingState] = {}
+
+
+def _rank_world(group: Any) -> tuple[int, int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _zigzag_positions(total: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
+    positions = torch.arange(total, device=device).unsqueeze(0)
+    return shard_sequence(positions, rank, world, dim=1)
+
+
+def _check_positions(position_ids: Any, local: int, state: _RingState) -> None:
+    if state.checked_positions is not None and state.checked_positions() is position_ids:
+        return  # the same tensor as the previous layer's: checked once per forward
+    rank, world = _rank_world(state.group)
+    if not isinstance(position_ids, torch.Tensor):
+        raise ConfigError(
+            expected("position_ids", "the global position ids of shard_inputs(...) (model(**batch))", "None")
+        )
+    got = position_ids.detach().to("cpu")
+    ok = got.dim() == 2 and got.shape[-1] == local and local % 2 == 0
+    if ok:
+        ok = bool((got == _zigzag_positions(local * world, rank, world, got.device)).all())
+    if not ok:
+        raise ConfigError(
+            expected(
+                "position_ids",
+                f"this rank's zigzag shard of the global positions 0..{local * world - 1} (rank {rank} of {world}: "
+                "pass shard_inputs(...) to the model; local or restarting (packed) positions are wrong)",
+                f"shape {tuple(got.shape)} starting {got.reshape(-1)[:4].tolist()}",
+            )
+        )
+    state.checked_positions = weakref.ref(position_ids)
+
+
+@torch.compiler.disable
+def ring_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function (``AttentionInterface``): causal ring attention over the model's group.
+
+    ``query (B, N, S_local, D)``, ``key, value (B, Nkv, S_local, D)`` (this rank's zigzag shard) -> ``(out (B,
+    S_local, N, D), None)``. Registered by :func:`apply_ring_attention`; raises ConfigError for anything the ring
+    cannot honour (Note [what the integration makes impossible]).
+    """
+    state = _STATES.get(id(getattr(module, "config", None)))
+    if state is None:
+        raise ConfigError(expected("model", "a model prepared by apply_ring_attention(model)", type(module).__name__))
+    if dropout:
+        raise ConfigError(
+            expected(
+                "attention dropout", "0 in training (ring attention has no dropout: set attention_dropout=0)", dropout
+            )
+        )
+    if attention_mask is not None:
+        raise ConfigError(
+            expected(
+                "attention_mask",
+                "None (ring attention is causal only; pass right-padding masks to shard_inputs)",
+                attention_mask,
+            )
+        )
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ConfigError(expected(name, f"None (ring attention does not implement {what})", kwargs[name]))
+    if not getattr(module, "is_causal", True):
+        raise ConfigError(expected("module.is_causal", "True (the integration runs causal ring attention)", False))
+    if key.shape[2] != query.shape[2]:
+        raise ConfigError(
+            expected(
+                "key",
+                f"{query.shape[2]} tokens, those of the query (no KV cache of earlier tokens: pass use_cache=False)",
+                tuple(key.shape),
+            )
+        )
+    _check_positions(kwargs.get("position_ids"), query.shape[2], state)
+    out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD")
+    return out.transpose(1, 2), None
+
+
+@torch.compiler.disable
+def ring_attention_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """transformers mask function (``AttentionMaskInterface``): no mask (the ring applies the causal one).
+
+    Raises ConfigError when the model receives a padding mask with any padding: pass it to
+    :func:`shard_inputs` instead (right padding only).
+    """
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ConfigError(
+            expected(
+                "attention_mask",
+                "no padding in the model's inputs (pass the full mask to shard_inputs(attention_mask=...))",
+                "a mask with padding",
+            )
+        )
+    return None
+
+
+def _guard_loss(loss_function: Any) -> Any:
+    """The model's loss, refusing what would be silently wrong on a shard (Note [what the integration ...])."""
+    if getattr(loss_function, "_ringattn_guard", False):
+        return loss_function
+
+    @functools.wraps(loss_function)
+    def guarded(logits, labels, vocab_size, num_items_in_batch=None, shift_labels=None, **kwargs):
+        if shift_labels is None:
+            raise ConfigError(
+                expected(
+                    "labels",
+                    "the batch of shard_inputs(input_ids, labels) (labels shifted over the full sequence)",
+                    "labels without shift_labels (they would be shifted inside each shard)",
+                )
+            )
+        if num_items_in_batch is None:
+            raise ConfigError(
+                expected(
+                    "num_items_in_batch",
+                    "the global count of scored tokens from shard_inputs (else each rank averages its own)",
+                    "None",
+                )
+            )
+        return loss_function(
+            logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels, **kwargs
+        )
+
+    guarded._ringattn_guard = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _sum_over_group(grad: torch.Tensor, group: Any) -> torch.Tensor:
+    total = grad.contiguous().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
+def _check_capabilities() -> None:
+    from transformers.loss import loss_utils
+
+    if AttentionMaskInterface is None:
+        raise ConfigError(expected("transformers", "4.53 or newer (AttentionMaskInterface)", transformers.__version__))
+    if "shift_labels" not in inspect.signature(loss_utils.ForCausalLMLoss).parameters:
+        raise ConfigError(
+            expected("transformers", "a version whose ForCausalLMLoss takes shift_labels", transformers.__version__)
+        )
+
+
+def apply_ring_attention(
+    model: PreTrainedModel, group: Any = None, *, reduce_gradients: bool = True
+) -> PreTrainedModel:
+    """Make ``model``'s attention causal ring attention over ``group`` (context parallelism); returns ``model``.
+
+    Registers ringattn's attention and mask functions with transformers' ``AttentionInterface`` and
+    ``AttentionMaskInterface`` under the name ``"ringattn"`` and switches the model to it; wraps the model's loss
+    function so that only batches from :func:`shard_inputs` are scored; and, with ``reduce_gradients``, installs
+    hooks that all-reduce (SUM) every parameter gradient over ``group`` before it is accumulated, so each rank
+    ends ``backward`` with the gradient of the global loss. Calling it again replaces the previous hooks.
+
+    Parameters
+    ----------
+    model : transformers ``PreTrainedModel`` (not yet wrapped in DDP / FSDP / ``torch.compile``)
+        A causal decoder whose attention goes through ``AttentionInterface`` (Llama, Mistral, Qwen2, ...).
+    group : ProcessGroup, optional
+        The context-parallel ranks (default: the default group; without an initialised process group, a ring of
+        one: plain attention).
+    reduce_gradients : bool
+        Install the gradient hooks (see the module docstring for DDP / FSDP).
+
+    Raises
+    ------
+    ConfigError (ValueError, RuntimeError)
+        ``model`` is not a transformers model, or its attention does not go through ``AttentionInterface``;
+        transformers is too old (needs ``AttentionMaskInterface``, 4.53+). Unsupported features (attention
+        dropout in training, sliding windows, soft-capping, padding masks reaching the model, KV caches) raise
+        when the model runs.
+    """
+    _check_capabilities()
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(
+            expected(
+                "model",
+                "a transformers PreTrainedModel (apply before wrapping in DDP/FSDP/compile)",
+                type(model).__name__,
+            )
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ConfigError(
+            expected(
+                "model",
+                "a model whose attention goes through transformers' AttentionInterface",
+                f"{type(model).__name__} (_supports_attention_backend is False)",
+            )
+        )
+    AttentionInterface.register(ATTN_IMPLEMENTATION, ring_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ring_attention_mask)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    configs = {id(model.config): model.config}
+    for sub in model.modules():
+        config = getattr(sub, "config", None)
+        if config is not None:
+            configs[id(config)] = config
+    old = _STATES.get(id(model.config))
+    if old is not None:
+        for handle in old.handles:
+            handle.remove()
+    state = _RingState(group)
+    for key, config in configs.items():
+        _STATES[key] = state
+        weakref.finalize(config, _STATES.pop, key, None)
+    model.loss_function = _guard_loss(model.loss_function)
+    _, world = _rank_world(group)
+    if reduce_gradients and world > 1:
+        for param in model.parameters():
+            if param.requires_grad:
+                state.handles.append(param.register_hook(functools.partial(_sum_over_group, group=group)))
+    return model
+
+
+def all_reduce_gradients(model: torch.nn.Module, group: Any = None) -> None:
+    """Sum every parameter's ``.grad`` over ``group`` in one all-reduce (for ``reduce_gradients=False``).
+
+    Call after ``backward`` on every rank of the group. The sum (not the average) is the gradient of the global
+    loss: each rank's loss is its share of the global mean (``num_items_in_batch`` of :func:`shard_inputs`).
+    """
+    _, world = _rank_world(group)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if world == 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _int_matrix(name: str, value: Any, like: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise DTypeError(expected(name, "a torch.Tensor", type(value).__name__))
+    if value.dtype.is_floating_point or value.dtype.is_complex:
+        raise DTypeError(expected(name, "an integer (or bool) tensor", value.dtype))
+    if value.dim() != 2 or (like is not None and value.shape != like.shape):
+        want = f"shape {tuple(like.shape)} (that of input_ids)" if like is not None else "shape (B, S)"
+        raise ShapeError(expected(name, want, tuple(value.shape)))
+    return value
+
+
+def _check_unpacked(position_ids: Any, cu_seqlens: Any, seq: int) -> None:
+    if cu_seqlens is not None:
+        values = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+        if values != [0, seq]:
+            raise ConfigError(
+                expected(
+                    "cu_seqlens",
+                    "None or [0, S] (packed sequences need the varlen ring, which does not exist yet)",
+                    values[:6],
+                )
+            )
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != seq:
+            raise ShapeError(expected("position_ids", f"None or a tensor (B, {seq})", position_ids))
+        want = torch.arange(seq, device=position_ids.device)
+        if not bool((position_ids == want).all()):
+            raise ConfigError(
+                expected(
+                    "position_ids",
+                    "None or 0..S-1 in every row (restarting positions mean packed documents, which need the varlen "
+                    "ring, which does not exist yet)",
+                    "other positions",
+                )
+            )
+
+
+def _right_padding_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.to(torch.int64)
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ConfigError(expected("attention_mask", "values 0 and 1", "other values"))
+    lengths = mask.sum(-1)
+    want = (torch.arange(mask.shape[-1], device=mask.device) < lengths.unsqueeze(-1)).to(torch.int64)
+    if not bool((mask == want).all()):
+        raise ConfigError(
+            expected(
+                "attention_mask",
+                "right padding only (1...1 0...0 per row: causal attention then never lets a real token see a pad)",
+                "left padding or holes",
+            )
+        )
+    return lengths
+
+
+def _collective_device(group: Any, fallback: torch.device) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if fallback.type != "cpu" else fallback
+
+
+def _check_same_batch(group: Any, tensors: list[torch.Tensor | None]) -> None:
+    """One small all_gather: every rank must hold the same full batch (a sampler per rank would be wrong)."""
+    fingerprint = []
+    for t in tensors:
+        if t is None:
+            fingerprint += [-1, -1]
+            continue
+        flat = t.reshape(-1).to(torch.int64)
+        weights = torch.arange(flat.numel(), device=flat.device) % 1_000_003 + 1
+        fingerprint += [flat.numel(), int((flat * weights).sum())]
+    device = _collective_device(group, tensors[0].device)
+    mine = torch.tensor(fingerprint, dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    if any(not torch.equal(mine, other) for other in every):
+        raise ConfigError(
+            expected(
+                "input_ids",
+                "the same full batch on every rank of the group (shard_inputs cuts it)",
+                "different batches",
+            )
+        )
+
+
+def shard_inputs(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    group: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seqlens: Any = None,
+    pad_token_id: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+) -> dict[str, Any]:
+    """This rank's share of a full causal-LM batch, as keyword arguments for the model: ``model(**batch)``.
+
+    Every rank of ``group`` passes the same full batch. The sequence is padded at the end to a multiple of 2W
+    (W = ranks in ``group``) and cut zigzag (rank r holds chunks r and 2W-1-r of 2W, as ring attention expects).
+
+    Parameters
+    ----------
+    input_ids : integer Tensor ``(B, S)``
+        The full token ids.
+    labels : integer Tensor ``(B, S)``, optional
+        Unshifted labels, as transformers takes them (``ignore_index`` marks tokens not scored); shifted here over
+        the FULL sequence before sharding, so the token after each cut keeps its target.
+    group : ProcessGroup, optional
+        The context-parallel ranks (default group; without an initialised process group, a ring of one).
+    attention_mask : Tensor ``(B, S)`` of 0/1, optional
+        Right padding only (``1...1 0...0`` per row); padded tokens are not scored. Left padding or holes raise.
+    position_ids, cu_seqlens : optional
+        Accepted only when they describe one sequence per row (``0..S-1``; ``[0, S]``): packed documents raise until
+        the varlen ring exists.
+    pad_token_id : int
+        Id of the tokens padding S to a multiple of 2W. They come after every real token, so causal attention never
+        lets a real token see them, and they are not scored.
+    ignore_index : int
+        Label of tokens not scored (transformers' -100).
+
+    Returns
+    -------
+    dict with
+        ``input_ids`` ``(B, S_local)``; ``position_ids`` ``(B, S_local)``, the GLOBAL positions of those tokens;
+        ``use_cache`` False; and with ``labels``: ``labels`` and ``shift_labels`` ``(B, S_local)`` (the same
+        tensor: labels already shifted), ``num_items_in_batch`` (0-dim int64 tensor, the number of scored tokens of
+        the FULL batch: each rank's loss is its share of the global mean, and the ranks' losses sum to it).
+        ``S_local = S_padded / W``.
+
+    Raises
+    ------
+    DTypeError, ShapeError
+        Tensors of the wrong dtype or shape.
+    ConfigError (ValueError, RuntimeError)
+        Packed sequences, left padding, or ranks holding different batches.
+    """
+    ids = _int_matrix("input_ids", input_ids, None)
+    batch, seq = ids.shape
+    if labels is not None:
+        labels = _int_matrix("labels", labels, ids)
+    if attention_mask is not None:
+        attention_mask = _int_matrix("attention_mask", attention_mask, ids)
+    _check_unpacked(position_ids, cu_seqlens, seq)
+    rank, world = _rank_world(group)
+    if world > 1:
+        _check_same_batch(group, [ids, labels, attention_mask])
+    padded = -(-seq // (2 * world)) * (2 * world)
+    pad = padded - seq
+
+    def cut(x: torch.Tensor, fill: int) -> torch.Tensor:
+        if pad:
+            x = torch.cat([x, x.new_full((batch, pad), fill)], dim=1)
+        return shard_sequence(x, rank, world, dim=1)
+
+    positions = _zigzag_positions(padded, rank, world, ids.device).expand(batch, -1)
+    out: dict[str, Any] = {"input_ids": cut(ids, pad_token_id), "position_ids": positions, "use_cache": False}
+    if labels is not None:
+        shifted = labels.new_full((batch, seq), ignore_index)
+        shifted[:, :-1] = labels[:, 1:]
+        if attention_mask is not None:
+            lengths = _right_padding_lengths(attention_mask)
+            # Token t predicts t+1 only when t+1 is real (right padding: then t is real too).
+            scored = torch.arange(seq, device=ids.device) + 1 < lengths.unsqueeze(-1)
+            shifted = shifted.masked_fill(~scored, ignore_index)
+        local = cut(shifted, ignore_index)
+        out.update(labels=local, shift_labels=local, num_items_in_batch=(shifted != ignore_index).sum().to(torch.int64))
+    elif attention_mask is not None:
+        _right_padding_lengths(attention_mask)
+    return out

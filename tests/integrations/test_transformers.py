@@ -1,0 +1,243 @@
+"""``ringattn.integrations.transformers``: a tiny random Llama trained with its sequence sharded over W ranks.
+
+Every rank builds the same random LlamaForCausalLM from a config (hidden 64, 2 layers, 4 heads, 2 key/value heads,
+vocab 128; nothing downloaded) and the same batch, runs the single-process model (transformers' SDPA attention) as
+the reference, and the same weights through ``apply_ring_attention`` + ``shard_inputs`` on its shard. Compared in
+float32: the logits (gathered, padding dropped), the loss (the ranks' shares summed) and EVERY parameter gradient,
+each within 1e-5 relative L2 (the ring reassociates float32 sums over W blocks; measured <= 2e-7). The cases of one
+world size run inside one spawn: batch 2 with unscored labels, a length that needs padding to 2W, a right-padded
+batch, gradient checkpointing, torch.compile, DDP over the same ranks; then each trap of issue 16 raising.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="needs Hugging Face transformers (ringattn[transformers])")
+
+import torch.distributed as dist  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import ringattn  # noqa: E402
+from ring.ring_spawn import run_ranks  # noqa: E402
+from ringattn.errors import ConfigError, DTypeError, ShapeError  # noqa: E402
+from ringattn.integrations.transformers import (  # noqa: E402
+    all_reduce_gradients,
+    apply_ring_attention,
+    shard_inputs,
+)
+
+TOL = 1e-5
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        **overrides,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).float()
+
+
+def _batch(seed: int, batch: int, seq: int):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=gen)
+    labels = ids.clone()
+    labels[0, : seq // 3] = -100  # a prompt that is not scored
+    return ids, labels
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _compare(name: str, ref, model, ids, labels, *, mask=None, step=None, group=None) -> None:
+    """Reference step on the full batch vs. the ring step on this rank's shard; asserts logits, loss, gradients."""
+    ref.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    ref_labels = labels if mask is None else labels.masked_fill(mask == 0, -100)
+    want = ref(input_ids=ids, attention_mask=mask, labels=ref_labels)
+    want.loss.backward()
+    batch = shard_inputs(ids, labels, attention_mask=mask, group=group)
+    got = (step if step is not None else model)(**batch)
+    got.loss.backward()
+    loss = got.loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+    seq = ids.shape[1]
+    logits = ringattn.gather_sequence(got.logits.detach(), dim=1)[:, :seq]
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert _rel(logits[real], want.logits[real]) < TOL, f"{name}: logits {_rel(logits[real], want.logits[real])}"
+    assert abs(loss.item() - want.loss.item()) < TOL * abs(want.loss.item()), f"{name}: loss"
+    for (pname, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert q.grad is not None, f"{name}: no gradient for {pname}"
+        assert _rel(q.grad, p.grad) < TOL, f"{name}: d{pname} rel. L2 error {_rel(q.grad, p.grad):.2e}"
+
+
+def _raises(error, name: str, fn) -> None:
+    try:
+        fn()
+    except error as e:
+        assert str(e).startswith(f"{name}: expected"), str(e)
+    else:
+        raise AssertionError(f"expected {error.__name__} naming {name}")
+
+
+def _grid(rank: int, world_size: int, compile_backend: str | None = None) -> None:
+    torch.set_num_threads(1)
+    ref = tiny_llama()
+    model = apply_ring_attention(copy.deepcopy(ref))
+    # batch 2, sequence a multiple of 2W, part of the labels unscored
+    ids, labels = _batch(1, 2, 8 * world_size)
+    _compare("batch 2", ref, model, ids, labels)
+    # a length that needs padding to a multiple of 2W (padding neither attends nor is scored)
+    ids, labels = _batch(2, 2, 8 * world_size + 3)
+    _compare("padded to 2W", ref, model, ids, labels)
+    # a right-padded batch: the reference masks the pads, the ring never lets a real token see them
+    ids, labels = _batch(3, 2, 6 * world_size)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    _compare("right-padded batch", ref, model, ids, labels, mask=mask)
+    # gradient checkpointing
+    model.gradient_checkpointing_enable()
+    ids, labels = _batch(4, 2, 4 * world_size + 1)
+    _compare("gradient checkpointing", ref, model, ids, labels)
+    model.gradient_checkpointing_disable()
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=compile_backend)
+        _compare("torch.compile", ref, model, *_batch(5, 2, 4 * world_size), step=compiled)
+    _traps(rank, world_size, ref, model)
+
+
+def _traps(rank: int, world_size: int, ref, model) -> None:
+    ids, labels = _batch(6, 2, 4 * world_size)
+    batch = shard_inputs(ids, labels)
+    # local positions (the model's own arange): rotary would see the wrong positions
+    _raises(ConfigError, "position_ids", lambda: model(input_ids=batch["input_ids"], use_cache=False))
+    # labels shifted inside each shard
+    _raises(
+        ConfigError,
+        "labels",
+        lambda: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]),
+    )
+    # the per-rank mean instead of the share of the global one
+    no_count = {k: v for k, v in batch.items() if k != "num_items_in_batch"}
+    _raises(ConfigError, "num_items_in_batch", lambda: model(**no_count))
+    # a padding mask reaching the model (transformers would drop it for an unknown attention)
+    holes = torch.ones_like(batch["input_ids"])
+    holes[0, 1] = 0
+    _raises(ConfigError, "attention_mask", lambda: model(**batch, attention_mask=holes))
+    # packed documents: restarting position ids or cu_seqlens, given to shard_inputs or straight to the model
+    restart = torch.cat([torch.arange(ids.shape[1] // 2)] * 2).expand(2, -1)
+    _raises(ConfigError, "position_ids", lambda: shard_inputs(ids, labels, position_ids=restart))
+    cu = torch.tensor([0, ids.shape[1] // 2, ids.shape[1]])
+    _raises(ConfigError, "cu_seqlens", lambda: shard_inputs(ids, labels, cu_seqlens=cu))
+    packed = {**batch, "position_ids": shard_inputs(ids, labels)["position_ids"] % (ids.shape[1] // 2)}
+    _raises(ConfigError, "position_ids", lambda: model(**packed))
+    # left padding cannot be expressed
+    left = torch.ones_like(ids)
+    left[0, 0] = 0
+    _raises(ConfigError, "attention_mask", lambda: shard_inputs(ids, labels, attention_mask=left))
+    # attention dropout in training
+    dropout = apply_ring_attention(tiny_llama(attention_dropout=0.1))
+    dropout.train()
+    _raises(ConfigError, "attention dropout", lambda: dropout(**batch))
+    dropout.eval()
+    dropout(**batch)  # no dropout in evaluation: runs
+    # a KV cache of earlier tokens (generation)
+    _raises(ConfigError, "key", lambda: _with_cache(model, batch))
+    if world_size > 1:
+        # ranks holding different batches (a data sampler per context-parallel rank)
+        _raises(ConfigError, "input_ids", lambda: shard_inputs(ids + rank % 2, labels))
+        # DDP over the context-parallel ranks: gradients summed by the hooks first, so averaging changes nothing
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        _compare("DDP over the same ranks", ref, model, *_batch(7, 2, 4 * world_size), step=ddp)
+        # reduce_gradients=False + all_reduce_gradients: the same gradients
+        manual = apply_ring_attention(copy.deepcopy(ref), reduce_gradients=False)
+        _compare_manual(ref, manual, *_batch(8, 2, 4 * world_size))
+
+
+def _with_cache(model, batch):
+    out = model(**{**batch, "use_cache": True})
+    return model(**{**batch, "use_cache": True, "cache": out.past_key_values})
+
+
+def _compare_manual(ref, model, ids, labels) -> None:
+    ref.zero_grad(set_to_none=True)
+    ref(input_ids=ids, labels=labels).loss.backward()
+    model(**shard_inputs(ids, labels)).loss.backward()
+    all_reduce_gradients(model)
+    for p, q in zip(ref.parameters(), model.parameters(), strict=True):
+        assert _rel(q.grad, p.grad) < TOL
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("world_size", "compile_backend"), [(2, "aot_eager"), (4, None)])
+def test_llama_sharded_over_w_ranks_matches_single_process(world_size, compile_backend, tmp_path):
+    run_ranks(_grid, world_size, tmp_path, deadline_s=100, compile_backend=compile_backend)
+
+
+def test_single_process_is_a_ring_of_one():
+    """No process group: the same two lines give the single-process model exactly (W = 1)."""
+    ref = tiny_llama()
+    model = apply_ring_attention(copy.deepcopy(ref))
+    ids, labels = _batch(11, 2, 13)
+    _compare("W = 1", ref, model, ids, labels)
+
+
+def test_models_without_the_attention_interface_are_refused():
+    _raises(ConfigError, "model", lambda: apply_ring_attention(torch.nn.Linear(2, 2)))
+
+    class Legacy(transformers.PreTrainedModel):
+        config_class = LlamaConfig
+        _supports_attention_backend = False
+
+    legacy = Legacy(LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, vocab_size=8))
+    _raises(ConfigError, "model", lambda: apply_ring_attention(legacy))
+
+
+def test_non_causal_attention_modules_are_refused():
+    model = apply_ring_attention(tiny_llama())
+    for layer in model.model.layers:
+        layer.self_attn.is_causal = False
+    ids, labels = _batch(12, 1, 8)
+    _raises(ConfigError, "module.is_causal", lambda: model(**shard_inputs(ids, labels)))
+
+
+def test_shard_inputs_bad_arguments():
+    ids = torch.randint(0, VOCAB, (2, 8))
+    _raises(DTypeError, "input_ids", lambda: shard_inputs(ids.float()))
+    _raises(DTypeError, "input_ids", lambda: shard_inputs([[1, 2]]))
+    _raises(ShapeError, "input_ids", lambda: shard_inputs(ids[0]))
+    _raises(ShapeError, "labels", lambda: shard_inputs(ids, ids[:, :4]))
+    _raises(ShapeError, "attention_mask", lambda: shard_inputs(ids, attention_mask=torch.ones(2, 7, dtype=torch.long)))
+    _raises(ConfigError, "attention_mask", lambda: shard_inputs(ids, attention_mask=torch.full_like(ids, 2)))
+
+
+def test_shard_inputs_shifts_over_the_full_sequence_and_counts_globally():
+    """W = 1 here: the shift, the padding to 2W and the count, checked value by value."""
+    ids = torch.arange(10, 17).unsqueeze(0)  # 7 tokens -> padded to 8
+    labels = ids.clone()
+    labels[0, 1] = -100
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0]])
+    got = shard_inputs(ids, labels, attention_mask=mask, pad_token_id=3)
+    assert got["input_ids"].tolist() == [[10, 11, 12, 13, 14, 15, 16, 3]]
+    assert got["position_ids"].tolist() == [list(range(8))]
+    # token t is scored against token t+1 when t+1 is real and labelled
+    assert got["shift_labels"].tolist() == [[-100, 12, 13, 14, 15, -100, -100, -100]]
+    assert got["labels"] is got["shift_labels"]
+    assert int(got["num_items_in_batch"]) == 4
+    assert got["use_cache"] is False
