@@ -525,3 +525,36 @@ def test_row_map_cache_is_bounded_in_bytes():
     assert _contract.row_map_cache_info() == before
     _contract.clear_row_map_cache()
     assert _contract.row_map_cache_info() == (0, 0)
+
+
+# --- destinations that are exactly an input stay allowed --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argument", "bad", "error", "fragment"),
+    [
+        ("out", lambda o: o.double(), errors.DTypeError, "dtype torch.float32"),
+        ("out", lambda o: o.to("meta"), errors.DeviceError, "device cpu"),
+        ("out_lse", lambda s: s[:1], errors.ShapeError, "shape (2, 3, 5)"),
+        ("out_lse", lambda s: s.numpy(), errors.DTypeError, "torch.Tensor"),
+    ],
+)
+def test_merge_states_destination_mismatch(gen, argument, bad, error, fragment):
+    o, lse = merge_parts(gen)
+    like = torch.empty_like(o[0]) if argument == "out" else torch.empty_like(lse[0])
+    with raises(error, argument, fragment):
+        merge_states(o, lse, layout="BSND", **{argument: bad(like)})
+
+
+@pytest.mark.parametrize("backend", UPDATE_BACKENDS)
+@pytest.mark.parametrize("layout", ["SBH", "TND"])
+@pytest.mark.parametrize("side", ["prev", "cur"])
+def test_update_in_place_into_an_input(gen, backend, layout, side):
+    """The aliasing rule lets ``out`` be exactly the inputs of one side; the result is the out-of-place one."""
+    x = sbh(gen) if layout == "SBH" else tnd(gen)
+    want = update(x.tensors(), x.seq_offsets, layout, backend=backend)
+    args = [t.clone() for t in x.tensors()]
+    outs = tuple(args[:3] if side == "prev" else args[3:])
+    got = update(args, x.seq_offsets, layout, backend=backend, out=outs)
+    assert all(g is o for g, o in zip(got, outs, strict=True))
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

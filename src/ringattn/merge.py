@@ -143,14 +143,12 @@ def _named_parts(parts_o: list[torch.Tensor], parts_lse: list[torch.Tensor]) -> 
 def _check_out(name: str, t: Any, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DTypeError(expected(name, "a torch.Tensor", type(t).__name__))
-    if t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
-        raise ShapeError(
-            expected(
-                name,
-                f"shape {tuple(like.shape)}, {like.dtype} on {like.device}",
-                f"{tuple(t.shape)}, {t.dtype} on {t.device}",
-            )
-        )
+    if t.shape != like.shape:
+        raise ShapeError(expected(name, f"shape {tuple(like.shape)}", tuple(t.shape)))
+    if t.dtype != like.dtype:
+        raise DTypeError(expected(name, f"dtype {like.dtype}", t.dtype))
+    if t.device != like.device:
+        raise DeviceError(expected(name, f"device {like.device}", f"device {t.device}"))
     return t
 
 
