@@ -18,7 +18,7 @@ from ringattn.ring import blocks
 HALF = (torch.float16, torch.bfloat16)
 
 
-def _rows(kernel: str, *tensors: torch.Tensor, dtypes=HALF, max_head_dim: int | None = None) -> None:
+def _rows(kernel: str, *tensors: torch.Tensor, dtypes=HALF, max_head_dim: int | None = None, gqa=False) -> None:
     q = tensors[0]
     for x in tensors:
         assert x.dim() == 4, f"{kernel}: 4-D (B, N, S, D) tensors, got {tuple(x.shape)}"
@@ -29,7 +29,10 @@ def _rows(kernel: str, *tensors: torch.Tensor, dtypes=HALF, max_head_dim: int | 
     d = q.shape[-1]
     assert (d * q.element_size()) % 16 == 0, f"{kernel}: head size {d} not a multiple of 16 bytes"
     assert max_head_dim is None or d <= max_head_dim, f"{kernel}: head size {d} over {max_head_dim}"
-    assert q.shape[1] == tensors[1].shape[1], f"{kernel}: key/value heads must be repeated to q's"
+    if gqa:  # key/value heads divide q's, and k, v (tensors 1, 2) agree
+        assert q.shape[1] % tensors[1].shape[1] == 0 and tensors[1].shape == tensors[2].shape, f"{kernel}: GQA heads"
+    else:
+        assert q.shape[1] == tensors[1].shape[1], f"{kernel}: key/value heads must be repeated to q's"
 
 
 def _lse(kernel: str, lse: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -66,7 +69,7 @@ def flash_cuda_backward(
 
 
 def cudnn(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale):
-    _rows("cudnn", q, k, v, max_head_dim=128)
+    _rows("cudnn", q, k, v, max_head_dim=128, gqa=blocks.KERNELS["cuda", "cudnn"].native_gqa)
     assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0
     o, lse = _forward(q, k, v, is_causal, scale)
     return o, lse.unsqueeze(-1), None, None, q.shape[2], k.shape[2], None, None, None
@@ -74,7 +77,7 @@ def cudnn(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_d
 
 def cudnn_backward(do, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, *,
                    scale):  # fmt: skip
-    _rows("cudnn backward", q, k, v, do, out, max_head_dim=128)
+    _rows("cudnn backward", q, k, v, do, out, max_head_dim=128, gqa=blocks.KERNELS["cuda", "cudnn"].native_gqa)
     _lse("cudnn backward", lse, (*q.shape[:3], 1))
     assert bias is None and (max_q, max_k, dropout_p) == (q.shape[2], k.shape[2], 0.0)
     return _backward(do, q, k, v, out, lse.squeeze(-1), is_causal, scale)

@@ -72,3 +72,21 @@ def test_doubles_reject_what_the_kernels_misread() -> None:
         cuda_doubles.flash_cuda(q[..., ::2], q[..., ::2], q[..., ::2], 0.0, False, False, scale=1.0)
     with pytest.raises(AssertionError, match="dtype"):
         cuda_doubles.cudnn(q.float(), q.float(), q.float(), None, True, 0.0, False, False, scale=1.0)
+
+
+def test_cudnn_takes_gqa_key_values_unrepeated(cuda_path, monkeypatch) -> None:
+    """cuDNN gets key/value blocks with their own head count (no repeat copies) and returns dk/dv so."""
+    seen = []
+    for name in ("cudnn", "cudnn_backward"):
+        double = cuda_doubles.DOUBLES[name]
+
+        def recording(*args, _double=double, _name=name, **kwargs):
+            q_at = 1 if _name.endswith("backward") else 0  # the backward's first argument is dout
+            seen.append((args[q_at].shape[1], args[q_at + 1].shape[1]))
+            return _double(*args, **kwargs)
+
+        monkeypatch.setitem(blocks.ATEN, name, recording)
+    case = Case(2, torch.bfloat16, impl="cudnn", heads=6, kv_heads=2)
+    check_against_float64(case, seed=9)
+    assert blocks.KERNELS["cuda", "cudnn"].native_gqa  # PyTorch >= 2.11 here
+    assert seen and set(seen) == {(6, 2)}

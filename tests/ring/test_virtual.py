@@ -8,8 +8,8 @@ output and gradients to bfloat16 once, 2^-8 relative, and gradients sum S terms)
 ring's error must stay within 2x the error of a ring of one (plus tol / 10): no growth with W. One exception,
 measured and inherent: the fused half-precision kernels return each step's dq/dk/dv share rounded to the half
 dtype, and the W shares of a row are summed (in float32), so gradients carry up to W independent roundings where
-a ring of one has one: their bound is ``2 * sqrt(W)`` times the ring of one's error (the absolute tolerance does
-not grow).
+a ring of one has one: their bound is ``2 * sqrt(W)`` times the ring of one's error plus tol / 3 (one bfloat16
+ulp at the gradients' magnitude of ~2, the size of one extra rounding); the absolute tolerance does not grow.
 """
 
 from __future__ import annotations
@@ -94,10 +94,8 @@ def check_against_float64(case: Case, seed: int, device: str = "cpu") -> None:
         torch.testing.assert_close(x.double().cpu(), e, atol=tol, rtol=tol, msg=lambda m, n=name: f"{case} {n}: {m}")
         ring_err = (x.double().cpu() - e).abs().max().item()
         one_err = (one.double().cpu() - e).abs().max().item()
-        growth = (
-            math.sqrt(case.world) if name in ("dq", "dk", "dv") and case.dtype in (torch.float16, torch.bfloat16) else 1
-        )
-        bound = 2 * growth * one_err + tol / 10
+        half_grad = name in ("dq", "dk", "dv") and case.dtype in (torch.float16, torch.bfloat16)
+        bound = 2 * math.sqrt(case.world) * one_err + tol / 3 if half_grad else 2 * one_err + tol / 10
         assert ring_err <= bound, f"{case} {name}: ring error {ring_err} vs one rank {one_err}"
 
 
