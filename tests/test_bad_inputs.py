@@ -558,3 +558,11 @@ def test_update_in_place_into_an_input(gen, backend, layout, side):
     got = update(args, x.seq_offsets, layout, backend=backend, out=outs)
     assert all(g is o for g, o in zip(got, outs, strict=True))
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "lses"), [([], []), (torch.empty(0, 2, 3, 4), torch.empty(0, 3, 2)), ([], [torch.empty(3, 2)])]
+)
+def test_merge_states_without_parts(outputs, lses):
+    with raises(errors.ShapeError, "outputs", "at least one part"):
+        merge_states(outputs, lses, layout="TND", lse_layout="NT")

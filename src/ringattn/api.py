@@ -51,7 +51,7 @@ def ring_attention_update(
 ) -> tuple[Any, Any, Any]:
     """Merge two partial FlashAttention results into the attention over the union of their keys.
 
-    A drop-in for ``mindspore.ops.ring_attention_update`` (contract: SPEC.md). For each (token, head) row,
+    A drop-in for ``mindspore.ops.ring_attention_update``. For each (token, head) row,
     with ``M = max(prev_max, cur_max)``, ``a = prev_sum * exp(prev_max - M)``, ``b = cur_sum * exp(cur_max
     - M)`` and ``L = a + b``::
 
@@ -128,7 +128,7 @@ def ring_attention_update(
 
     Notes
     -----
-    Deviations from the Ascend original (SPEC section 7): merging two empty rows gives the empty row
+    Deviations from the Ascend original: merging two empty rows gives the empty row
     ``(0, -inf, 0)`` instead of NaN; merging an empty row with x gives x. NaN inputs still give NaN and
     ``+inf`` statistics follow IEEE arithmetic (NaN weights), as in the original.
 

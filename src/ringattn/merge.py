@@ -94,8 +94,10 @@ def _validate(outputs: Any, lses: Any, layout: Any, lse_layout: Any, backend: An
         raise BackendError(expected("backend", ", ".join(map(repr, _ROW_BACKENDS)), repr(backend)))
     parts_o = _parts("outputs", outputs, _ops.LAYOUT_RANKS[layout])
     parts_lse = _parts("lses", lses, _ops.STATS_RANKS[lse_layout])
-    if not parts_o or len(parts_o) != len(parts_lse):
-        raise ShapeError(expected("lses", f"one LSE per output ({len(parts_o)}), at least one", len(parts_lse)))
+    if not parts_o:
+        raise ShapeError(expected("outputs", "at least one part", "none"))
+    if len(parts_o) != len(parts_lse):
+        raise ShapeError(expected("lses", f"one LSE per output ({len(parts_o)})", len(parts_lse)))
     first, first_lse = parts_o[0], parts_lse[0]
     for k, o in enumerate(parts_o):
         if o.dim() != _ops.LAYOUT_RANKS[layout]:
