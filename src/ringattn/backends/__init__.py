@@ -44,12 +44,16 @@ Each backend module has:
     Note [row merge backward] in ``_backward.py``; backends without it use the torch version.
 
 ``auto`` picks the fused backend for the inputs' device when it is available and supports the problem,
-else the portable ``torch`` backend.
+else the portable ``torch`` backend. On CPU, ``auto`` runs ``torch`` while numba compiles the fused kernel for
+a call's argument types on a background thread, and the fused kernel from then on (Note [cold start] in
+``_warm.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -57,6 +61,7 @@ import torch
 
 from .._contract import UpdateProblem
 from ..errors import BackendError, expected
+from . import _warm
 
 _MODULES = {
     "reference": "reference_backend",
@@ -68,6 +73,21 @@ _MODULES = {
 _AUTO = {"cpu": ("cpu",), "cuda": ("triton",)}
 
 BACKEND_NAMES = ("auto", *_MODULES)
+# `auto` on CPU: the fused kernels once compiled, `torch` meanwhile (Note [cold start]); None until first needed.
+_auto_cpu: _warm.AutoBackend | None = None
+
+
+def _auto_backend(candidate: str) -> ModuleType | _warm.AutoBackend | None:
+    """What `auto` runs for ``candidate`` when it is installed (without importing it on the caller's thread when
+    it is the numba backend, whose import and compiles run in the background), else None."""
+    global _auto_cpu
+    if candidate != "cpu" or os.environ.get(_warm.POLICY_ENV, "background") == "wait":
+        return load(candidate) if _installed(candidate) else None
+    if _auto_cpu is None:
+        if importlib.util.find_spec("numba") is None:
+            return None
+        _auto_cpu = _warm.AutoBackend(_MODULES["cpu"], load("torch"))
+    return _auto_cpu
 
 
 def load(name: str) -> ModuleType:
@@ -88,13 +108,14 @@ def check_name(name: object) -> None:
         raise BackendError(expected("backend", f"one of {', '.join(map(repr, BACKEND_NAMES))}", name))
 
 
-def select(name: str, problem: UpdateProblem) -> ModuleType:
-    """The backend module that runs ``problem``; raises BackendError when ``name`` cannot."""
+def select(name: str, problem: UpdateProblem) -> ModuleType | _warm.AutoBackend:
+    """The backend (module) that runs ``problem``; raises BackendError when ``name`` cannot."""
     check_name(name)
     if name == "auto":
         for candidate in _AUTO.get(problem.device.type, ()):
-            if _installed(candidate) and load(candidate).unsupported_reason(problem) is None:
-                return load(candidate)
+            backend = _auto_backend(candidate)
+            if backend is not None and backend.unsupported_reason(problem) is None:
+                return backend
         return load("torch")
     try:
         module = load(name)
@@ -106,20 +127,35 @@ def select(name: str, problem: UpdateProblem) -> ModuleType:
     return module
 
 
-def for_device(device: torch.device, name: str = "auto") -> ModuleType:
-    """The backend module for ``device`` when no full problem is at hand (row merges, ring attention).
+def for_device(device: torch.device, name: str = "auto") -> ModuleType | _warm.AutoBackend:
+    """The backend (module) for ``device`` when no full problem is at hand (row merges, ring attention).
 
     ``auto`` prefers the device's fused backend when it is installed, else ``torch``. Backends state what
     they cannot run through ``unsupported_reason``; row-level callers check dtypes themselves.
     """
     if name == "auto":
         for candidate in _AUTO.get(device.type, ()):
-            if _installed(candidate):
-                return load(candidate)
+            backend = _auto_backend(candidate)
+            if backend is not None:
+                return backend
         return load("torch")
     if name not in _MODULES or name == "reference":
         raise BackendError(expected("backend", "'auto', 'torch', 'cpu' or 'triton'", name))
     return load(name)
+
+
+def wait_compiled(timeout: float | None = None) -> bool:
+    """Block until the fused kernels that ``auto`` calls have queued for compilation are ready (``timeout``
+    seconds at most; True when nothing is left). See Note [cold start] in ``_warm.py``."""
+    return _warm.wait(timeout)
+
+
+def ran(backend: object) -> str:
+    """Name of the backend that really ran the latest call made with ``backend`` (a module or ``auto``'s CPU
+    backend, as ``select`` returns) on this thread."""
+    if isinstance(backend, _warm.AutoBackend):
+        return _warm.last_backend() or "torch"
+    return backend.NAME
 
 
 def heads_outer(parts_m: Sequence[torch.Tensor], row_map: object | None) -> bool:
@@ -131,7 +167,11 @@ def heads_outer(parts_m: Sequence[torch.Tensor], row_map: object | None) -> bool
 
 
 def ring_attention_update(
-    module: ModuleType, problem: UpdateProblem, out_o: torch.Tensor, out_m: torch.Tensor, out_l: torch.Tensor
+    module: ModuleType | _warm.AutoBackend,
+    problem: UpdateProblem,
+    out_o: torch.Tensor,
+    out_m: torch.Tensor,
+    out_l: torch.Tensor,
 ) -> None:
     """Write ``problem``'s merge into ``out_o, out_m, out_l`` with backend ``module`` (outputs may be exactly
     the input views): the row merge of Note [row merge] with K = 2 in the stats form."""

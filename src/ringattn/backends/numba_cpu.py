@@ -71,7 +71,7 @@ from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._contract import UpdateProblem
-from . import heads_outer
+from . import _warm, heads_outer
 from .numba_stream import BF16_CHUNK, STREAM_BYTES, bf16_merge_chunk, bf16_merge_chunk_stream, store_fence, stream32
 
 NAME = "cpu"
@@ -620,6 +620,7 @@ def _launch(kernel, nbytes: int, *args) -> None:
     reports: a ``torch.set_num_threads(1)`` would silently become ``NUMBA_NUM_THREADS``. So torch's count
     is read first (numba then follows it) and written back only if the launch changed it.
     """
+    _warm.check(kernel, args)  # backend="auto": NotReady while the kernel compiles (Note [cold start] in _warm.py)
     torch_threads = torch.get_num_threads()
     try:
         numba.set_num_threads(_threads(nbytes))

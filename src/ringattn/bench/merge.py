@@ -296,11 +296,19 @@ def providers(backend_names: Sequence[str] = ("auto",)) -> dict[str, Provider]:
 
 
 def resolve_backend(name: str, inputs: Inputs) -> str:
-    """The backend ``name`` really runs for ``inputs`` (``auto`` resolved); raises BackendError."""
+    """The backend ``name`` really runs for ``inputs`` (``auto`` resolved); raises BackendError.
+
+    ``auto`` on CPU runs ``torch`` until numba has compiled the fused kernel (Note [cold start] in
+    ``backends/_warm.py``): this waits for that compile, then makes one call to see which backend answers.
+    """
     c = inputs.case
     problem = validate_update(*inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits)
     module = backends.select(name, problem)
-    return getattr(module, "NAME", module.__name__.rsplit(".", 1)[-1])
+    if name == "auto":
+        providers((name,))[f"ringattn[{name}]"](inputs)  # queues the compile, if any
+        backends.wait_compiled()
+        providers((name,))[f"ringattn[{name}]"](inputs)
+    return backends.ran(module)
 
 
 def max_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -342,6 +350,8 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
         progress.show(f"{label}: checking")
         inputs = make_inputs(case, device, options.seed)
         provs = providers(options.backends)
+        if "auto" in options.backends:
+            progress.show(f"{label}: compiling the fused kernel if needed (numba: seconds, once per machine)")
         resolved = {f"ringattn[{b}]": resolve_backend(b, inputs) for b in options.backends}
         ref = ring_attention_update_reference(
             *(t.cpu() for t in inputs.tensors), list(case.seq_offsets or ()), case.layout

@@ -71,8 +71,41 @@ def _ring_rank(rank: int, world: int, args: DemoArgs, device: torch.device) -> d
     return {"forward_s": forward, "total_s": total, "results": full if rank == 0 else None}
 
 
+def seq_len_problem(seq_len: int, world: int) -> str | None:
+    """Why causal zigzag ring attention cannot split ``seq_len`` tokens over ``world`` ranks (one line), or None."""
+    if world < 1:
+        return f"the world size must be at least 1, got {world}"
+    if seq_len < 2 * world or seq_len % (2 * world):
+        fit = max(2 * world, round(seq_len / (2 * world)) * 2 * world)
+        return (
+            f"--seq-len {seq_len} is not a multiple of 2 x world size = {2 * world} (zigzag sharding cuts the "
+            f"sequence into 2W equal chunks); try --seq-len {fit}"
+        )
+    return None
+
+
+def speed_sentence(ring_s: float, single_s: float, world: int) -> str:
+    """``"ring (W=2) 0.34 s, single process 0.48 s: ring is 1.4x faster"`` (or slower)."""
+    ratio = single_s / ring_s if ring_s > 0 else float("inf")
+    verdict = f"{ratio:.1f}x faster" if ratio >= 1 else f"{1 / ratio:.1f}x slower"
+    return f"ring (W={world}) {ring_s:.2f} s, single process {single_s:.2f} s: ring is {verdict}"
+
+
+def check_line(check: dict) -> str:
+    """``"PASS  <name>: error 1.2e-06 <= tolerance 3.0e-06"`` (``>`` and FAIL when it did not pass)."""
+    verdict, relation = ("PASS", "<=") if check["passed"] else ("FAIL", ">")
+    return f"  {verdict}  {check['name']}: error {check['error']:.1e} {relation} tolerance {check['limit']:.1e}"
+
+
+# Note [demo tolerance]: the ring may be at most twice as far from the float64 reference as PyTorch's own
+# single-process attention in the same dtype, plus 1e-5 absolute (where SDPA happens to be nearly exact). It
+# computes the same softmax in blocks and merges them, so it rounds about as often as SDPA does.
+_RING_FACTOR, _RING_ATOL = 2.0, 1e-5
+
+
 def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -> dict:
-    """Single-process attention and a float64 reference; errors of both, times of both."""
+    """Single-process attention and a float64 reference; errors of both, times of both, a PASS/FAIL per output
+    (Note [demo tolerance]) in ``report["checks"]``."""
     q, k, v, g = _inputs(args, device)
     say(f"single process: SDPA causal forward+backward, {torch.get_num_threads()} threads")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -92,6 +125,11 @@ def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -
         who: {n: (x.double() - r).abs().max().item() for n, x, r in zip(names, xs, ref, strict=True)}
         for who, xs in (("ring", ring["results"]), ("single", single))
     }
+    checks = []
+    for n in names:
+        limit = _RING_FACTOR * errors["single"][n] + _RING_ATOL
+        error = errors["ring"][n]
+        checks.append({"name": f"ring attention {n}", "error": error, "limit": limit, "passed": error <= limit})
     report = {
         "world_size": world,
         **dataclasses.asdict(args),
@@ -99,14 +137,15 @@ def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -
         "ring_total_s": ring["total_s"],
         "single_total_s": single_s,
         "max_abs_error_vs_float64": errors,
+        "checks": checks,
     }
     say("max |error| vs float64      " + "  ".join(f"{n:>8}" for n in names))
     for who, label in (("ring", f"ring (W={world})"), ("single", "single process")):
         say(f"  {label:<26}" + "  ".join(f"{errors[who][n]:8.1e}" for n in names))
-    say(
-        f"forward+backward: ring (W={world}) {ring['total_s']:.3f} s, single process {single_s:.3f} s "
-        f"({ring['total_s'] / single_s:.2f}x)"
-    )
+    say(f"  {'tolerance (2x single+1e-5)':<26}" + "  ".join(f"{c['limit']:8.1e}" for c in checks))
+    for c in checks:
+        say(check_line(c))
+    say("forward+backward: " + speed_sentence(ring["total_s"], single_s, world))
     return report
 
 
@@ -142,6 +181,9 @@ def run_demo(
     (``ring_total_s``, ``single_total_s``: forward+backward) and ``max_abs_error_vs_float64`` of the ring
     and of single-process SDPA for out, dq, dk, dv.
     """
+    problem = seq_len_problem(seq_len, world_size)
+    if problem is not None:
+        raise ValueError(problem)
     args = DemoArgs(seq_len, batch, heads, head_dim, dtype, seed)
 
     def say(text: str) -> None:
@@ -169,13 +211,20 @@ def _torchrun_main(args: DemoArgs) -> int:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    problem = seq_len_problem(args.seq_len, world)
+    if problem is not None:
+        dist.destroy_process_group()
+        print(f"ringattn demo: {problem}", file=sys.stderr)
+        return 2
+    passed = True
     try:
         ring = _ring_rank(rank, world, args, device)
         if rank == 0:
-            _report(args, world, ring, device, lambda text: print(text, flush=True))
+            report = _report(args, world, ring, device, lambda text: print(text, flush=True))
+            passed = all(c["passed"] for c in report["checks"])
     finally:
         dist.destroy_process_group()
-    return 0
+    return 0 if passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,8 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = DemoArgs(ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.seed)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return _torchrun_main(args)
-    run_demo(ns.world_size, **dataclasses.asdict(args))
-    return 0
+    problem = seq_len_problem(args.seq_len, ns.world_size)
+    if problem is not None:
+        parser.error(problem)
+    report = run_demo(ns.world_size, **dataclasses.asdict(args))
+    return 0 if all(c["passed"] for c in report["checks"]) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,258 @@
+"""``auto`` on CPU: the portable backend answers while the fused numba kernels compile on a background thread.
+
+Note [cold start]
+-----------------
+numba compiles a kernel for each new combination of argument types (dtype, number of parts K, statistics or
+LSE form) on its first call: 8-12 s for a forward merge and 20-32 s for a backward on a 2-core machine, and
+0.3-1.4 s even when numba's disk cache (``cache=True``, in ``backends/__pycache__``) already holds it, since
+loading links LLVM objects. A PyTorch op is expected to answer in milliseconds, so ``backend="auto"`` on CPU
+never waits for numba:
+
+* the first ``auto`` call imports the fused module on a background thread and runs the ``torch`` backend;
+* once the module is imported, a call reaches ``numba_cpu._launch``, which calls :func:`check` with the
+  kernel and its exact arguments. If the kernel has no compiled version for those argument types yet,
+  :func:`check` queues its compilation on the background thread and raises :class:`NotReady` *before
+  anything is written*; the call then runs the ``torch`` backend instead. The background thread has a child
+  process compile it into numba's disk cache (at low priority; numba's compiler is mostly Python and would
+  otherwise hold this process's GIL for the whole compile, slowing the caller's torch calls meanwhile), then
+  loads it from there, or compiles it itself where no child can run;
+* from then on the same call runs the fused kernel. A later process finds the kernel in the disk cache and
+  loads it in the background within about a second.
+
+Explicit ``backend="cpu"`` keeps numba's own behaviour: it compiles (or waits for the background compile of
+the same kernel) on the caller's thread. :func:`wait` blocks until the queue is empty (the benchmark uses it
+before timing). The environment variable ``RINGATTN_AUTO_CPU=wait`` (read at each call, inherited by worker
+processes) makes ``auto`` on CPU behave like ``cpu``: the fused kernel from the first call, compiled on the
+caller's thread. The test suite sets it, so every test is deterministic and exercises the fused kernel as it
+did before; ``tests/test_cold_start.py`` tests the default.
+
+Results: both backends evaluate the same formula in float32 (float64 for float64 inputs) and round once to
+the output dtype, but they do not always agree to the last bit (the fused kernel's vectorised ``exp`` and
+fused loops can differ from torch's by an ulp of float32). A program that needs bitwise-repeatable results
+from the first call on should pass ``backend="cpu"`` (waits for the compile) or ``backend="torch"``.
+
+The check costs about 2 us per call: a key of numba's C type fingerprints of the arguments, looked up in a set
+of kernels known to be ready; numba's full ``typeof`` runs once per new key.
+
+The background thread is a daemon and its child ends with this process (Linux ``PR_SET_PDEATHSIG``): a process
+that ends while a kernel compiles neither waits for it nor leaves work running (numba writes its cache files
+atomically, so an interrupted compile leaves no broken cache entry). Concurrent processes that need the same
+kernel each compile it, as they would without this module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+__all__ = ["AutoBackend", "NotReady", "auto_call", "check", "fused_module", "last_backend", "wait"]
+
+
+# "background" (default) or "wait": see the Note above.
+POLICY_ENV = "RINGATTN_AUTO_CPU"
+
+
+class NotReady(Exception):
+    """The fused kernel for these argument types is still compiling; run the portable backend."""
+
+
+_local = threading.local()
+_jobs: queue.Queue[Callable[[], object]] = queue.Queue()
+_lock = threading.Lock()
+_worker: threading.Thread | None = None
+_queued: set[object] = set()  # keys of jobs queued or running, so a key is compiled once
+_ready: set[object] = set()  # (kernel, fingerprint key) pairs that have a compiled version
+_modules: dict[str, ModuleType] = {}
+_failures: list[BaseException] = []  # errors of background jobs (re-raised by wait)
+
+
+def _run_jobs() -> None:
+    while True:
+        job = _jobs.get()
+        try:
+            job()
+        except BaseException as exc:  # noqa: BLE001 - reported by wait(); the auto path keeps running torch
+            _failures.append(exc)
+        finally:
+            _jobs.task_done()
+
+
+def _submit(key: object, job: Callable[[], object]) -> None:
+    global _worker
+    with _lock:
+        if key in _queued:
+            return
+        _queued.add(key)
+        if _worker is None:
+            _worker = threading.Thread(target=_run_jobs, name="ringattn-numba-compile", daemon=True)
+            _worker.start()
+    _jobs.put(job)
+
+
+def fused_module(name: str) -> ModuleType | None:
+    """The module ``ringattn.backends.<name>`` if it is imported, else None after queueing its import."""
+    module = _modules.get(name)
+    if module is not None:
+        return module
+
+    def load() -> None:
+        _modules[name] = importlib.import_module(f"{__package__}.{name}")
+
+    _submit(("import", name), load)
+    return None
+
+
+class auto_call:  # noqa: N801 - used as a context manager, like a function
+    """Within this context, :func:`check` raises :class:`NotReady` rather than letting numba compile."""
+
+    def __enter__(self) -> None:
+        self._previous = getattr(_local, "auto", False)
+        _local.auto = True
+
+    def __exit__(self, *exc: object) -> None:
+        _local.auto = self._previous
+
+
+try:  # numba's C type fingerprint (what its dispatcher keys on); private, hence the fallback
+    from numba._dispatcher import compute_fingerprint as _fingerprint
+except ImportError:  # pragma: no cover - depends on the numba version
+    _fingerprint = None
+
+
+def _key(args: tuple[Any, ...]) -> object:
+    if _fingerprint is not None:
+        try:
+            return tuple(map(_fingerprint, args))
+        except Exception:  # noqa: BLE001 - a type without a fingerprint: use numba's typeof below
+            pass
+    return None
+
+
+def check(kernel: Any, args: tuple[Any, ...]) -> None:
+    """Raise :class:`NotReady` inside :class:`auto_call` when ``kernel`` (a numba dispatcher) has no compiled
+    version for ``args``' types, after queueing its compilation; otherwise return. Launchers call this before
+    writing anything, so the caller can run another backend on the same outputs."""
+    if not getattr(_local, "auto", False):
+        return
+    fast = _key(args)
+    if fast is not None and (kernel, fast) in _ready:
+        return
+    signature = tuple(kernel.typeof_pyval(a) for a in args)
+    if signature in kernel.overloads:
+        if fast is not None:
+            _ready.add((kernel, fast))
+        return
+    _submit((kernel, signature), lambda: _compile(kernel, signature))
+    raise NotReady
+
+
+# The child process of _compile: compiles one kernel for one signature into numba's disk cache, at low priority.
+# It ends with its parent (Linux: PR_SET_PDEATHSIG), so short-lived processes leave no compiles running behind.
+_CHILD = """
+import ctypes, importlib, os, pickle, signal, sys
+parent, module, name, signature = pickle.load(sys.stdin.buffer)
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != parent:
+    sys.exit(1)
+try:
+    os.nice(10)
+except (AttributeError, OSError):
+    pass
+getattr(importlib.import_module(module), name).compile(signature)
+"""
+
+
+def _compile(kernel: Any, signature: tuple[Any, ...]) -> None:
+    """Compile ``kernel`` for ``signature``: in a child process that writes numba's disk cache, then load it here.
+
+    The child keeps numba's compiler (mostly Python) from holding this process's GIL for 10-30 s, which would
+    slow the caller's own work meanwhile; it runs at low priority and ends with this process. Where the child
+    cannot run or its cache entry is not usable here, ``kernel.compile`` compiles on this thread instead.
+    """
+    compile_in_child(kernel, signature)
+    kernel.compile(signature)
+
+
+def compile_in_child(kernel: Any, signature: tuple[Any, ...]) -> bool:
+    """Compile ``kernel`` (a module-level ``cache=True`` numba dispatcher) for ``signature`` in a child process,
+    which writes numba's disk cache; True when the child succeeded."""
+    try:
+        payload = pickle.dumps((os.getpid(), kernel.py_func.__module__, kernel.py_func.__qualname__, signature))
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD], input=payload, capture_output=True, timeout=_CHILD_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError, pickle.PicklingError, AttributeError):
+        return False
+    return child.returncode == 0
+
+
+# A compile takes 10-30 s on a busy 2-core machine; past this, the child is abandoned and this thread compiles.
+_CHILD_TIMEOUT_S = 600
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Block until every queued import and compilation has finished (``timeout`` seconds at most); True when
+    the queue is empty. Raises (once) the first error a background job met since the last call, if any."""
+    done = threading.Event()
+
+    def join() -> None:
+        _jobs.join()
+        done.set()
+
+    threading.Thread(target=join, daemon=True).start()
+    finished = done.wait(timeout)
+    if _failures:
+        raise _failures.pop(0)
+    return finished
+
+
+class AutoBackend:
+    """A backend that runs module ``fused``'s kernels once they are compiled for a call's argument types and
+    ``portable``'s until then (Note [cold start]). Same interface as a backend module (Note [row merge])."""
+
+    NAME = "auto"
+
+    def __init__(self, fused: str, portable: ModuleType) -> None:
+        self._fused = fused
+        self._portable = portable
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def unsupported_reason(self, problem: object) -> str | None:
+        return self._portable.unsupported_reason(problem)
+
+    def merge_rows(self, *args: Any, **kwargs: Any) -> None:
+        self._run("merge_rows", args, kwargs)
+
+    def merge_rows_backward(self, *args: Any, **kwargs: Any) -> None:
+        self._run("merge_rows_backward", args, kwargs)
+
+    def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        module = fused_module(self._fused)
+        if module is not None:
+            try:
+                with auto_call():
+                    getattr(module, name)(*args, **kwargs)
+                _local.last = module.NAME
+                return
+            except NotReady:
+                pass
+        getattr(self._portable, name)(*args, **kwargs)
+        _local.last = self._portable.NAME
+
+
+def last_backend() -> str | None:
+    """Name of the backend that ran this thread's latest ``auto`` call on CPU (None before the first)."""
+    return getattr(_local, "last", None)

@@ -1,0 +1,137 @@
+"""``backend="auto"`` on CPU answers with ``torch`` while numba compiles, then runs the fused kernel (Note [cold
+start] in ``backends/_warm.py``).
+
+The routing is tested with a stand-in for the fused module whose launcher guards a tiny numba kernel exactly as
+``numba_cpu._launch`` guards the merge kernel, so nothing here waits for the merge kernel's own compile.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import types
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from ringattn import backends
+from ringattn.backends import _warm, torch_eager
+
+
+def _fake_fused(kernel) -> types.ModuleType:
+    """A fused-backend stand-in: ``_warm.check`` on ``kernel`` (as the real launcher does before writing), then the
+    row merge itself (torch's, so results can be compared) recorded as run by "fake"."""
+    module = types.ModuleType("fake_fused")
+    module.NAME = "fake"
+    module.calls = 0
+
+    def merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, **kw):
+        x = np.zeros(3, np.float32)
+        _warm.check(kernel, (x,))
+        kernel(x)
+        module.calls += 1
+        torch_eager.merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, **kw)
+
+    module.merge_rows = merge_rows
+    return module
+
+
+def _rows(gen, k=2):
+    parts_o = [torch.randn(5, 1, 3, 8, generator=gen) for _ in range(k)]
+    parts_m = [torch.randn(5, 1, 3, 1, generator=gen) for _ in range(k)]
+    outs = (torch.full((5, 1, 3, 8), float("nan")), torch.full((5, 1, 3, 1), float("nan")))
+    return parts_o, parts_m, outs
+
+
+def _want(parts_o, parts_m):
+    lse = torch.stack([m[..., 0].double() for m in parts_m])
+    w = torch.softmax(lse, 0)
+    return (w.unsqueeze(-1) * torch.stack([o.double() for o in parts_o])).sum(0), torch.logsumexp(lse, 0)
+
+
+def test_auto_answers_with_torch_until_the_kernel_is_compiled(monkeypatch) -> None:
+    kernel = numba.njit(lambda x: x + 1)  # fresh: no compiled version yet
+    fake = _fake_fused(kernel)
+    monkeypatch.setitem(_warm._modules, "fake_fused", fake)
+    auto = _warm.AutoBackend("fake_fused", torch_eager)
+    gen = torch.Generator().manual_seed(0)
+
+    parts_o, parts_m, (out_o, out_m) = _rows(gen)
+    auto.merge_rows(parts_o, parts_m, None, out_o, out_m, None)
+    assert _warm.last_backend() == "torch" and backends.ran(auto) == "torch" and fake.calls == 0
+    want_o, want_lse = _want(parts_o, parts_m)
+    torch.testing.assert_close(out_o.double(), want_o, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_m[..., 0].double(), want_lse, atol=1e-5, rtol=1e-5)
+
+    assert _warm.wait(120)  # the lambda cannot be imported by the child process: compiled on the thread
+    assert len(kernel.overloads) == 1
+    parts_o, parts_m, (out_o, out_m) = _rows(gen, k=3)
+    auto.merge_rows(parts_o, parts_m, None, out_o, out_m, None)
+    assert _warm.last_backend() == "fake" and fake.calls == 1
+    want_o, want_lse = _want(parts_o, parts_m)
+    torch.testing.assert_close(out_o.double(), want_o, atol=1e-5, rtol=1e-5)
+
+
+def test_check_only_acts_inside_auto_calls() -> None:
+    kernel = numba.njit(lambda x: x * 2)
+    x = np.ones(2)
+    _warm.check(kernel, (x,))  # an explicit backend: numba compiles on the caller's thread as usual
+    with _warm.auto_call(), pytest.raises(_warm.NotReady):
+        _warm.check(numba.njit(lambda x: x * 3), (x,))
+    with _warm.auto_call():
+        kernel(x)  # compiled above
+        _warm.check(kernel, (x,))
+    assert _warm.wait(120)
+
+
+def test_a_fused_module_that_cannot_be_imported_leaves_torch_running() -> None:
+    auto = _warm.AutoBackend("no_such_fused_module", torch_eager)
+    gen = torch.Generator().manual_seed(1)
+    parts_o, parts_m, (out_o, out_m) = _rows(gen)
+    auto.merge_rows(parts_o, parts_m, None, out_o, out_m, None)
+    with pytest.raises(ModuleNotFoundError, match="no_such_fused_module"):
+        _warm.wait(120)
+    auto.merge_rows(parts_o, parts_m, None, out_o, out_m, None)
+    assert _warm.last_backend() == "torch"
+    torch.testing.assert_close(out_o.double(), _want(parts_o, parts_m)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_child_process_writes_the_disk_cache(tmp_path, monkeypatch) -> None:
+    """The compile runs in a child process (no GIL contention here), which leaves the kernel in numba's disk cache
+    for this process and the next ones."""
+    (tmp_path / "coldstart_kernel.py").write_text(
+        textwrap.dedent(
+            """
+            import numba
+
+            @numba.njit(cache=True)
+            def add_one(x):
+                return x + 1
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    import coldstart_kernel
+
+    signature = (numba.typeof(np.zeros(4)),)
+    try:
+        assert _warm.compile_in_child(coldstart_kernel.add_one, signature)
+        assert not coldstart_kernel.add_one.overloads  # compiled elsewhere, not here
+        assert list((tmp_path / "__pycache__").glob("coldstart_kernel.add_one-*.nbi"))
+        coldstart_kernel.add_one.compile(signature)  # now a load from the cache
+        assert coldstart_kernel.add_one.stats.cache_hits
+    finally:
+        sys.modules.pop("coldstart_kernel", None)
+
+
+def test_auto_on_cpu_is_the_cold_start_backend_unless_told_to_wait(monkeypatch) -> None:
+    monkeypatch.delenv(_warm.POLICY_ENV)  # the default policy (conftest sets "wait" for every other test)
+    assert isinstance(backends.for_device(torch.device("cpu"), "auto"), _warm.AutoBackend)
+    monkeypatch.setenv(_warm.POLICY_ENV, "wait")
+    assert backends.for_device(torch.device("cpu"), "auto") is backends.load("cpu")
+    assert backends.for_device(torch.device("cpu"), "torch") is torch_eager
+    assert backends.ran(torch_eager) == "torch"
