@@ -17,7 +17,19 @@ from .errors import (
     ShapeError,
 )
 from .merge import lse_to_stats, merge_states, stats_to_lse
-from .ring import gather_sequence, ring_attention, shard_sequence, simulate_ring_attention, unshard_sequence
+from .ring import (
+    PackedShard,
+    gather_packed,
+    gather_sequence,
+    packed_shard_info,
+    ring_attention,
+    ring_attention_varlen,
+    shard_packed,
+    shard_sequence,
+    simulate_ring_attention,
+    unshard_packed,
+    unshard_sequence,
+)
 
 __version__ = "0.1.0"
 
@@ -29,10 +41,16 @@ __all__ = [
     "lse_to_stats",
     "block_attention",
     "ring_attention",
+    "ring_attention_varlen",
     "simulate_ring_attention",
     "shard_sequence",
     "unshard_sequence",
     "gather_sequence",
+    "shard_packed",
+    "unshard_packed",
+    "gather_packed",
+    "packed_shard_info",
+    "PackedShard",
     "RingAttnError",
     "LayoutError",
     "ShapeError",

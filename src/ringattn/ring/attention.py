@@ -1,7 +1,9 @@
 """Ring attention over torch.distributed: the public function, its autograd.Function and the ring loops.
 
 The loops follow Note [ring schedule] (schedule.py); block math lives in blocks.py, transfers in
-comm.py, input checks in checks.py. Partial results are merged by the row-merge backend of the device
+comm.py, input checks in checks.py. What a block IS (which rows meet which, and how they are computed) is the
+layout plan's business (Note [layout plans]), so dense and packed batches run the same loops. Partial results
+are merged by the row-merge backend of the device
 (Note [row merge] in ``backends/__init__.py``), in LSE form and in place, into float32 accumulators
 (float64 for float64 inputs), so nothing is rounded to 16 bits between steps.
 """
@@ -23,6 +25,23 @@ from .schedule import chunks_per_rank, step_blocks
 
 _KV_TAG, _DKV_TAG = 0, 1
 
+# Note [layout plans]
+# -------------------
+# ``ring_forward`` and ``ring_backward`` own the ring: transfers, their overlap with compute, the accumulators,
+# the merges and the dk/dv hops. A layout plan (``RingConfig.plan``) owns the blocks, with three methods:
+#
+#   step_blocks(rank, step, world_size)  -> the blocks this rank computes at this step (step 0: one block whose
+#                                           rows cover every local query, the forward's initialisation);
+#   attend(q, k, v, block, cfg)          -> (o (B, Sq, N, D), lse (B, N, Sq), rows): the block's partial result
+#                                           for the local query rows ``rows`` (an index of dim 1 of q);
+#   attend_backward(do, q, k, v, out, lse, block, cfg, dq_acc, dk_acc, dv_acc)
+#                                        -> adds the block's share of the gradients into the accumulators.
+#
+# Tensors are ``(B, S_local, N, D)`` views throughout. DensePlan cuts the local sequence into the chunks of
+# Note [ring schedule]. PackedPlan (varlen.py) runs a packed ``(T_local, N, D)`` shard as B = 1 and applies the
+# same chunk pairs to every document (Note [packed zigzag] in schedule.py); its blocks return every local row
+# (rows ``slice(None)``), rows a block does not reach as empty results, which the merge leaves unchanged.
+
 
 @dataclasses.dataclass(frozen=True)
 class RingConfig:
@@ -34,6 +53,7 @@ class RingConfig:
     impl: str  # resolved block kernel (Note [block kernels]): "flash" | "cudnn" | "efficient" | "torch"
     backend: str  # row-merge backend name for backends.for_device
     comm: Any  # RingComm, VirtualComm (virtual.py) or a test double with the same interface
+    plan: Any  # layout plan (Note [layout plans]): DensePlan, or varlen.PackedPlan for packed batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +83,6 @@ def _unpack_kv(buf: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torc
     return buf[:n].view(shape), buf[n:].view(shape)
 
 
-def _slices(block: Any, chunk: int) -> tuple[slice, slice]:
-    return slice(block.q_lo * chunk, block.q_hi * chunk), slice(block.k_lo * chunk, block.k_hi * chunk)
-
-
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """``(B, S, N, D)`` view as SDPA's ``(B, N, S, D)``, no copy."""
     return x.transpose(1, 2)
@@ -77,6 +93,51 @@ def _stats_rows(lse: torch.Tensor) -> torch.Tensor:
     return lse.permute(0, 2, 1).unsqueeze(-1)
 
 
+class DensePlan:
+    """The layout plan of dense ``(B, S_local, N, D)`` shards (Note [layout plans]): each block of
+    :func:`step_blocks` is a pair of chunk slices, computed by one call of the block kernel."""
+
+    def __init__(self, causal: bool, sharding: str, local_len: int) -> None:
+        self.causal, self.sharding = causal, sharding
+        self.chunk = local_len // chunks_per_rank(causal, sharding)
+
+    def step_blocks(self, rank: int, step: int, world_size: int) -> tuple:
+        return step_blocks(rank, step, world_size, causal=self.causal, sharding=self.sharding)
+
+    def _slices(self, block: Any) -> tuple[slice, slice]:
+        c = self.chunk
+        return slice(block.q_lo * c, block.q_hi * c), slice(block.k_lo * c, block.k_hi * c)
+
+    def attend(self, q, k, v, block, cfg: RingConfig) -> tuple[torch.Tensor, torch.Tensor, slice]:
+        qs, ks = self._slices(block)
+        o, lse = attend(
+            _heads_first(q[:, qs]),
+            _heads_first(k[:, ks]),
+            _heads_first(v[:, ks]),
+            causal=block.causal,
+            scale=cfg.scale,
+            impl=cfg.impl,
+        )
+        return _heads_first(o), lse, qs
+
+    def attend_backward(self, do, q, k, v, out, lse, block, cfg: RingConfig, dq_acc, dk_acc, dv_acc) -> None:
+        qs, ks = self._slices(block)
+        dq, dk, dv = attend_backward(
+            _heads_first(do[:, qs]),
+            _heads_first(q[:, qs]),
+            _heads_first(k[:, ks]),
+            _heads_first(v[:, ks]),
+            _heads_first(out[:, qs]),
+            lse[:, :, qs],
+            causal=block.causal,
+            scale=cfg.scale,
+            impl=cfg.impl,
+        )
+        dq_acc[:, qs] += _heads_first(dq)
+        dk_acc[:, ks] += _heads_first(dk)
+        dv_acc[:, ks] += _heads_first(dv)
+
+
 def ring_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,9 +145,8 @@ def ring_forward(
 
     ``out`` has q's dtype; ``lse`` (natural log) has the accumulation dtype (float32, float64 for float64).
     """
-    comm, world = cfg.comm, cfg.comm.world_size
+    comm, world, plan = cfg.comm, cfg.comm.world_size, cfg.plan
     c = compute_dtype(q.dtype)
-    chunk = q.shape[1] // chunks_per_rank(cfg.causal, cfg.sharding)
     merge = backends.for_device(q.device, cfg.backend)
     # A backend that reads each part in its own dtype merges the block's output as it is; others get it widened.
     widen = not getattr(merge, "MIXED_PART_DTYPES", False)
@@ -98,21 +158,13 @@ def ring_forward(
         if step < world - 1:  # post the next block's transfer before computing on this one
             kv_next = torch.empty_like(kv)
             pending = comm.exchange(kv, kv_next, tag=_KV_TAG)
-        for block in step_blocks(comm.rank, step, world, causal=cfg.causal, sharding=cfg.sharding):
-            qs, ks = _slices(block, chunk)
-            o, lse = attend(
-                _heads_first(q[:, qs]),
-                _heads_first(k_blk[:, ks]),
-                _heads_first(v_blk[:, ks]),
-                causal=block.causal,
-                scale=cfg.scale,
-                impl=cfg.impl,
-            )
+        for block in plan.step_blocks(comm.rank, step, world):
+            o_rows, lse, qs = plan.attend(q, k_blk, v_blk, block, cfg)
             if step == 0:  # step 0 covers every local query (schedule invariant): it initialises
-                acc_o.copy_(_heads_first(o))
+                acc_o.copy_(o_rows)
                 acc_lse.copy_(lse)
                 continue
-            o_rows, acc_rows = _heads_first(o), acc_o[:, qs]
+            acc_rows = acc_o[:, qs]
             o_rows = o_rows.to(c) if widen else o_rows
             lse_rows, acc_lse_rows = _stats_rows(lse), _stats_rows(acc_lse[:, :, qs])
             merge.merge_rows([acc_rows, o_rows], [acc_lse_rows, lse_rows], None, acc_rows, acc_lse_rows, None)
@@ -137,9 +189,8 @@ def ring_backward(
     dq accumulates here; each block's dk/dv partial (accumulation dtype) travels with the block, gains
     every rank's share and arrives back at its owner after one extra hop.
     """
-    comm, world = cfg.comm, cfg.comm.world_size
+    comm, world, plan = cfg.comm, cfg.comm.world_size, cfg.plan
     c = compute_dtype(q.dtype)
-    chunk = q.shape[1] // chunks_per_rank(cfg.causal, cfg.sharding)
     dq_acc = torch.zeros(q.shape, dtype=c, device=q.device)
     kv = _pack_kv(k, v) if world > 1 else None
     k_blk, v_blk = k, v
@@ -150,22 +201,8 @@ def ring_backward(
             pending_kv = comm.exchange(kv, kv_next, tag=_KV_TAG)
         dkv = torch.zeros(2 * k.numel(), dtype=c, device=k.device)
         dk_blk, dv_blk = _unpack_kv(dkv, k.shape)
-        for block in step_blocks(comm.rank, step, world, causal=cfg.causal, sharding=cfg.sharding):
-            qs, ks = _slices(block, chunk)
-            dq, dk, dv = attend_backward(
-                _heads_first(do[:, qs]),
-                _heads_first(q[:, qs]),
-                _heads_first(k_blk[:, ks]),
-                _heads_first(v_blk[:, ks]),
-                _heads_first(out[:, qs]),
-                lse[:, :, qs],
-                causal=block.causal,
-                scale=cfg.scale,
-                impl=cfg.impl,
-            )
-            dq_acc[:, qs] += _heads_first(dq)
-            dk_blk[:, ks] += _heads_first(dk)
-            dv_blk[:, ks] += _heads_first(dv)
+        for block in plan.step_blocks(comm.rank, step, world):
+            plan.attend_backward(do, q, k_blk, v_blk, out, lse, block, cfg, dq_acc, dk_blk, dv_blk)
         if world > 1:
             if pending_dkv is not None:  # the partial of this block from the previous rank
                 pending_dkv.wait()
@@ -213,7 +250,8 @@ def prepare(
         q, k, v = (_heads_first(x) for x in (q, k, v))
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_impl(options.impl, q.device, q.dtype, q.shape[-1])
-    cfg = RingConfig(bool(options.causal), float(scale), options.sharding, impl, options.backend, comm)
+    plan = DensePlan(bool(options.causal), options.sharding, q.shape[1])
+    cfg = RingConfig(bool(options.causal), float(scale), options.sharding, impl, options.backend, comm, plan)
     return q, k, v, cfg
 
 

@@ -64,6 +64,9 @@ ATEN: dict[str, Callable] = {
     "cudnn_backward": _aten._scaled_dot_product_cudnn_attention_backward,
     "efficient": _aten._scaled_dot_product_efficient_attention,
     "efficient_backward": _aten._scaled_dot_product_efficient_attention_backward,
+    # FlashAttention-2's varlen entry points (packed documents, cumulative lengths): Note [packed blocks], varlen.py
+    "flash_varlen": _aten._flash_attention_forward,
+    "flash_varlen_backward": _aten._flash_attention_backward,
 }
 
 _HALF = (torch.float16, torch.bfloat16)

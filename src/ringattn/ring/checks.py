@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from .. import backends
-from ..errors import BackendError, ConfigError, DeviceError, DTypeError, LayoutError, ShapeError, expected
+from ..errors import BackendError, ConfigError, DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError, expected
 from .blocks import IMPLS
-from .schedule import SHARDINGS
+from .schedule import SHARDINGS, packed_local_offsets
 
 LAYOUTS = ("BSND", "BNSD")
+_LAYOUT_CODES = (*LAYOUTS, "TND")  # code 2: the packed layout of ``ring_attention_varlen`` (never a user option)
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPES = (*ATTN_DTYPES, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64)
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta")
@@ -39,7 +40,11 @@ _CHOICES = (
     ("causal", (False, True), ConfigError),
 )
 # After the choices: softmax_scale as (kind, bits) with kind 0 = default, 1 = a float, -1 = invalid; then
-# whether this rank will run a backward (ranks that disagree would hang in it).
+# whether this rank will run a backward (ranks that disagree would hang in it); then, for the packed ring only,
+# the cu_seqlens fields of :func:`inspect_cu_seqlens` (Note [packed zigzag] in ``schedule.py``).
+_SCALE_AT = len(_CHOICES)  # in the options part of a row
+_GRAD_AT = _SCALE_AT + 2
+_CU_AT = _GRAD_AT + 1
 
 
 def _encode_tensor(x: Any) -> list[int]:
@@ -72,11 +77,79 @@ def _decode_scale(kind: int, bits: int) -> float | None:
     return None if kind == 0 else struct.unpack("<d", struct.pack("<q", bits))[0]
 
 
-def encode(q: Any, k: Any, v: Any, options: Any, *, needs_grad: bool) -> list[int]:
-    """This rank's row of the check table; ``options`` is a :class:`RingOptions` (any values, valid or not)."""
+def encode(
+    q: Any, k: Any, v: Any, options: Any, *, needs_grad: bool, cu_seqlens: Any = None, world_size: int = 1
+) -> list[int]:
+    """This rank's row of the check table; ``options`` is a :class:`RingOptions` (any values, valid or not).
+
+    With ``cu_seqlens`` (the packed ring; pass ``world_size`` too) the layout is the packed ``(T_local, N, D)``
+    and the row ends with the fields of :func:`inspect_cu_seqlens`.
+    """
     row = [v_ for x in (q, k, v) for v_ in _encode_tensor(x)]
-    row += [_index(getattr(options, name), allowed) for name, allowed, _ in _CHOICES]
-    return [*row, *_encode_scale(options.softmax_scale), int(needs_grad)]
+    choices = [_index(getattr(options, name), allowed) for name, allowed, _ in _CHOICES]
+    if cu_seqlens is not None:
+        choices[0] = _LAYOUT_CODES.index("TND")
+    row = [*row, *choices, *_encode_scale(options.softmax_scale), int(needs_grad)]
+    return row if cu_seqlens is None else [*row, *inspect_cu_seqlens(cu_seqlens, world_size)]
+
+
+# --- cu_seqlens of a packed batch ----------------------------------------------------------------------------
+# Codes of inspect_cu_seqlens, turned into the same error on every rank by cu_seqlens_error.
+CU_OK, CU_NOT_TENSOR, CU_DTYPE, CU_SHAPE, CU_DEVICE, CU_START, CU_DECREASING = range(7)
+_CU_FIELDS = 8  # code, 3 details, documents, total T, slots per rank, hash of the values
+
+
+def inspect_cu_seqlens(cu_seqlens: Any, world_size: int = 1) -> list[int]:
+    """``cu_seqlens`` as a fixed-length row of ints: ``[code, d0, d1, d2, documents, T, slots per rank, hash]``.
+
+    ``code`` is ``CU_OK`` or what is wrong (the details say with what); never raises, so every rank can encode
+    its own and raise the first problem of any rank together (:func:`cu_seqlens_error`). Slots per rank: the
+    local length of a shard under per-document zigzag over ``world_size`` ranks (Note [packed zigzag]).
+    """
+
+    def bad(code: int, *details: int) -> list[int]:
+        return [code, *details, *([0] * (3 - len(details))), 0, 0, 0, 0]
+
+    if not isinstance(cu_seqlens, torch.Tensor):
+        return bad(CU_NOT_TENSOR)
+    if cu_seqlens.dtype != torch.int64:
+        return bad(CU_DTYPE, _DTYPES.index(cu_seqlens.dtype) if cu_seqlens.dtype in _DTYPES else -1)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        return bad(CU_SHAPE, cu_seqlens.dim(), cu_seqlens.numel())
+    if cu_seqlens.device.type not in ("cpu", "cuda"):  # values must be read on the host
+        return bad(
+            CU_DEVICE, _DEVICE_TYPES.index(cu_seqlens.device.type) if cu_seqlens.device.type in _DEVICE_TYPES else -1
+        )
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        return bad(CU_START, values[0])
+    for i in range(len(values) - 1):
+        if values[i + 1] < values[i]:
+            return bad(CU_DECREASING, i + 1, values[i], values[i + 1])
+    lengths = [b - a for a, b in zip(values, values[1:], strict=False)]
+    slots = packed_local_offsets(lengths, world_size)[-1]
+    device = _DEVICE_TYPES.index(cu_seqlens.device.type)
+    return [CU_OK, device, 0, 0, len(lengths), values[-1], slots, hash(tuple(values)) & (2**62 - 1)]
+
+
+def cu_seqlens_error(fields: Sequence[int], where: str = "") -> Exception | None:
+    """The error for a row of :func:`inspect_cu_seqlens` (None when it is fine), naming ``cu_seqlens`` + ``where``."""
+    code, d0, d1, d2 = fields[:4]
+    name = "cu_seqlens" + where
+    if code == CU_NOT_TENSOR:
+        return DTypeError(expected(name, "a 1-D int64 torch.Tensor", "a non-tensor"))
+    if code == CU_DTYPE:
+        return DTypeError(expected(name, "dtype torch.int64", str(_DTYPES[d0]) if d0 >= 0 else "another dtype"))
+    if code == CU_SHAPE:
+        return ShapeError(expected(name, "a 1-D tensor [0, ..., T] with at least one entry", f"{d0}-D, {d1} entries"))
+    if code == CU_DEVICE:
+        device = _DEVICE_TYPES[d0] if d0 >= 0 else "another device type"
+        return DeviceError(expected(name, "a CPU or CUDA tensor (its values are read)", f"a {device} tensor"))
+    if code == CU_START:
+        return SeqLenError(expected(name, "a first entry of 0", d0))
+    if code == CU_DECREASING:
+        return SeqLenError(expected(name, "non-decreasing entries", f"entry {d0} = {d2} after {d1}"))
+    return None
 
 
 def _fields(row: Sequence[int], i: int) -> tuple[bool, int, tuple[int, ...], str, str]:
@@ -97,21 +170,23 @@ def _check_options(row: Sequence[int], where: str, given: Any) -> None:
         if code < 0:
             got = repr(getattr(given, name)) if given is not None else "another value on that rank"
             raise error(expected(name + where, f"one of {', '.join(map(repr, allowed))}", got))
-    if codes[len(_CHOICES)] < 0:
+    if codes[_SCALE_AT] < 0:
         got = repr(given.softmax_scale) if given is not None else "another value on that rank"
         raise ConfigError(expected("softmax_scale" + where, "None or a finite float", got))
 
 
 def _check_tensors(row: Sequence[int], where: str) -> None:
     q, k, v = (_fields(row, i) for i in range(3))
-    layout = LAYOUTS[_options(row)[0]]
+    layout = _LAYOUT_CODES[_options(row)[0]]
     causal, sharding = bool(_options(row)[4]), SHARDINGS[_options(row)[1]]
-    letters = "(B, S_local, N, D)" if layout == "BSND" else "(B, N, S_local, D)"
+    letters = {"BSND": "(B, S_local, N, D)", "BNSD": "(B, N, S_local, D)", "TND": "(T_local, N, D)"}[layout]
+    rank_ = 3 if layout == "TND" else 4
     for name, (is_tensor, ndim, sizes, dtype, _) in zip(_NAMES, (q, k, v), strict=True):
         if not is_tensor:
             raise DTypeError(expected(name + where, "a torch.Tensor", "a non-tensor"))
-        if ndim != 4:
-            raise ShapeError(expected(name + where, f"a 4-D tensor {letters} (layout {layout})", f"shape {sizes}"))
+        if ndim != rank_:
+            what = f"a {rank_}-D tensor {letters}" + ("" if layout == "TND" else f" (layout {layout})")
+            raise ShapeError(expected(name + where, what, f"shape {sizes}"))
         if dtype not in map(str, ATTN_DTYPES):
             raise DTypeError(expected(name + where, "float16, bfloat16, float32 or float64", dtype))
     for name, other in (("k", k), ("v", v)):
@@ -121,18 +196,46 @@ def _check_tensors(row: Sequence[int], where: str) -> None:
             raise DeviceError(expected(name + where, f"a {q[4]} tensor like q", other[4]))
     if v[2] != k[2]:
         raise ShapeError(expected("v" + where, f"shape {k[2]} like k", f"shape {v[2]}"))
-    seq, heads = (1, 2) if layout == "BSND" else (2, 1)
-    if q[2][3] == 0 or q[2][heads] == 0:
+    seq, heads = {"BSND": (1, 2), "BNSD": (2, 1), "TND": (0, 1)}[layout]
+    if q[2][-1] == 0 or q[2][heads] == 0:
         raise ShapeError(expected("q" + where, "at least one head of size >= 1", f"shape {q[2]}"))
-    if k[2][0] != q[2][0] or k[2][3] != q[2][3]:
+    if layout == "TND" and k[2][2] != q[2][2]:
+        raise ShapeError(expected("k" + where, f"head size {q[2][2]} like q", f"shape {k[2]}"))
+    if layout != "TND" and (k[2][0] != q[2][0] or k[2][3] != q[2][3]):
         raise ShapeError(expected("k" + where, f"batch {q[2][0]} and head size {q[2][3]} like q", f"shape {k[2]}"))
     if k[2][heads] == 0 or q[2][heads] % k[2][heads] != 0:
         raise ShapeError(expected("k" + where, f"a head count dividing q's {q[2][heads]}", k[2][heads]))
-    if causal and k[2][seq] != q[2][seq]:
+    if (causal or layout == "TND") and k[2][seq] != q[2][seq]:
+        if layout == "TND":  # k and v are sharded like q (Note [packed zigzag])
+            raise ShapeError(expected("k" + where, f"{q[2][seq]} tokens like q (packed shards)", k[2][seq]))
         raise ShapeError(expected("k" + where, f"local sequence length {q[2][seq]} like q (causal)", k[2][seq]))
-    if causal and sharding == "zigzag" and q[2][seq] % 2:
+    if causal and sharding == "zigzag" and layout != "TND" and q[2][seq] % 2:
         raise ShapeError(
             expected("q" + where, "an even local sequence length (causal zigzag holds two chunks)", q[2][seq])
+        )
+
+
+def _check_cu_seqlens(row: Sequence[int], where: str, world_size: int) -> None:
+    fields = _options(row)[_CU_AT:]
+    error = cu_seqlens_error(fields, where)
+    if error is not None:
+        raise error
+    q = _fields(row, 0)
+    if _DEVICE_TYPES[fields[1]] not in ("cpu", q[4]):
+        raise DeviceError(
+            expected(
+                "cu_seqlens" + where, f"a CPU tensor or a {q[4]} tensor like q", f"a {_DEVICE_TYPES[fields[1]]} tensor"
+            )
+        )
+    documents, total, slots = fields[4:7]
+    if slots != q[2][0]:
+        raise ShapeError(
+            expected(
+                "cu_seqlens" + where,
+                f"documents whose shards over {world_size} ranks hold q's {q[2][0]} tokens"
+                f" (2 ceil(L_i / {2 * world_size}) slots per document)",
+                f"{documents} documents of {total} tokens in all, {slots} slots per rank",
+            )
         )
 
 
@@ -145,6 +248,9 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
         _check_options(row, f" (rank {rank})" if many else "", None if many else given)
     for rank, row in enumerate(table):
         _check_tensors(row, f" (rank {rank})" if many else "")
+    for rank, row in enumerate(table):
+        if _options(row)[_CU_AT:]:
+            _check_cu_seqlens(row, f" (rank {rank})" if many else "", len(table))
     first = table[0]
     for rank, row in enumerate(table[1:], start=1):
         for i, name in enumerate(_NAMES):
@@ -161,11 +267,14 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
         for (name, allowed, _), want, got in zip(_CHOICES, mine, theirs, strict=False):
             if got != want:
                 raise ConfigError(expected(f"{name} (rank {rank})", f"{allowed[want]!r} as on rank 0", allowed[got]))
-        scale0, scale = _decode_scale(*mine[-3:-1]), _decode_scale(*theirs[-3:-1])
+        scale0 = _decode_scale(*mine[_SCALE_AT:_GRAD_AT])
+        scale = _decode_scale(*theirs[_SCALE_AT:_GRAD_AT])
         if scale != scale0:
             raise ConfigError(expected(f"softmax_scale (rank {rank})", f"{scale0!r} as on rank 0", repr(scale)))
-        if theirs[-1] != mine[-1]:
-            want_grad, got_grad = ("a", "no") if mine[-1] else ("no", "a")
+        if mine[_CU_AT:] and theirs[-1] != mine[-1]:
+            raise ConfigError(expected(f"cu_seqlens (rank {rank})", "the same values as on rank 0", "other values"))
+        if theirs[_GRAD_AT] != mine[_GRAD_AT]:
+            want_grad, got_grad = ("a", "no") if mine[_GRAD_AT] else ("no", "a")
             raise ConfigError(
                 expected(
                     f"requires_grad (rank {rank})",

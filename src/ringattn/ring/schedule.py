@@ -116,3 +116,110 @@ def messages_per_rank(world_size: int) -> dict[str, int]:
     if world_size == 1:
         return {"forward_kv": 0, "backward_kv": 0, "backward_dkv": 0}
     return {"forward_kv": world_size - 1, "backward_kv": world_size - 1, "backward_dkv": world_size}
+
+
+# --- packed batches: per-document zigzag (Note [packed zigzag]) ----------------------------------------------
+#
+# Note [packed zigzag]
+# --------------------
+# A packed batch is documents of lengths ``L_i`` laid end to end (``cu_seqlens = [0, L_0, L_0 + L_1, ...]``,
+# T tokens). Every document is cut into ``2W`` chunks of ``c_i = ceil(L_i / 2W)`` token SLOTS (TransformerEngine's
+# THD scheme) and rank r holds chunks r and ``2W-1-r`` of every document, in document order: its shard is
+# ``[doc 0: chunk r, chunk 2W-1-r | doc 1: chunk r, chunk 2W-1-r | ...]``, ``T_local = sum_i 2 c_i`` slots, the
+# same on every rank, and document i starts at local slot ``sum_{j<i} 2 c_j`` on every rank.
+#
+# When ``2W`` does not divide ``L_i`` the last ``2W c_i - L_i`` (< 2W) positions of the document are PADDING
+# slots: they attend to nothing (output 0, LSE -inf) and nothing attends to them (their gradients are 0).
+# Padding sits at the end of a document, so in every chunk the real tokens are a prefix, and in every local pair
+# [chunk r, chunk 2W-1-r] too (chunk 2W-1-r holds a real token only if chunk r, which comes before it, is full).
+# So each block below is, per document, a PREFIX of the query rows against a PREFIX of the key rows: the
+# kernels never see a padding slot and never need a mask beyond the dense top-left causal one.
+#
+# The block pairs of a step are those of the dense zigzag (``step_blocks``), applied to every document with its
+# own chunk size: the same chunk-pair structure, hence the same balance, document by document. A block whose
+# query or key prefix is empty for a document (a short document, a padding chunk) is skipped for it.
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBlock:
+    """One block pair of a packed step: for every document kept, local query rows
+    ``[q_start, q_start + q_len)`` against received key rows ``[k_start, k_start + k_len)``.
+
+    ``causal``: top-left causal mask of each document's square block (then ``q_len == k_len``); else unmasked.
+    Only documents with ``q_len > 0`` and ``k_len > 0`` are listed.
+    """
+
+    causal: bool
+    q_start: tuple[int, ...]
+    q_len: tuple[int, ...]
+    k_start: tuple[int, ...]
+    k_len: tuple[int, ...]
+
+
+def packed_chunk_sizes(lengths: list[int], world_size: int) -> list[int]:
+    """Slots per chunk of every document, ``ceil(L_i / 2W)`` (Note [packed zigzag])."""
+    return [-(-length // (2 * world_size)) for length in lengths]
+
+
+def packed_local_offsets(lengths: list[int], world_size: int) -> list[int]:
+    """Local cumulative slot counts ``[0, 2 c_0, 2 c_0 + 2 c_1, ..., T_local]``, the same on every rank: the
+    ``cu_seqlens`` of a shard (padding slots included)."""
+    offsets = [0]
+    for c in packed_chunk_sizes(lengths, world_size):
+        offsets.append(offsets[-1] + 2 * c)
+    return offsets
+
+
+def packed_real_tokens(length: int, chunk: int, rank: int, world_size: int, lo: int, hi: int) -> int:
+    """Real (non-padding) tokens of ``rank``'s local chunks ``[lo, hi)`` (of 2) of a document; a prefix of them."""
+    held = zigzag_chunks(rank, world_size)[lo:hi]
+    return sum(min(max(length - g * chunk, 0), chunk) for g in held)
+
+
+def packed_step_blocks(lengths: list[int], rank: int, step: int, world_size: int, *, causal: bool) -> tuple:
+    """The :class:`PackedBlock` s ``rank`` computes at ``step`` (Note [packed zigzag]): the dense zigzag blocks of
+    :func:`step_blocks`, applied to every document. Step 0 covers every real local query (for the forward's
+    initialisation the packed block attention writes padding rows as empty results)."""
+    src = source_rank(rank, step, world_size)
+    unit = 2 // chunks_per_rank(causal, "zigzag")  # local chunks per dense chunk unit
+    chunks, offsets = packed_chunk_sizes(lengths, world_size), packed_local_offsets(lengths, world_size)
+    result = []
+    for block in step_blocks(rank, step, world_size, causal=causal, sharding="zigzag"):
+        q_lo, q_hi, k_lo, k_hi = (x * unit for x in (block.q_lo, block.q_hi, block.k_lo, block.k_hi))
+        docs = []
+        for length, c, off in zip(lengths, chunks, offsets, strict=False):
+            q_len = packed_real_tokens(length, c, rank, world_size, q_lo, q_hi)
+            k_len = packed_real_tokens(length, c, src, world_size, k_lo, k_hi)
+            if q_len and k_len:
+                docs.append((off + q_lo * c, q_len, off + k_lo * c, k_len))
+        if docs:
+            q_start, q_len, k_start, k_len = zip(*docs, strict=True)
+            result.append(PackedBlock(block.causal, q_start, q_len, k_start, k_len))
+    return tuple(result)
+
+
+def packed_block_flops(lengths: list[int], world_size: int, *, causal: bool, heads: int, head_dim: int) -> list[int]:
+    """Forward block FLOPs of every rank over a whole ring pass (``4 N D`` per computed score entry: ``Q K^T`` and
+    ``P V``; a causal square of n rows computes ``n (n + 1) / 2`` entries). The backward does 2.5x of each,
+    so the balance of this count is the balance of the pass."""
+    flops = []
+    for rank in range(world_size):
+        entries = 0
+        for step in range(world_size):
+            for b in packed_step_blocks(lengths, rank, step, world_size, causal=causal):
+                if b.causal:
+                    entries += sum(n * (n + 1) // 2 for n in b.q_len)
+                else:
+                    entries += sum(q * k for q, k in zip(b.q_len, b.k_len, strict=True))
+        flops.append(4 * heads * head_dim * entries)
+    return flops
+
+
+def packed_slot_tokens(lengths: list[int], rank: int, world_size: int) -> list[int]:
+    """Global token index (into the packed batch) of every local slot of ``rank``, -1 for a padding slot."""
+    index, start = [], 0
+    for length, c in zip(lengths, packed_chunk_sizes(lengths, world_size), strict=True):
+        for g in zigzag_chunks(rank, world_size):
+            index.extend(start + p if p < length else -1 for p in range(g * c, (g + 1) * c))
+        start += length
+    return index

@@ -2,20 +2,22 @@
 
 ``zigzag`` (Note [ring schedule]): the sequence is cut into ``2W`` equal chunks and rank ``r`` holds
 chunks ``r`` and ``2W-1-r``, concatenated in that order. ``contiguous``: rank ``r`` holds the ``r``-th
-of ``W`` equal chunks.
+of ``W`` equal chunks. Packed batches (``*_packed``): every document is cut so, with padding slots where
+``2W`` does not divide its length (Note [packed zigzag] in ``schedule.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import DeviceError, DTypeError, LayoutError, ShapeError, expected
-from .schedule import SHARDINGS, global_chunk_order
+from ..errors import DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError, expected
+from .checks import cu_seqlens_error, inspect_cu_seqlens
+from .schedule import SHARDINGS, global_chunk_order, packed_local_offsets, packed_slot_tokens
 
 
 def _num_chunks(world_size: int, sharding: str) -> int:
@@ -115,3 +117,114 @@ def gather_sequence(
     shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, x.contiguous(), group=group)
     return unshard_sequence(shards, sharding=sharding, dim=dim)
+
+
+# --- packed batches (Note [packed zigzag]) ----------------------------------------------------------------------
+
+
+def document_lengths(cu_seqlens: Any, *, total: int | None = None, total_name: str = "T") -> list[int]:
+    """The document lengths of ``cu_seqlens`` (1-D int64 ``[0, ..., T]``, non-decreasing, on the CPU or a GPU);
+    with ``total``, ``T`` must equal it. Raises DTypeError, ShapeError, DeviceError or SeqLenError naming
+    ``cu_seqlens``."""
+    fields = inspect_cu_seqlens(cu_seqlens)
+    error = cu_seqlens_error(fields)
+    if error is not None:
+        raise error
+    values = cu_seqlens.tolist()
+    if total is not None and values[-1] != total:
+        raise SeqLenError(expected("cu_seqlens", f"a last entry equal to {total_name} = {total}", values[-1]))
+    return [b - a for a, b in zip(values, values[1:], strict=False)]
+
+
+class PackedShard(NamedTuple):
+    """What :func:`packed_shard_info` says about one rank's shard of a packed batch (all int64, CPU)."""
+
+    cu_seqlens: torch.Tensor  # (documents + 1,) the shard's own cumulative slot counts, the same on every rank
+    position_ids: torch.Tensor  # (T_local,) position of each slot's token in its document; 0 for padding slots
+    token_index: torch.Tensor  # (T_local,) index of each slot's token in the packed batch; -1 for padding slots
+
+
+def _rank_args(rank: Any, world_size: Any) -> tuple[int, int]:
+    world_size = _check_int("world_size", world_size, 1)
+    return _check_int("rank", rank, 0, world_size), world_size
+
+
+def packed_shard_info(cu_seqlens: torch.Tensor, rank: int, world_size: int) -> PackedShard:
+    """Layout of ``rank``'s shard of the packed batch described by ``cu_seqlens`` (global, int64 ``[0, ..., T]``).
+
+    Every document of length ``L`` is cut into ``2 * world_size`` chunks of ``ceil(L / (2 * world_size))`` slots;
+    rank r holds chunks r and ``2W-1-r`` of every document, documents in order. Slots past a document's end are
+    padding: they attend to nothing and nothing attends to them (:func:`ringattn.ring_attention_varlen`). Returns
+    the shard's ``cu_seqlens`` (padding included; ``T_local`` is its last entry), the ``position_ids`` of its slots
+    within their documents (for rotary embeddings; 0 on padding slots) and the ``token_index`` of each slot in the
+    packed batch (-1 on padding slots). Bad arguments raise the errors of :func:`shard_packed`.
+    """
+    rank, world_size = _rank_args(rank, world_size)
+    lengths = document_lengths(cu_seqlens)
+    index = torch.tensor(packed_slot_tokens(lengths, rank, world_size), dtype=torch.int64)
+    starts = torch.tensor([0, *np.cumsum(lengths)[:-1].tolist()] if lengths else [], dtype=torch.int64)
+    doc = torch.repeat_interleave(
+        torch.arange(len(lengths)), torch.diff(torch.tensor(packed_local_offsets(lengths, world_size)))
+    )
+    positions = torch.where(index >= 0, index - starts[doc] if len(lengths) else index, 0)
+    local_cu = torch.tensor(packed_local_offsets(lengths, world_size), dtype=torch.int64)
+    return PackedShard(local_cu, positions, index)
+
+
+def shard_packed(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, rank: int, world_size: int, *, dim: int = 0
+) -> torch.Tensor:
+    """``rank``'s shard of the packed batch ``x`` (tokens along ``dim``, ``x.shape[dim] == cu_seqlens[-1]``): the
+    slots of :func:`packed_shard_info` in order, padding slots zero; a new tensor.
+
+    Raises DTypeError (``x`` not a tensor; ``rank``/``world_size`` not ints; ``cu_seqlens`` not an int64 tensor),
+    ShapeError (rank out of range, bad ``dim``, ``cu_seqlens`` not 1-D), DeviceError (``cu_seqlens`` on a device
+    whose values cannot be read) or SeqLenError (``cu_seqlens`` not non-decreasing from 0 to ``x.shape[dim]``).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(expected("x", "a torch.Tensor", type(x).__name__))
+    rank, world_size = _rank_args(rank, world_size)
+    dim = _check_dim(x, dim, "x")
+    document_lengths(cu_seqlens, total=x.shape[dim], total_name=f"x.shape[{dim}]")
+    index = packed_shard_info(cu_seqlens, rank, world_size).token_index.to(x.device)
+    out = x.index_select(dim, index.clamp(min=0))
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return out.masked_fill((index < 0).view(shape), 0)
+
+
+def unshard_packed(shards: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`shard_packed`: the packed batch (``cu_seqlens[-1]`` tokens along ``dim``) from every rank's
+    shard, in rank order; padding slots are dropped. Bad ``shards`` raise as in :func:`unshard_sequence`, a bad
+    ``cu_seqlens`` as in :func:`shard_packed`, shards of the wrong length ShapeError naming ``shards``."""
+    if not isinstance(shards, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in shards):
+        raise DTypeError(expected("shards", "a list of tensors, one per rank", type(shards).__name__))
+    if not shards:
+        raise ShapeError(expected("shards", "one tensor per rank (at least one)", "an empty sequence"))
+    world_size = len(shards)
+    dim = _check_dim(shards[0], dim, "shards[0]")
+    lengths = document_lengths(cu_seqlens)
+    slots = packed_local_offsets(lengths, world_size)[-1]
+    for k, t in enumerate(shards):
+        if t.dim() != shards[0].dim() or t.shape[dim] != slots:
+            want = f"{slots} slots along dim {dim} (the shard of cu_seqlens over {world_size} ranks)"
+            raise ShapeError(expected(f"shards[{k}]", want, tuple(t.shape)))
+    index = torch.cat([packed_shard_info(cu_seqlens, r, world_size).token_index for r in range(world_size)])
+    keep = (index >= 0).nonzero().squeeze(1)
+    order = torch.empty(len(keep), dtype=torch.int64)
+    order[index[keep]] = keep  # packed token t sits at concatenated slot order[t]
+    return torch.cat(list(shards), dim=dim).index_select(dim, order.to(shards[0].device))
+
+
+def gather_packed(
+    x: torch.Tensor, cu_seqlens: torch.Tensor, *, dim: int = 0, group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Every rank's packed shard ``x`` gathered (all_gather) and unsharded into the packed batch, on every rank.
+
+    Without an initialised process group, the ring of one: ``x`` without its padding slots.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return unshard_packed([x], cu_seqlens, dim=dim)
+    shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    return unshard_packed(shards, cu_seqlens, dim=dim)

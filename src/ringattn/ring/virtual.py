@@ -33,7 +33,8 @@ from ..errors import ConfigError, ShapeError, expected
 from .attention import RingOptions, _heads_first, prepare, ring_backward, ring_forward
 from .comm import Pending
 from .schedule import next_rank
-from .sharding import shard_sequence, unshard_sequence
+from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
+from .varlen import prepare_varlen
 
 
 class _Aborted(Exception):
@@ -195,9 +196,18 @@ class _Plan:
     world_size: int
     options: RingOptions
     seq_dim: int  # of the caller's layout
+    cu_seqlens: torch.Tensor | None = None  # a packed batch (T, N, D): per-document zigzag shards
+
+    def prepare(self, q, k, v, comm, needs_grad: bool):
+        """One rank's ``prepare`` (dense) or ``prepare_varlen`` (packed): ``(B, S_local, N, D)`` views and config."""
+        if self.cu_seqlens is None:
+            return prepare(q, k, v, self.options, comm, needs_grad=needs_grad)
+        return prepare_varlen(q, k, v, self.cu_seqlens, self.options, comm, needs_grad=needs_grad)
 
 
 def _shards(x: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
+    if plan.cu_seqlens is not None:
+        return [shard_packed(x, plan.cu_seqlens, r, plan.world_size) for r in range(plan.world_size)]
     return [
         shard_sequence(x, r, plan.world_size, sharding=plan.options.sharding, dim=plan.seq_dim)
         for r in range(plan.world_size)
@@ -205,6 +215,9 @@ def _shards(x: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
 
 
 def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
+    """The full sequence from the ring's ``(B, S_local, ...)`` results (packed: ``B = 1``, dropped here)."""
+    if plan.cu_seqlens is not None:
+        return unshard_packed(shards, plan.cu_seqlens, dim=dim).squeeze(0)
     return unshard_sequence(shards, sharding=plan.options.sharding, dim=dim)
 
 
@@ -214,7 +227,7 @@ class _VirtualRing(torch.autograd.Function):
         shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
 
         def rank_forward(comm: VirtualComm):
-            q_r, k_r, v_r, cfg = prepare(*shards[comm.rank], plan.options, comm, needs_grad=needs_grad)
+            q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad)
             out, lse = ring_forward(q_r, k_r, v_r, cfg)
             return (q_r, k_r, v_r, out, lse), cfg
 
@@ -222,8 +235,8 @@ class _VirtualRing(torch.autograd.Function):
         ctx.saved = [saved for saved, _ in results]
         ctx.configs = [cfg for _, cfg in results]
         ctx.plan = plan
-        out = _unshard([saved[3] for saved in ctx.saved], plan, dim=1)  # (B, S, N, D)
-        lse = _unshard([saved[4] for saved in ctx.saved], plan, dim=2)  # (B, N, S)
+        out = _unshard([saved[3] for saved in ctx.saved], plan, dim=1)  # (B, S, N, D); packed (T, N, D)
+        lse = _unshard([saved[4] for saved in ctx.saved], plan, dim=2)  # (B, N, S); packed (N, T)
         if plan.options.layout == "BNSD":
             out = _heads_first(out)
         ctx.mark_non_differentiable(lse)
@@ -237,11 +250,12 @@ class _VirtualRing(torch.autograd.Function):
         def rank_backward(comm: VirtualComm):
             q_r, k_r, v_r, out, lse = ctx.saved[comm.rank]
             do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
+            do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
             cfg = dataclasses.replace(ctx.configs[comm.rank], comm=comm)
             return ring_backward(do_r, q_r, k_r, v_r, out, lse, cfg)
 
         grads = run_virtual_ranks(plan.world_size, rank_backward)
-        full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) each
+        full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
         if plan.options.layout == "BNSD":
             full = [_heads_first(g) for g in full]
         return (*full, None, None)
@@ -261,6 +275,7 @@ def simulate_ring_attention(
     return_lse: bool = False,
     impl: str = "auto",
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention of ``world_size`` virtual ranks in this process, on FULL-sequence tensors.
 
@@ -281,6 +296,11 @@ def simulate_ring_attention(
         As in :func:`ringattn.ring_attention`.
     return_lse : bool
         Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
+    cu_seqlens : Tensor, optional
+        A PACKED batch: q, k, v are ``(T, N, D)`` / ``(T, Nkv, D)``, documents end to end with cumulative lengths
+        ``cu_seqlens`` (int64 ``[0, ..., T]``), and every rank runs :func:`ringattn.ring_attention_varlen` on its
+        :func:`ringattn.shard_packed` shard (``layout`` and ``sharding`` do not apply; any T works). The output is
+        ``(T, N, D)`` in packed order, the LSE ``(N, T)``.
 
     Returns
     -------
@@ -296,6 +316,8 @@ def simulate_ring_attention(
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
+    if cu_seqlens is not None:
+        return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend)
     options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend)
     # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
     # checks its shard again through the all-gather, as real ranks do.
@@ -313,6 +335,24 @@ def simulate_ring_attention(
             )
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, seq_dim), needs_grad)
+    return (out, lse) if return_lse else out
+
+
+def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend):
+    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
+    # The whole batch checked as a ring of one holding it all (cu_seqlens must end at T; its W = 1 slot count is
+    # not asked of q), then every virtual rank checks its shard through the all-gather, as real ranks do.
+    if isinstance(q, torch.Tensor) and q.dim() >= 1:
+        for name, x in (("k", k), ("v", v)):
+            if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] != q.shape[0]:
+                raise ShapeError(expected(f"{name}.shape[0]", f"{q.shape[0]} tokens like q (packed batch)", x.shape[0]))
+        document_lengths(cu_seqlens, total=q.shape[0], total_name="q.shape[0]")
+    solo_q = [
+        shard_packed(x, cu_seqlens, 0, 1) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x for x in (q, k, v)
+    ]
+    prepare_varlen(*solo_q, cu_seqlens, options, _SoloComm(), needs_grad=False)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, 0, cu_seqlens), needs_grad)
     return (out, lse) if return_lse else out
 
 
