@@ -262,3 +262,22 @@ def test_compile_graph_breaks_only_at_the_attention_calls():
     assert all("disable" in str(reason.reason) for reason in explained.break_reasons)
     torch._dynamo.reset()
     _compare("torch.compile aot_eager", ref, model, ids, labels, step=torch.compile(model, backend="aot_eager"))
+
+
+def _run_example(rank: int, world_size: int) -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "transformers_ring.py"
+    spec = importlib.util.spec_from_file_location("transformers_ring", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    small = ["--seq", "32", "--hidden", "64", "--heads", "4", "--vocab", "128"]
+    err = example.main(small)
+    assert err < TOL, f"examples/transformers_ring.py: worst gradient rel. L2 {err:.2e}"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_transformers_example_two_ranks(tmp_path):
+    run_ranks(_run_example, 2, tmp_path, deadline_s=100)
