@@ -566,3 +566,31 @@ def test_update_in_place_into_an_input(gen, backend, layout, side):
 def test_merge_states_without_parts(outputs, lses):
     with raises(errors.ShapeError, "outputs", "at least one part"):
         merge_states(outputs, lses, layout="TND", lse_layout="NT")
+
+
+# --- every input of ring_attention_update: wrong kinds of value -------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["SBH", "TND"])
+@pytest.mark.parametrize("argument", _NAMES)
+@pytest.mark.parametrize(
+    ("mutate", "error", "fragment"),
+    [
+        (lambda t: None, errors.DTypeError, "NoneType"),
+        (lambda t: True, errors.DTypeError, "bool"),
+        (lambda t: 3, errors.DTypeError, "int"),
+        (lambda t: t.tolist(), errors.DTypeError, "list"),
+        (lambda t: t.to(torch.int64), errors.DTypeError, "torch.int64"),
+        (lambda t: t.to(torch.complex64), errors.DTypeError, "torch.complex64"),
+        (lambda t: t > 0, errors.DTypeError, "torch.bool"),
+        (lambda t: t.flatten()[0], errors.ShapeError, "rank 0"),
+        (lambda t: t[0], errors.ShapeError, "rank"),
+    ],
+)
+def test_update_input_of_the_wrong_kind(gen, layout, argument, mutate, error, fragment):
+    x = sbh(gen) if layout == "SBH" else tnd(gen)
+    args = x.tensors()
+    index = _NAMES.index(argument)
+    args[index] = mutate(args[index])
+    with raises(error, argument, fragment):
+        update(args, x.seq_offsets, layout)
