@@ -68,8 +68,13 @@ def flash_cuda_backward(
     return _backward(do, q, k, v, out, lse, is_causal, scale)
 
 
+def _not_one_by_one(kernel: str, q, k) -> None:
+    assert not q.shape[2] == k.shape[2] == 1, f"{kernel}: cuDNN refuses s_q = s_kv = 1 (seen on an H100)"
+
+
 def cudnn(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale):
     _rows("cudnn", q, k, v, max_head_dim=128, gqa=blocks.KERNELS["cuda", "cudnn"].native_gqa)
+    _not_one_by_one("cudnn", q, k)
     assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0
     o, lse = _forward(q, k, v, is_causal, scale)
     return o, lse.unsqueeze(-1), None, None, q.shape[2], k.shape[2], None, None, None
@@ -78,6 +83,7 @@ def cudnn(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_d
 def cudnn_backward(do, q, k, v, out, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, *,
                    scale):  # fmt: skip
     _rows("cudnn backward", q, k, v, do, out, max_head_dim=128, gqa=blocks.KERNELS["cuda", "cudnn"].native_gqa)
+    _not_one_by_one("cudnn backward", q, k)
     _lse("cudnn backward", lse, (*q.shape[:3], 1))
     assert bias is None and (max_q, max_k, dropout_p) == (q.shape[2], k.shape[2], 0.0)
     return _backward(do, q, k, v, out, lse.squeeze(-1), is_causal, scale)
@@ -103,6 +109,79 @@ def efficient_backward(do, q, k, v, bias, out, lse, seed, offset, dropout_p, gra
     return (*_backward(do, q, k, v, out, lse[..., : q.shape[2]], is_causal, scale), None)
 
 
+def _cumulative(kernel: str, cu: torch.Tensor, rows: torch.Tensor, max_len: int) -> list[int]:
+    """FA2 varlen's cumulative lengths: int32, contiguous, on the rows' device, ``[0, ..., rows]``; the max given."""
+    assert cu.dtype == torch.int32, f"{kernel}: int32 cumulative lengths, got {cu.dtype}"
+    assert cu.dim() == 1 and cu.is_contiguous(), f"{kernel}: contiguous 1-D cumulative lengths"
+    assert cu.device == rows.device, f"{kernel}: cumulative lengths on {rows.device}, got {cu.device}"
+    values = cu.tolist()
+    assert values[0] == 0 and values[-1] == rows.shape[0], (
+        f"{kernel}: cumulative lengths {values} of {rows.shape[0]} rows"
+    )
+    lengths = [b - a for a, b in zip(values, values[1:], strict=False)]
+    assert min(lengths) >= 0 and max_len == max(lengths), f"{kernel}: max length {max_len} for lengths {lengths}"
+    return values
+
+
+def _packed_rows(kernel: str, *tensors: torch.Tensor) -> None:
+    q = tensors[0]
+    for x in tensors:
+        assert x.dim() == 3, f"{kernel}: 3-D (total, N, D) tensors, got {tuple(x.shape)}"
+        assert x.is_contiguous(), f"{kernel}: contiguous rows, got strides {x.stride()}"
+        assert x.dtype == q.dtype, f"{kernel}: one dtype, got {x.dtype} and {q.dtype}"
+    assert q.dtype in HALF, f"{kernel}: dtype {q.dtype} not in {HALF}"
+    d = q.shape[-1]
+    assert d % 8 == 0 and d <= 256, f"{kernel}: head size {d}"
+    k, v = tensors[1], tensors[2]
+    assert q.shape[1] % k.shape[1] == 0 and k.shape == v.shape, f"{kernel}: GQA heads {q.shape[1]} / {k.shape[1]}"
+
+
+def _per_document(cu_q, cu_k, causal, fn) -> None:
+    for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:], strict=False), zip(cu_k, cu_k[1:], strict=False), strict=True):
+        # The ring only sends square causal blocks (FA2 aligns unequal ones bottom-right: not relied on).
+        assert not causal or q1 - q0 == k1 - k0, "flash varlen: causal blocks must be square per document"
+        fn(slice(q0, q1), slice(k0, k1))
+
+
+def _heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).unsqueeze(0)  # (S, N, D) -> (1, N, S, D)
+
+
+def flash_varlen(q, k, v, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale):
+    _packed_rows("flash varlen", q, k, v)
+    cu_q, cu_k = _cumulative("flash varlen", cum_q, q, max_q), _cumulative("flash varlen", cum_k, k, max_k)
+    assert dropout_p == 0.0 and not return_debug_mask
+    out = torch.full_like(q, float("nan"))  # poison: every row must be written
+    lse = torch.full((q.shape[1], q.shape[0]), float("nan"))
+
+    def doc(qs, ks):
+        o, l = blocks.attend(_heads(q[qs]), _heads(k[ks]), _heads(v[ks]), causal=is_causal, scale=scale, impl="torch")
+        out[qs] = o[0].transpose(0, 1).to(q.dtype)
+        lse[:, qs] = l[0].float()
+
+    _per_document(cu_q, cu_k, is_causal, doc)
+    return out, lse, None, None, None
+
+
+def flash_varlen_backward(do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, rng_state,
+                          unused, *, scale):  # fmt: skip
+    _packed_rows("flash varlen backward", q, k, v, do, out)
+    _lse("flash varlen backward", lse, (q.shape[1], q.shape[0]))  # (N, total_q), heads first
+    cu_q = _cumulative("flash varlen backward", cum_q, q, max_q)
+    cu_k = _cumulative("flash varlen backward", cum_k, k, max_k)
+    assert dropout_p == 0.0
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def doc(qs, ks):
+        rows = [_heads(x[qs]) for x in (do, q)] + [_heads(x[ks]) for x in (k, v)] + [_heads(out[qs])]
+        grads = blocks.attend_backward(*rows, lse[:, qs].unsqueeze(0), causal=is_causal, scale=scale, impl="torch")
+        for acc, g, rows in zip((dq, dk, dv), grads, (qs, ks, ks), strict=True):
+            acc[rows] += g[0].transpose(0, 1).to(q.dtype)
+
+    _per_document(cu_q, cu_k, is_causal, doc)
+    return dq, dk, dv
+
+
 DOUBLES = {
     "flash_cuda": flash_cuda,
     "flash_cuda_backward": flash_cuda_backward,
@@ -110,6 +189,8 @@ DOUBLES = {
     "cudnn_backward": cudnn_backward,
     "efficient": efficient,
     "efficient_backward": efficient_backward,
+    "flash_varlen": flash_varlen,
+    "flash_varlen_backward": flash_varlen_backward,
 }
 
 

@@ -215,6 +215,12 @@ def _groups_to_repeat(impl: str, q: torch.Tensor, k: torch.Tensor) -> int:
     return 1 if kernel is not None and kernel.native_gqa else q.shape[1] // k.shape[1]
 
 
+def _kernel_for(impl: str, sq: int, sk: int) -> str:
+    """``impl`` for a block of ``sq`` queries and ``sk`` keys: cuDNN's frontend refuses ``s_q = s_kv = 1``
+    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch."""
+    return "torch" if impl == "cudnn" and sq == sk == 1 else impl
+
+
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
@@ -277,6 +283,7 @@ def attend(
     if sq == 0 or k.shape[2] == 0:  # an empty block (kernels divide by these sizes)
         lse = torch.full((b, n, sq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
         return q.new_zeros(b, n, sq, v.shape[-1]), lse
+    impl = _kernel_for(impl, sq, k.shape[2])
     groups = _groups_to_repeat(impl, q, k)
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
@@ -307,9 +314,10 @@ def attend_backward(
     Note [block kernels]). Gradients come in q's dtype (fused kernels) or the compute dtype (``torch``);
     dk/dv have k's head count.
     """
-    groups = _groups_to_repeat(impl, q, k)
     if q.shape[2] == 0 or k.shape[2] == 0:  # an empty block contributes nothing
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    impl = _kernel_for(impl, q.shape[2], k.shape[2])
+    groups = _groups_to_repeat(impl, q, k)
     k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
         dq, dk, dv = _fused_backward(do, q, k_rep, v_rep, out, lse, causal, scale, impl,

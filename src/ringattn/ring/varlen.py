@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import checks
+from . import blocks, checks
 from .attention import RingConfig, RingOptions, _heads_first, _RingAttention
-from .blocks import ATEN, KERNELS, attend, attend_backward, compute_dtype, device_type, resolve_impl
+from .blocks import ATEN, KERNELS, attend, attend_backward, compute_dtype, resolve_impl
 from .comm import RingComm
 from .schedule import PackedBlock, packed_step_blocks
 from .sharding import document_lengths
@@ -45,7 +45,7 @@ from .sharding import document_lengths
 def resolve_packed_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """The block kernel of the packed ring: as :func:`blocks.resolve_impl`, except that ``auto`` / ``sdpa`` on CUDA
     prefer FlashAttention-2, whose varlen entry point runs every document of a block in one call."""
-    if impl in ("auto", "sdpa") and device_type(device) == "cuda":
+    if impl in ("auto", "sdpa") and blocks.device_type(device) == "cuda":
         if KERNELS["cuda", "flash"].unsupported(device, dtype, head_dim) is None:
             return "flash"
     return resolve_impl(impl, device, dtype, head_dim)
@@ -56,7 +56,7 @@ class PackedPlan:
 
     def __init__(self, lengths: list[int], causal: bool, impl: str, device: torch.device) -> None:
         self.lengths, self.causal = lengths, causal
-        self.varlen = impl == "flash" and device_type(device) == "cuda"
+        self.varlen = impl == "flash" and blocks.device_type(device) == "cuda"
         self._blocks: dict[tuple[int, int, int], tuple[PackedBlock, ...]] = {}
         self._indices: dict[int, tuple] = {}
 
