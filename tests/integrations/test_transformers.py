@@ -6,7 +6,8 @@ the reference, and the same weights through ``apply_ring_attention`` + ``shard_i
 float32: the logits (gathered, padding dropped), the loss (the ranks' shares summed) and EVERY parameter gradient,
 each within 1e-5 relative L2 (the ring reassociates float32 sums over W blocks; measured <= 2e-7). The cases of one
 world size run inside one spawn: batch 2 with unscored labels, a length that needs padding to 2W, a right-padded
-batch, gradient checkpointing, torch.compile, DDP over the same ranks; then each trap of issue 16 raising.
+batch, packed documents (the varlen ring; against each document run alone), gradient checkpointing, torch.compile,
+bfloat16 (no worse than bf16 SDPA), DDP over the same ranks; then each trap of issue 16 raising.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ringattn.integrations.transformers import (  # noqa: E402
     apply_ring_attention,
     shard_inputs,
 )
+from ringattn.ring import gather_packed  # noqa: E402
 
 TOL = 1e-5
 VOCAB = 128
@@ -109,6 +111,9 @@ def _grid(rank: int, world_size: int, compile_backend: str | None = None, bf16: 
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0
     _compare("right-padded batch", ref, model, ids, labels, mask=mask)
+    # packed documents (the varlen ring): lengths with padding slots, a one-token document
+    _compare_packed("packed by position ids", ref, model, [5, 1, 4 * world_size + 3, 3], via="position_ids")
+    _compare_packed("packed by cu_seqlens", ref, model, [2 * world_size, 7], via="cu_seqlens")
     # gradient checkpointing
     model.gradient_checkpointing_enable()
     ids, labels = _batch(4, 2, 4 * world_size + 1)
@@ -121,6 +126,40 @@ def _grid(rank: int, world_size: int, compile_backend: str | None = None, bf16: 
         compiled = torch.compile(model, backend=compile_backend)
         _compare("torch.compile", ref, model, *_batch(5, 2, 4 * world_size), step=compiled)
     _traps(rank, world_size, ref, model)
+
+
+def _compare_packed(name: str, ref, model, lengths: list[int], *, via: str, group=None) -> None:
+    """A packed row of documents (restarting position ids, or cu_seqlens) against each document run alone."""
+    gen = torch.Generator().manual_seed(sum(lengths))
+    total = sum(lengths)
+    ids = torch.randint(0, VOCAB, (1, total), generator=gen)
+    labels = ids.clone()
+    labels[0, 0] = -100
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    ref.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    # Reference: every document through the single-process model on its own; the loss over the packed row
+    # (shifted over the whole row, as transformers' loss does).
+    want_logits = torch.cat([ref(input_ids=ids[:, a:b]).logits for a, b in zip(cu[:-1], cu[1:], strict=True)], 1)
+    shifted = torch.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    count = (shifted != -100).sum()
+    want_loss = (
+        torch.nn.functional.cross_entropy(want_logits.view(-1, VOCAB), shifted.view(-1), reduction="sum") / count
+    )
+    want_loss.backward()
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    kw = {"position_ids": positions} if via == "position_ids" else {"cu_seqlens": cu}
+    got = model(**shard_inputs(ids, labels, group=group, **kw))
+    got.loss.backward()
+    loss = got.loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+    logits = gather_packed(got.logits[0].detach(), cu, dim=0)
+    assert _rel(logits, want_logits[0]) < TOL, f"{name}: logits {_rel(logits, want_logits[0]):.2e}"
+    assert abs(loss.item() - want_loss.item()) < TOL * want_loss.item(), f"{name}: loss"
+    for (pname, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert _rel(q.grad, p.grad) < TOL, f"{name}: d{pname} rel. L2 error {_rel(q.grad, p.grad):.2e}"
 
 
 def _bf16_no_worse_than_sdpa(ref, ids, labels) -> None:
@@ -161,13 +200,21 @@ def _traps(rank: int, world_size: int, ref, model) -> None:
     holes = torch.ones_like(batch["input_ids"])
     holes[0, 1] = 0
     _raises(ConfigError, "attention_mask", lambda: model(**batch, attention_mask=holes))
-    # packed documents: restarting position ids or cu_seqlens, given to shard_inputs or straight to the model
-    restart = torch.cat([torch.arange(ids.shape[1] // 2)] * 2).expand(2, -1)
+    # packed documents: only through shard_inputs, one row, no mask, positions and cu_seqlens agreeing
+    half = ids.shape[1] // 2
+    restart = torch.cat([torch.arange(half)] * 2).expand(2, -1)
     _raises(ConfigError, "position_ids", lambda: shard_inputs(ids, labels, position_ids=restart))
-    cu = torch.tensor([0, ids.shape[1] // 2, ids.shape[1]])
-    _raises(ConfigError, "cu_seqlens", lambda: shard_inputs(ids, labels, cu_seqlens=cu))
-    packed = {**batch, "position_ids": shard_inputs(ids, labels)["position_ids"] % (ids.shape[1] // 2)}
+    cu = torch.tensor([0, half, ids.shape[1]])
+    _raises(ShapeError, "input_ids", lambda: shard_inputs(ids, labels, cu_seqlens=cu))
+    one = (ids[:1], labels[:1])
+    _raises(ConfigError, "attention_mask", lambda: shard_inputs(*one, cu_seqlens=cu, attention_mask=ids[:1] * 0 + 1))
+    other = torch.tensor([0, half + 1, ids.shape[1]])
+    _raises(ConfigError, "position_ids", lambda: shard_inputs(*one, cu_seqlens=other, position_ids=restart[:1]))
+    _raises(ConfigError, "cu_seqlens", lambda: shard_inputs(*one, cu_seqlens=torch.tensor([0, half, 3])))
+    # ... straight to the model, they raise: restarting positions, or transformers' own varlen keywords
+    packed = {**batch, "position_ids": batch["position_ids"] % half}
     _raises(ConfigError, "position_ids", lambda: model(**packed))
+    _raises(ConfigError, "cu_seq_lens_q", lambda: model(**batch, cu_seq_lens_q=cu, cu_seq_lens_k=cu))
     # left padding cannot be expressed
     left = torch.ones_like(ids)
     left[0, 0] = 0
@@ -221,6 +268,12 @@ def test_single_process_is_a_ring_of_one():
     model = apply_ring_attention(copy.deepcopy(ref))
     ids, labels = _batch(11, 2, 13)
     _compare("W = 1", ref, model, ids, labels)
+
+
+def test_packed_single_process():
+    ref = tiny_llama()
+    model = apply_ring_attention(copy.deepcopy(ref))
+    _compare_packed("packed W = 1", ref, model, [3, 6, 1, 4], via="position_ids")
 
 
 def test_models_without_the_attention_interface_are_refused():

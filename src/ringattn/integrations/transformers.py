@@ -30,8 +30,11 @@ either done right by construction or raises:
   the integration registers its own mask function, which raises on any padding it receives; right padding is
   expressed by ``shard_inputs(attention_mask=...)`` instead (causal attention never lets a real token see a later
   pad token, and pad tokens are not scored);
-* packed documents attending across documents: restarting position ids or ``cu_seqlens`` raise (the varlen ring
-  does not exist yet);
+* packed documents attending across documents: a packed row (position ids restarting at 0 at each document, as
+  transformers' ``DataCollatorWithFlattening`` makes them, or ``cu_seqlens``) given to ``shard_inputs`` runs the
+  varlen ring (:func:`ringattn.ring_attention_varlen`, per-document zigzag shards), so no token sees another
+  document; restarting positions given straight to the model, and transformers' own ``cu_seq_lens_q/k``
+  keywords, raise;
 * gradients averaged over the context-parallel ranks (DDP over them halves every gradient at W = 2): each rank's
   parameter gradients are ALL-REDUCED WITH SUM over ``group`` by hooks, before accumulation, so that after
   ``backward`` every rank holds the gradient of the global loss; a DDP over the same ranks then averages W equal
@@ -73,7 +76,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ConfigError, DTypeError, ShapeError, expected
-from ..ring import ring_attention, shard_sequence
+from ..ring import packed_shard_info, ring_attention, ring_attention_varlen, shard_packed, shard_sequence
 
 try:
     import transformers
@@ -92,6 +95,7 @@ except ImportError:  # transformers < 4.53: no mask interface, so no way to see 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "IGNORE_INDEX",
+    "CU_SEQLENS_KEY",
     "apply_ring_attention",
     "shard_inputs",
     "all_reduce_gradients",
@@ -100,6 +104,8 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "ringattn"
+# The model keyword that carries a packed batch's GLOBAL cu_seqlens from shard_inputs to the attention function.
+CU_SEQLENS_KEY = "ringattn_cu_seqlens"
 IGNORE_INDEX = -100
 _UNSUPPORTED_KWARGS = {
     "sliding_window": "a sliding window",
@@ -133,7 +139,7 @@ def _zigzag_positions(total: int, rank: int, world: int, device: torch.device) -
     return shard_sequence(positions, rank, world, dim=1)
 
 
-def _check_positions(position_ids: Any, local: int, state: _RingState) -> None:
+def _check_positions(position_ids: Any, local: int, state: _RingState, cu_seqlens: torch.Tensor | None) -> None:
     if state.checked_positions is not None and state.checked_positions() is position_ids:
         return  # the same tensor as the previous layer's: checked once per forward
     rank, world = _rank_world(state.group)
@@ -142,15 +148,20 @@ def _check_positions(position_ids: Any, local: int, state: _RingState) -> None:
             expected("position_ids", "the global position ids of shard_inputs(...) (model(**batch))", "None")
         )
     got = position_ids.detach().to("cpu")
-    ok = got.dim() == 2 and got.shape[-1] == local and local % 2 == 0
-    if ok:
-        ok = bool((got == _zigzag_positions(local * world, rank, world, got.device)).all())
-    if not ok:
+    if cu_seqlens is not None:
+        want = packed_shard_info(cu_seqlens, rank, world).position_ids.unsqueeze(0)
+        what = f"the positions of this rank's slots of the packed batch (rank {rank} of {world})"
+    elif local % 2 == 0:
+        want = _zigzag_positions(local * world, rank, world, got.device)
+        what = f"this rank's zigzag shard of the global positions 0..{local * world - 1} (rank {rank} of {world})"
+    else:
+        want, what = None, "an even number of positions (a zigzag shard)"
+    ok = want is not None and got.dim() == 2 and got.shape[-1] == want.shape[-1] == local
+    if not ok or not bool((got == want).all()):
         raise ConfigError(
             expected(
                 "position_ids",
-                f"this rank's zigzag shard of the global positions 0..{local * world - 1} (rank {rank} of {world}: "
-                "pass shard_inputs(...) to the model; local or restarting (packed) positions are wrong)",
+                f"{what}: pass shard_inputs(...) to the model (local or restarting positions are wrong)",
                 f"shape {tuple(got.shape)} starting {got.reshape(-1)[:4].tolist()}",
             )
         )
@@ -204,9 +215,22 @@ def ring_attention_forward(
                 tuple(key.shape),
             )
         )
-    _check_positions(kwargs.get("position_ids"), query.shape[2], state)
-    out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD")
-    return out.transpose(1, 2), None
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(name) is not None:
+            raise ConfigError(
+                expected(
+                    name, "None (give packed batches to shard_inputs: cu_seqlens or restarting position ids)", "a value"
+                )
+            )
+    cu_seqlens = kwargs.get(CU_SEQLENS_KEY)
+    _check_positions(kwargs.get("position_ids"), query.shape[2], state, cu_seqlens)
+    if cu_seqlens is None:
+        out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD")
+        return out.transpose(1, 2), None
+    # A packed row (B = 1): the varlen ring, documents never attending to each other.
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group)
+    return out.unsqueeze(0), None
 
 
 def ring_attention_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
@@ -383,30 +407,53 @@ def _int_matrix(name: str, value: Any, like: torch.Tensor | None) -> torch.Tenso
     return value
 
 
-def _check_unpacked(position_ids: Any, cu_seqlens: Any, seq: int) -> None:
+def _packed_cu_seqlens(position_ids: Any, cu_seqlens: Any, batch: int, seq: int) -> torch.Tensor | None:
+    """The documents of a packed batch as int64 CPU ``cu_seqlens``, or None for one sequence per row.
+
+    Packing is told by ``cu_seqlens`` (``[0, ..., S]``) or by ``position_ids`` that restart at 0 at each document
+    (transformers' ``DataCollatorWithFlattening``); when both are given they must agree.
+    """
+    cu = None
     if cu_seqlens is not None:
-        values = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-        if values != [0, seq]:
-            raise ConfigError(
-                expected(
-                    "cu_seqlens",
-                    "None or [0, S] (packed sequences need the varlen ring, which does not exist yet)",
-                    values[:6],
-                )
-            )
+        if isinstance(cu_seqlens, (list, tuple)):
+            cu_seqlens = torch.tensor(cu_seqlens, dtype=torch.int64)
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int64 or cu_seqlens.dim() != 1:
+            raise DTypeError(expected("cu_seqlens", "None or a 1-D int64 tensor [0, ..., S]", cu_seqlens))
+        cu = cu_seqlens.detach().to("cpu")
+        values = cu.tolist()
+        if (
+            not values
+            or values[0] != 0
+            or values[-1] != seq
+            or any(b < a for a, b in zip(values[:-1], values[1:], strict=True))
+        ):
+            raise ConfigError(expected("cu_seqlens", f"a non-decreasing sequence from 0 to S = {seq}", values[:6]))
     if position_ids is not None:
-        if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != seq:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != seq:
             raise ShapeError(expected("position_ids", f"None or a tensor (B, {seq})", position_ids))
-        want = torch.arange(seq, device=position_ids.device)
-        if not bool((position_ids == want).all()):
-            raise ConfigError(
-                expected(
-                    "position_ids",
-                    "None or 0..S-1 in every row (restarting positions mean packed documents, which need the varlen "
-                    "ring, which does not exist yet)",
-                    "other positions",
+        pos = position_ids.detach().to("cpu", torch.int64)
+        if bool((pos == torch.arange(seq)).all()):
+            found = None
+        else:
+            starts = (pos[0] == 0).nonzero().squeeze(1).tolist()
+            found = torch.tensor([*starts, seq], dtype=torch.int64)
+            within = torch.arange(seq) - torch.repeat_interleave(found[:-1], torch.diff(found))
+            if pos.shape[0] != 1 or not starts or starts[0] != 0 or not bool((pos[0] == within).all()):
+                raise ConfigError(
+                    expected(
+                        "position_ids",
+                        "0..S-1 in every row, or one packed row whose positions restart at 0 at each document",
+                        f"shape {tuple(pos.shape)}, other positions",
+                    )
                 )
-            )
+        if cu is not None and (found if found is not None else torch.tensor([0, seq])).tolist() != cu.tolist():
+            raise ConfigError(expected("position_ids", "the documents of cu_seqlens", "other documents"))
+        cu = found if cu is None else cu
+    if cu is not None and cu.tolist() == [0, seq]:
+        return None  # one document: the dense ring
+    if cu is not None and batch != 1:
+        raise ShapeError(expected("input_ids", "one row (B = 1) for a packed batch", f"B = {batch}"))
+    return cu
 
 
 def _right_padding_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -470,7 +517,8 @@ def shard_inputs(
     """This rank's share of a full causal-LM batch, as keyword arguments for the model: ``model(**batch)``.
 
     Every rank of ``group`` passes the same full batch. The sequence is padded at the end to a multiple of 2W
-    (W = ranks in ``group``) and cut zigzag (rank r holds chunks r and 2W-1-r of 2W, as ring attention expects).
+    (W = ranks in ``group``) and cut zigzag (rank r holds chunks r and 2W-1-r of 2W, as ring attention expects);
+    a packed row is cut the same way per document (:func:`ringattn.shard_packed`).
 
     Parameters
     ----------
@@ -484,8 +532,10 @@ def shard_inputs(
     attention_mask : Tensor ``(B, S)`` of 0/1, optional
         Right padding only (``1...1 0...0`` per row); padded tokens are not scored. Left padding or holes raise.
     position_ids, cu_seqlens : optional
-        Accepted only when they describe one sequence per row (``0..S-1``; ``[0, S]``): packed documents raise until
-        the varlen ring exists.
+        Describe a packed batch: one row (B = 1) of documents end to end, with ``position_ids`` ``(1, S)`` that
+        restart at 0 at each document and/or ``cu_seqlens`` ``[0, ..., S]`` (int64; both must agree). Every
+        document is then cut into 2W chunks (padded per document) and the model runs the varlen ring: no token
+        attends to another document. ``0..S-1`` / ``[0, S]`` mean one sequence per row.
     pad_token_id : int
         Id of the tokens padding S to a multiple of 2W. They come after every real token, so causal attention never
         lets a real token see them, and they are not scored.
@@ -495,18 +545,24 @@ def shard_inputs(
     Returns
     -------
     dict with
-        ``input_ids`` ``(B, S_local)``; ``position_ids`` ``(B, S_local)``, the GLOBAL positions of those tokens;
-        ``use_cache`` False; and with ``labels``: ``labels`` and ``shift_labels`` ``(B, S_local)`` (the same
-        tensor: labels already shifted), ``num_items_in_batch`` (0-dim int64 tensor, the number of scored tokens of
+        ``input_ids`` ``(B, S_local)``; ``position_ids`` ``(B, S_local)``, the GLOBAL positions of those tokens
+        (positions within their document for a packed row); ``use_cache`` False; for a packed row
+        ``ringattn_cu_seqlens`` (the global ``cu_seqlens``, for the attention function); and with ``labels``:
+        ``labels`` and ``shift_labels`` ``(B, S_local)`` (the same tensor: labels already shifted),
+        ``num_items_in_batch`` (0-dim int64 tensor, the number of scored tokens of
         the FULL batch: each rank's loss is its share of the global mean, and the ranks' losses sum to it).
-        ``S_local = S_padded / W``.
+        ``S_local = S_padded / W`` (packed: the slots of :func:`ringattn.packed_shard_info`; gather logits with
+        ``ringattn.gather_packed(logits[0], cu_seqlens, dim=0)``).
 
     Raises
     ------
     DTypeError, ShapeError
         Tensors of the wrong dtype or shape.
     ConfigError (ValueError, RuntimeError)
-        Packed sequences, left padding, or ranks holding different batches.
+        Left padding; position ids that are neither ``0..S-1`` nor a packed row; ``cu_seqlens`` not rising from 0 to
+        S or disagreeing with the position ids; a mask with a packed row; ranks holding different batches.
+    ShapeError
+        Also: a packed batch of more than one row.
     """
     ids = _int_matrix("input_ids", input_ids, None)
     batch, seq = ids.shape
@@ -514,21 +570,36 @@ def shard_inputs(
         labels = _int_matrix("labels", labels, ids)
     if attention_mask is not None:
         attention_mask = _int_matrix("attention_mask", attention_mask, ids)
-    _check_unpacked(position_ids, cu_seqlens, seq)
+    cu = _packed_cu_seqlens(position_ids, cu_seqlens, batch, seq)
+    if cu is not None and attention_mask is not None:
+        raise ConfigError(expected("attention_mask", "None for a packed batch (documents end to end)", "a mask"))
     rank, world = _rank_world(group)
     if world > 1:
-        _check_same_batch(group, [ids, labels, attention_mask])
-    padded = -(-seq // (2 * world)) * (2 * world)
-    pad = padded - seq
+        _check_same_batch(group, [ids, labels, attention_mask, cu])
+    if cu is not None:
+        info = packed_shard_info(cu, rank, world)
+        padding = (info.token_index < 0).to(ids.device).unsqueeze(0)
 
-    def cut(x: torch.Tensor, fill: int) -> torch.Tensor:
-        if pad:
-            x = torch.cat([x, x.new_full((batch, pad), fill)], dim=1)
-        return shard_sequence(x, rank, world, dim=1)
+        def cut(x: torch.Tensor, fill: int) -> torch.Tensor:
+            return shard_packed(x, cu, rank, world, dim=1).masked_fill(padding, fill)
 
-    positions = _zigzag_positions(padded, rank, world, ids.device).expand(batch, -1)
+        positions = info.position_ids.to(ids.device).unsqueeze(0)
+    else:
+        padded = -(-seq // (2 * world)) * (2 * world)
+        pad = padded - seq
+
+        def cut(x: torch.Tensor, fill: int) -> torch.Tensor:
+            if pad:
+                x = torch.cat([x, x.new_full((batch, pad), fill)], dim=1)
+            return shard_sequence(x, rank, world, dim=1)
+
+        positions = _zigzag_positions(padded, rank, world, ids.device).expand(batch, -1)
     out: dict[str, Any] = {"input_ids": cut(ids, pad_token_id), "position_ids": positions, "use_cache": False}
+    if cu is not None:
+        out[CU_SEQLENS_KEY] = cu
     if labels is not None:
+        # Shifted over the whole (packed) row, as the single-process loss does: a document's last token is scored
+        # against the next document's first unless its label is ignore_index.
         shifted = labels.new_full((batch, seq), ignore_index)
         shifted[:, :-1] = labels[:, 1:]
         if attention_mask is not None:
