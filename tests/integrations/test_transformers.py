@@ -357,3 +357,43 @@ def _run_example(rank: int, world_size: int) -> None:
 @pytest.mark.timeout(120)
 def test_transformers_example_two_ranks(tmp_path):
     run_ranks(_run_example, 2, tmp_path, deadline_s=100)
+
+
+@pytest.mark.parametrize(("kwarg", "value"), [("sliding_window", 4), ("softcap", 30.0), ("s_aux", torch.zeros(4))])
+def test_attention_features_the_ring_does_not_implement_raise(kwarg, value):
+    from ringattn.integrations.transformers import ring_attention_forward
+
+    model = apply_ring_attention(tiny_llama())
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 16)
+    kv = torch.randn(1, 2, 8, 16)
+    positions = torch.arange(8).unsqueeze(0)
+    ring_attention_forward(attn, q, kv, kv, None, position_ids=positions)  # runs without the feature
+    _raises(
+        ConfigError,
+        kwarg,
+        lambda: ring_attention_forward(attn, q, kv, kv, None, position_ids=positions, **{kwarg: value}),
+    )
+    stranger = torch.nn.Module()
+    stranger.config = LlamaConfig()
+    _raises(ConfigError, "model", lambda: ring_attention_forward(stranger, q, kv, kv, None, position_ids=positions))
+
+
+def test_transformers_without_the_mask_interface_is_refused(monkeypatch):
+    from ringattn.integrations import transformers as integration
+
+    monkeypatch.setattr(integration, "AttentionMaskInterface", None)
+    _raises(ConfigError, "transformers", lambda: apply_ring_attention(tiny_llama()))
+
+
+def test_shard_inputs_bad_packing_arguments():
+    ids = torch.randint(0, VOCAB, (1, 8))
+    _raises(DTypeError, "cu_seqlens", lambda: shard_inputs(ids, cu_seqlens=torch.tensor([0.0, 8.0])))
+    _raises(ConfigError, "cu_seqlens", lambda: shard_inputs(ids, cu_seqlens=[0, 5, 3, 8]))
+    _raises(ShapeError, "position_ids", lambda: shard_inputs(ids, position_ids=torch.arange(8)))
+    _raises(ConfigError, "position_ids", lambda: shard_inputs(ids, position_ids=torch.arange(1, 9).unsqueeze(0)))
+    # one document described either way is the dense ring's batch
+    dense = shard_inputs(ids)
+    for kw in ({"cu_seqlens": [0, 8]}, {"position_ids": torch.arange(8).unsqueeze(0)}):
+        got = shard_inputs(ids, **kw)
+        assert got.keys() == dense.keys() and torch.equal(got["input_ids"], dense["input_ids"])

@@ -437,8 +437,11 @@ def _packed_cu_seqlens(position_ids: Any, cu_seqlens: Any, batch: int, seq: int)
         else:
             starts = (pos[0] == 0).nonzero().squeeze(1).tolist()
             found = torch.tensor([*starts, seq], dtype=torch.int64)
-            within = torch.arange(seq) - torch.repeat_interleave(found[:-1], torch.diff(found))
-            if pos.shape[0] != 1 or not starts or starts[0] != 0 or not bool((pos[0] == within).all()):
+            packed = pos.shape[0] == 1 and starts[:1] == [0]
+            if packed:  # positions 0, 1, ... within each document
+                within = torch.arange(seq) - torch.repeat_interleave(found[:-1], torch.diff(found))
+                packed = bool((pos[0] == within).all())
+            if not packed:
                 raise ConfigError(
                     expected(
                         "position_ids",
