@@ -396,3 +396,18 @@ def test_varlen_ring_on_cuda(dtype, impl) -> None:
         lengths = [0, 1, 2 * world + 1, 0, 300, 77, 5, 1000]
         check_virtual(lengths, world, dtype, True, heads=8, kv_heads=2, head_dim=64, impl=impl, seed=world,
                       device="cuda")  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_bench_varlen_case_agrees_with_single_process_attention() -> None:
+    """``ringattn bench ring --documents``: the ring's gathered gradients and the block-diagonal mask's agree with
+    the per-document SDPA reference (the correctness check the benchmark runs before timing)."""
+    from ringattn.bench import ring as bench_ring
+
+    case = bench_ring.Case(world_size=2, seq_len=40, heads=2, head_dim=8, repeats=1, documents=5)
+    lengths = bench_ring.random_document_lengths(case)
+    assert len(lengths) == 5 and sum(lengths) == 40 and min(lengths) >= 1
+    rows = {r["provider"]: r for r in bench_ring.measure(case, ("single", "single-mask", "ringattn"))}
+    assert set(rows) == {"single", "single-mask", "ringattn"}
+    assert rows["ringattn"]["max_abs_diff"] < 1e-5 and rows["single-mask"]["max_abs_diff"] < 1e-5

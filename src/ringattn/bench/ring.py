@@ -11,6 +11,13 @@ mean something within one run on one machine.
 timed against one full-sequence SDPA forward+backward with PyTorch's default kernel choice. The virtual
 ring's time is the SUM of every rank's work (Note [virtual ring]), so its ratio to ``single`` is the cost of
 the decomposition itself: 1.0 is ideal, communication excluded.
+
+``--documents K`` (K > 0): a packed batch of K documents of random lengths summing to ``--seq-len`` (one seed),
+``(T, N, D)``, causal within each document. Providers: ``single`` (one process, W threads: one SDPA call per
+document, the fastest document mask torch offers on CPU), ``single-mask`` (one SDPA call over the whole batch
+with a block-diagonal causal boolean mask: every masked tile is still computed, so it is timed once), and
+``ringattn`` (``ring_attention_varlen`` on W gloo ranks, per-document zigzag shards). Also reported: each rank's
+block FLOPs (``packed_block_flops``) and the slowest rank's over the mean.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -30,7 +39,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ..ring import gather_sequence, ring_attention, shard_sequence, simulate_ring_attention
+from ..ring import (
+    gather_packed,
+    gather_sequence,
+    ring_attention,
+    ring_attention_varlen,
+    shard_packed,
+    shard_sequence,
+    simulate_ring_attention,
+)
+from ..ring.schedule import packed_block_flops
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("single", "ringattn", "ring-attention-pytorch")
@@ -48,12 +66,25 @@ class Case:
     causal: bool = True
     repeats: int = 3
     kv_heads: int = 0  # 0: as many as heads; fewer: GQA/MQA (the providers other than --virtual repeat them)
+    documents: int = 0  # > 0: a packed batch of this many documents (the varlen ring)
+
+
+def random_document_lengths(case: Case) -> list[int]:
+    """``case.documents`` random lengths summing to ``case.seq_len`` (seed 0; cut points drawn without repeats)."""
+    rng = random.Random(0)
+    cuts = sorted(rng.sample(range(1, case.seq_len), case.documents - 1)) if case.documents > 1 else []
+    return [b - a for a, b in zip([0, *cuts], [*cuts, case.seq_len], strict=True)]
+
+
+def _cu_seqlens(case: Case) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(random_document_lengths(case))], dtype=torch.int64)
 
 
 def _inputs(case: Case, device: str = "cpu") -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     kv_heads = case.kv_heads or case.heads
-    shapes = [(case.batch, case.seq_len, n, case.head_dim) for n in (case.heads, kv_heads, kv_heads, case.heads)]
+    lead = (case.seq_len,) if case.documents else (case.batch, case.seq_len)  # packed (T, N, D) or (B, S, N, D)
+    shapes = [(*lead, n, case.head_dim) for n in (case.heads, kv_heads, kv_heads, case.heads)]
     return [torch.randn(shape, generator=gen).to(device=device, dtype=_DTYPES[case.dtype]) for shape in shapes]
 
 
@@ -66,7 +97,36 @@ def _single(case: Case, q, k, v, g) -> list[torch.Tensor]:
     return [out.transpose(1, 2).detach(), q.grad, k.grad, v.grad]
 
 
+def _single_varlen(case: Case, q, k, v, g, *, mask: bool = False) -> list[torch.Tensor]:
+    """Packed attention in one process: one SDPA call per document, or (``mask``) one over the whole batch with a
+    block-diagonal causal mask. Returns ``[out, dq, dk, dv]``."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    cu = _cu_seqlens(case).tolist()
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+
+    def sdpa(qs, ks, **kw):  # 4-D (1, N, L, D): 3-D inputs send SDPA to its unfused math path on CPU
+        heads = [x.transpose(0, 1).unsqueeze(0) for x in (q[qs], k[ks], v[ks])]
+        return F.scaled_dot_product_attention(*heads, **gqa, **kw)[0].transpose(0, 1)
+
+    if mask:
+        doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.diff(torch.tensor(cu)))
+        visible = (doc[:, None] == doc[None, :]) & torch.ones(len(doc), len(doc), dtype=torch.bool).tril()
+        out = sdpa(slice(None), slice(None), attn_mask=visible)
+    else:
+        out = torch.cat([sdpa(slice(a, b), slice(a, b), is_causal=case.causal) for a, b in itertools.pairwise(cu)])
+    out.backward(g)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
 def _ringattn(case: Case, rank: int, world: int):
+    if case.documents:
+        cu = _cu_seqlens(case)
+
+        def run_varlen(q, k, v, g):
+            ring_attention_varlen(q, k, v, cu, causal=case.causal).backward(g)
+
+        return (lambda x: shard_packed(x, cu, rank, world)), (lambda x: gather_packed(x, cu)), run_varlen
+
     def shard(x):
         return shard_sequence(x, rank, world)
 
@@ -132,20 +192,27 @@ def _rank(rank: int, world: int, rendezvous: str, provider: str, case: Case, res
 def measure(case: Case, providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
     """One row per provider: median seconds of forward+backward, ratio to ``single``, max |diff| vs single."""
     full = _inputs(case)
+    single = (lambda *x: _single_varlen(case, *x)) if case.documents else (lambda *x: _single(case, *x))
     threads = torch.get_num_threads()
     torch.set_num_threads(case.world_size)
     try:
-        reference = _single(case, *full)[1:]
+        reference = single(*full)[1:]
         times = []
         for _ in range(case.repeats):
             start = time.perf_counter()
-            _single(case, *full)
+            single(*full)
             times.append(time.perf_counter() - start)
+        rows = [{"provider": "single", "median_s": statistics.median(times), "max_abs_diff": 0.0}]
+        if case.documents and "single-mask" in providers:  # every masked tile computed: timed once, no warm-up
+            start = time.perf_counter()
+            masked = _single_varlen(case, *full, mask=True)[1:]
+            seconds = time.perf_counter() - start
+            diff = max((a - b).abs().max().item() for a, b in zip(masked, reference, strict=True))
+            rows.append({"provider": "single-mask", "median_s": seconds, "max_abs_diff": diff})
     finally:
         torch.set_num_threads(threads)
-    rows = [{"provider": "single", "median_s": statistics.median(times), "max_abs_diff": 0.0}]
     for provider in providers:
-        if provider == "single":
+        if provider in ("single", "single-mask"):
             continue
         try:
             _PREFLIGHT.get(provider, lambda: None)()
@@ -245,11 +312,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--virtual", action="store_true", help="all W ranks in this process (see the module doc)")
     parser.add_argument("--device", default="cpu", help="--virtual only: cpu or cuda")
     parser.add_argument("--impls", default="auto", help="--virtual only: comma-separated block kernels to time")
+    parser.add_argument(
+        "--documents", type=int, default=defaults.documents, help="> 0: a packed batch of this many documents"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     ns = parser.parse_args(argv)
     case = Case(ns.world_size, ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.causal, ns.repeats,
-                ns.kv_heads)  # fmt: skip
-    if ns.virtual:
+                ns.kv_heads, ns.documents)  # fmt: skip
+    if ns.documents:
+        providers = ns.providers if ns.providers != parser.get_default("providers") else "single,single-mask,ringattn"
+        rows = measure(case, tuple(providers.split(",")))
+        flops = packed_block_flops(random_document_lengths(case), case.world_size, causal=case.causal, heads=case.heads,
+                                   head_dim=case.head_dim)  # fmt: skip
+        print(f"documents: {random_document_lengths(case)}")
+        print(f"block GFLOP per rank (forward): {[round(f / 1e9, 2) for f in flops]}; "
+              f"slowest / mean = {max(flops) * len(flops) / sum(flops):.4f}")  # fmt: skip
+    elif ns.virtual:
         rows = measure_virtual(case, ns.device, tuple(ns.impls.split(",")))
     else:
         rows = measure(case, tuple(ns.providers.split(",")))

@@ -215,11 +215,20 @@ def packed_block_flops(lengths: list[int], world_size: int, *, causal: bool, hea
     return flops
 
 
-def packed_slot_tokens(lengths: list[int], rank: int, world_size: int) -> list[int]:
-    """Global token index (into the packed batch) of every local slot of ``rank``, -1 for a padding slot."""
-    index, start = [], 0
+def packed_slot_positions(lengths: list[int], rank: int, world_size: int) -> list[int]:
+    """Position within its document of every local slot of ``rank``, -1 for a padding slot."""
+    positions = []
     for length, c in zip(lengths, packed_chunk_sizes(lengths, world_size), strict=True):
         for g in zigzag_chunks(rank, world_size):
-            index.extend(start + p if p < length else -1 for p in range(g * c, (g + 1) * c))
+            positions.extend(p if p < length else -1 for p in range(g * c, (g + 1) * c))
+    return positions
+
+
+def packed_slot_tokens(lengths: list[int], rank: int, world_size: int) -> list[int]:
+    """Global token index (into the packed batch) of every local slot of ``rank``, -1 for a padding slot."""
+    starts, start = [], 0  # of each slot's document
+    for length, c in zip(lengths, packed_chunk_sizes(lengths, world_size), strict=True):
+        starts.extend([start] * (2 * c))
         start += length
-    return index
+    positions = packed_slot_positions(lengths, rank, world_size)
+    return [s + p if p >= 0 else -1 for s, p in zip(starts, positions, strict=True)]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ..errors import DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError, expected
 from .checks import cu_seqlens_error, inspect_cu_seqlens
-from .schedule import SHARDINGS, global_chunk_order, packed_local_offsets, packed_slot_tokens
+from .schedule import SHARDINGS, global_chunk_order, packed_local_offsets, packed_slot_positions, packed_slot_tokens
 
 
 def _num_chunks(world_size: int, sharding: str) -> int:
@@ -162,11 +162,7 @@ def packed_shard_info(cu_seqlens: torch.Tensor, rank: int, world_size: int) -> P
     rank, world_size = _rank_args(rank, world_size)
     lengths = document_lengths(cu_seqlens)
     index = torch.tensor(packed_slot_tokens(lengths, rank, world_size), dtype=torch.int64)
-    starts = torch.tensor([0, *np.cumsum(lengths)[:-1].tolist()] if lengths else [], dtype=torch.int64)
-    doc = torch.repeat_interleave(
-        torch.arange(len(lengths)), torch.diff(torch.tensor(packed_local_offsets(lengths, world_size)))
-    )
-    positions = torch.where(index >= 0, index - starts[doc] if len(lengths) else index, 0)
+    positions = torch.tensor(packed_slot_positions(lengths, rank, world_size), dtype=torch.int64).clamp_(min=0)
     local_cu = torch.tensor(packed_local_offsets(lengths, world_size), dtype=torch.int64)
     return PackedShard(local_cu, positions, index)
 
