@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--bench", action="store_true", help="also time the steps (median of --repeats)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of the single process; "
+                        "the ring splits them over its ranks")  # fmt: skip
     args = parser.parse_args(argv)
 
     owned = not dist.is_initialized()  # under torchrun; tests call main() inside their own process group
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> float:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
-    threads = torch.get_num_threads() if "OMP_NUM_THREADS" not in os.environ else os.cpu_count() or 1
+    threads = args.threads
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)

@@ -20,6 +20,15 @@ when every head vector gains one extra component (padded to the kernel's head-si
 the kernel's ``rowsum(dout' * out') = delta_i - dlse_i``. The first D components of its ``dq``, ``dk``, ``dv``
 are the exact gradients. ``dlse`` enters the kernel in the input dtype (rounded once to 16 bits for float16 /
 bfloat16 inputs, as ``dout`` is). The extra copies are O(S * D), the kernel O(S^2 * D).
+
+Note [causal blocks]
+--------------------
+``causal`` here is top-left within each batch (query i sees keys j <= i) whatever Sq and Sk, but the fused kernels
+agree on that only for square blocks: CUDA FlashAttention-2 aligns its causal mask bottom-right when Sq != Sk
+(measured on an H100: outputs off by up to 4.7 on random inputs), the CPU flash and cuDNN kernels top-left. So a
+causal block is cut into square pieces (:func:`_square_parts`): with Sq <= Sk, the square of the first Sq keys
+(the other keys are seen by no query); with Sq > Sk, the square of the first Sk rows plus the remaining rows
+against every key, unmasked. The pieces cover disjoint query rows, so no merge is needed.
 """
 
 from __future__ import annotations
@@ -111,10 +120,23 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: _BlockConfi
             out_b.zero_()
             lse_b.fill_(float("-inf"))
             continue
-        o, l = attend(q_b, k_b, v_b, causal=cfg.causal, scale=cfg.scale, impl=cfg.impl)
-        out_b.copy_(o)
-        lse_b.copy_(l)
+        for rows, keys, causal in _square_parts(q_b.shape[2], k_b.shape[2], cfg.causal):
+            o, l = attend(
+                q_b[:, :, rows], k_b[:, :, keys], v_b[:, :, keys], causal=causal, scale=cfg.scale, impl=cfg.impl
+            )
+            out_b[:, :, rows].copy_(o)
+            lse_b[:, :, rows].copy_(l)
     return out, lse
+
+
+def _square_parts(sq: int, sk: int, causal: bool) -> list[tuple[slice, slice, bool]]:
+    """``(query rows, keys, causal)`` blocks that give top-left causal attention with causal masks on SQUARE
+    blocks only (Note [causal blocks])."""
+    if not causal:
+        return [(slice(0, sq), slice(0, sk), False)]
+    if sq <= sk:  # row i sees keys 0..i: the keys past Sq are seen by no row
+        return [(slice(0, sq), slice(0, sq), True)]
+    return [(slice(0, sk), slice(0, sk), True), (slice(sk, sq), slice(0, sk), False)]  # rows >= Sk see every key
 
 
 def _pad_last(x: torch.Tensor, pad: int, value: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -136,9 +158,10 @@ def _piece_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     cfg: _BlockConfig,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of one ``(B, N, S, D)`` piece; with ``dlse``, Note [gradient of the LSE output]."""
-    kw = {"causal": cfg.causal, "scale": cfg.scale}
+    """Gradients of one ``(B, N, S, D)`` block; with ``dlse``, Note [gradient of the LSE output]."""
+    kw = {"causal": causal, "scale": cfg.scale}
     if dlse is None:
         return attend_backward(do, q, k, v, out, lse, impl=cfg.impl, **kw)
     d = q.shape[-1]
@@ -195,10 +218,21 @@ def _backward(
         if q_b.shape[2] == 0 or k_b.shape[2] == 0:  # empty rows or no keys: gradient 0
             continue
         dlse_b = dlse_pieces[i] if dlse_pieces is not None else None
-        g_q, g_k, g_v = _piece_backward(do_b, dlse_b, q_b, k_b, v_b, out_b, lse_b, cfg)
-        dq_b.copy_(g_q)
-        dk_b.copy_(g_k)
-        dv_b.copy_(g_v)
+        for rows, keys, causal in _square_parts(q_b.shape[2], k_b.shape[2], cfg.causal):
+            g_q, g_k, g_v = _piece_backward(
+                do_b[:, :, rows],
+                dlse_b[:, :, rows] if dlse_b is not None else None,
+                q_b[:, :, rows],
+                k_b[:, :, keys],
+                v_b[:, :, keys],
+                out_b[:, :, rows],
+                lse_b[:, :, rows],
+                cfg,
+                causal,
+            )
+            dq_b[:, :, rows] += g_q
+            dk_b[:, :, keys] += g_k
+            dv_b[:, :, keys] += g_v
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

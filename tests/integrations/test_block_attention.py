@@ -8,7 +8,8 @@ Note [gradient of the LSE output] in ``block.py``). Then the property the merges
 
 Tolerances (atol = rtol, against float64 autograd of the same rounded inputs): float64 1e-10 (plain torch
 kernel, reassociation only); float32 1e-4 (the fused flash kernel accumulates in float32 over <= 24 keys);
-bfloat16 5e-2 (out, dq, dk, dv rounded once to 8 bits, gradients summed over 2 x 12 keys of values of order 1).
+float16 1e-2 (CUDA kernels; 2^-11 rounding of out, dq, dk, dv, dlse) and bfloat16 5e-2 (out, dq, dk, dv rounded
+once to 8 bits, gradients summed over 2 x 12 keys of values of order 1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 import ringattn
 from ringattn.errors import BackendError, DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 N, NKV, D = 4, 2, 16
 
 
@@ -87,17 +88,17 @@ def _weighted_sum(outputs, weights) -> torch.Tensor:
     return total
 
 
-def _inputs(layout: str, dtype: torch.dtype, gen: torch.Generator, cq=None, ck=None, b=2, sq=12, sk=10):
+def _inputs(layout: str, dtype: torch.dtype, gen: torch.Generator, cq=None, ck=None, b=2, sq=12, sk=10, d=D):
     """q, k, v in ``layout`` (made non-contiguous for the dense layouts), as float64 originals and in dtype."""
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
     if layout == "TND":
-        shapes = [(cq[-1], N, D), (ck[-1], NKV, D), (ck[-1], NKV, D)]
+        shapes = [(cq[-1], N, d), (ck[-1], NKV, d), (ck[-1], NKV, d)]
         made = [randn(*s) for s in shapes]
     else:
-        bnsd = [randn(b, N, sq, D), randn(b, NKV, sk, D), randn(b, NKV, sk, D)]
+        bnsd = [randn(b, N, sq, d), randn(b, NKV, sk, d), randn(b, NKV, sk, d)]
         # Strided views, as in practice: BNSD and SBH from (B, S, N, D) buffers, BSND from a (B, N, S, D) one.
         if layout == "BNSD":
             made = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in bnsd]
@@ -120,13 +121,32 @@ CASES = [
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(("layout", "stats", "softmax_layout"), CASES)
 def test_block_attention_matches_float64_attention_with_gradients(layout, stats, softmax_layout, causal, dtype):
+    _check(layout, stats, softmax_layout, causal, dtype)
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("impl", ["cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("layout", "stats", "softmax_layout"), [("BSND", "lse", None), ("TND", "ascend", None)])
+def test_block_attention_cuda_kernels(layout, stats, softmax_layout, causal, dtype, impl, head_dim):
+    """Each CUDA kernel, forward and backward, the LSE's gradient included: its augmented call (Note [gradient of the
+    LSE output]) pads D to D + 8; at D = 128 that exceeds cuDNN's largest head size and another kernel runs."""
+    _check(layout, stats, softmax_layout, causal, dtype, device="cuda", impl=impl, head_dim=head_dim)
+
+
+def _check(layout, stats, softmax_layout, causal, dtype, *, device="cpu", impl="auto", head_dim=D):
     gen = torch.Generator().manual_seed(hash((layout, stats, softmax_layout, causal)) % 2**31)
     # TND: unequal batches, a batch with no keys, a batch with no queries, more keys than queries and fewer.
     cq, ck = [0, 5, 5, 12, 15], [0, 7, 9, 9, 17]
     tnd = {"actual_seq_qlen": cq, "actual_seq_kvlen": ck} if layout == "TND" else {}
-    q, k, v = _inputs(layout, dtype, gen, cq, ck)
-    scale = 0.3
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    q, k, v = _inputs(layout, dtype, gen, cq, ck, d=head_dim)
+    scale = 0.3 * (D / head_dim) ** 0.5  # scores of the same size whatever D
+    leaves = [x.detach().to(device).requires_grad_() for x in (q, k, v)]
     got = ringattn.block_attention(
         *leaves,
         layout=layout,
@@ -135,6 +155,7 @@ def test_block_attention_matches_float64_attention_with_gradients(layout, stats,
         stats=stats,
         head_num=N if layout == "SBH" else None,
         softmax_layout=softmax_layout,
+        impl=impl,
         **tnd,
     )
     ref_leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
@@ -154,13 +175,16 @@ def test_block_attention_matches_float64_attention_with_gradients(layout, stats,
     assert all(s.dtype == stat_dtype for s in got[1:])
     tol = TOL[dtype]
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        torch.testing.assert_close(g.detach().double(), w.detach(), rtol=tol, atol=tol, msg=lambda m, i=i: f"{i}: {m}")
+        torch.testing.assert_close(
+            g.detach().cpu().double(), w.detach(), rtol=tol, atol=tol, msg=lambda m, i=i: f"{i}: {m}"
+        )
     weights = [torch.randn(w.shape, generator=gen, dtype=torch.float64) for w in want]
-    _weighted_sum(got, weights).backward()
+    _weighted_sum(got, [w.to(device) for w in weights]).backward()
     _weighted_sum(want, weights).backward()
     for name, g, w in zip("qkv", leaves, ref_leaves, strict=True):
         assert g.grad.dtype == dtype
-        torch.testing.assert_close(g.grad.double(), w.grad, rtol=tol, atol=tol, msg=lambda m, n=name: f"d{n}: {m}")
+        got_grad = g.grad.cpu().double()
+        torch.testing.assert_close(got_grad, w.grad, rtol=tol, atol=tol, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 @settings(max_examples=12, deadline=None)
