@@ -13,7 +13,7 @@ Per case (layout, dtype, shape) the providers are
 * ``copy``: the floor, Note [copy floor] in ``_timing.py``.
 
 Each provider's result is checked once against ``ringattn.reference`` (float64) before timing.
-Inputs have no empty rows: the naive formula turns them into NaN (SPEC section 7), which would be a
+Inputs have no empty rows: the naive formula turns them into NaN (ringattn returns the exact limit), which would be a
 correctness difference, not a speed one. The command line (options, table, JSON, PNG) is
 :mod:`ringattn.bench.merge_cli`.
 """
@@ -40,7 +40,8 @@ __all__ = [
     "CheckFailure", "run",
 ]  # fmt: skip
 
-# SPEC section 6 (atol = rtol against float64); float64 only differs from the reference in operation order.
+# The contract's tolerances (atol = rtol against float64: one rounding to the dtype plus float32 arithmetic);
+# float64 only differs from the reference in operation order.
 OUTPUT_NAMES = ("attn_out", "softmax_max", "softmax_sum")
 TOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 5e-3, torch.float64: 1e-12}
 DTYPES = {
@@ -52,6 +53,8 @@ DTYPES = {
 SHAPE_LETTERS = {"SBH": "SBND", "TND": "TND"}  # SBH shapes are given as (S, B, N, D), H = N * D
 DEFAULT_SHAPES = {"SBH": (4096, 1, 32, 128), "TND": (16384, 16, 128)}
 QUICK_SHAPES = {"SBH": (64, 2, 4, 64), "TND": (96, 2, 64)}
+# A plot without --sizes sweeps the first dimension over the shape's divided by these.
+SWEEP_FRACTIONS = (8, 4, 2, 1)
 # TND batches: 4 sequences of unequal lengths, 40/30/20/10 % of T, as a packed batch of real documents.
 SEQ_WEIGHTS = (4, 3, 2, 1)
 STATS_LANES = 8
@@ -150,17 +153,20 @@ def cases(
     shape: tuple[int, ...] | None = None,
     sizes: Sequence[int] | None = None,
     quick: bool = False,
+    sweep: bool = False,
 ) -> list[Case]:
     """The shape grid: every layout x dtype x size.
 
     ``shape`` replaces the default shape (one layout only); ``sizes`` sweeps its first dimension (S for
-    SBH, T for TND); ``quick`` starts from tiny shapes for smoke runs.
+    SBH, T for TND); ``sweep`` (without ``sizes``) sweeps it over 1/8, 1/4, 1/2 and 1 times the shape's, as a
+    plot needs; ``quick`` starts from tiny shapes for smoke runs.
     """
     out = []
     for layout in layouts:
         base = shape if shape is not None else (QUICK_SHAPES if quick else DEFAULT_SHAPES)[layout]
+        firsts = sizes or (sorted({max(1, base[0] // f) for f in SWEEP_FRACTIONS}) if sweep else (base[0],))
         for dtype in dtypes:
-            for first in sizes or (base[0],):
+            for first in firsts:
                 dims = (first, *base[1:])
                 offsets = default_seq_offsets(first) if layout == "TND" else None
                 out.append(_with_limits(Case(layout, dtype, dims, offsets)))
@@ -191,7 +197,8 @@ class Inputs:
 
 
 def _per_batch_rows(offsets: Sequence[int], heads: int, device: torch.device) -> torch.Tensor:
-    """Row of the ``(T*N, 8)`` statistics view holding (token, head), per batch (SPEC section 4)."""
+    """Row of the ``(T*N, 8)`` statistics view holding (token, head), per batch: batch i's rows are a
+    contiguous head-major ``(N, S_i)`` block from row ``c_i * N``."""
     parts = []
     for start, end in zip(offsets[:-1], offsets[1:], strict=True):
         length = end - start
@@ -230,7 +237,8 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
 
 
 def naive_update(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SPEC section 3 as eager whole-tensor ops, written the way MindSpeed's ``forward_update`` does."""
+    """The merge formula (two products, then one add) as eager whole-tensor ops, written the way MindSpeed's
+    ``forward_update`` does."""
     prev_o, prev_m, prev_l, cur_o, cur_m, cur_l = inputs.tensors
     compute = torch.promote_types(prev_o.dtype, torch.float32)  # float32 as MindSpeed; float64 stays float64
     stats_dtype = prev_m.dtype
@@ -295,16 +303,17 @@ def providers(backend_names: Sequence[str] = ("auto",)) -> dict[str, Provider]:
     return table
 
 
-def resolve_backend(name: str, inputs: Inputs) -> str:
+def resolve_backend(name: str, inputs: Inputs, *, settle: bool = True) -> str:
     """The backend ``name`` really runs for ``inputs`` (``auto`` resolved); raises BackendError.
 
     ``auto`` on CPU runs ``torch`` until numba has compiled the fused kernel (Note [cold start] in
-    ``backends/_warm.py``): this waits for that compile, then makes one call to see which backend answers.
+    ``backends/_warm.py``): with ``settle``, this waits for that compile, then makes one call to see which
+    backend answers.
     """
     c = inputs.case
     problem = validate_update(*inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits)
     module = backends.select(name, problem)
-    if name == "auto":
+    if name == "auto" and settle:
         providers((name,))[f"ringattn[{name}]"](inputs)  # queues the compile, if any
         backends.wait_compiled()
         providers((name,))[f"ringattn[{name}]"](inputs)
@@ -367,7 +376,7 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
                 if not error <= limit:
                     raise CheckFailure(
                         f"{case.name}: provider {name!r} has max error {error:.3g} in {output} against the float64 "
-                        f"reference, above the {got.dtype} tolerance {limit:g} (SPEC section 6)"
+                        f"reference, above the {got.dtype} tolerance {limit:g}"
                     )
                 errors.setdefault(name, error)
         del ref

@@ -65,28 +65,47 @@ def build_parser() -> argparse.ArgumentParser:
         "copy of the same bytes, in one process. `ringattn bench ring --help` benchmarks ring attention.",
     )
     dtypes = "comma-separated dtypes from " + ", ".join(DTYPES)
-    parser.add_argument("--layout", type=_csv(_layout, "SBH and/or TND"), default=["SBH", "TND"], help="SBH,TND")
-    parser.add_argument("--dtype", type=_csv(DTYPES.__getitem__, dtypes), default=None, help="default float32,bfloat16")
+    parser.add_argument(
+        "--layout", type=_csv(_layout, "SBH and/or TND"), default=["SBH", "TND"],
+        help="comma-separated layouts (default SBH,TND)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", type=_csv(DTYPES.__getitem__, dtypes), default=None,
+        help=f"comma-separated dtypes from {', '.join(DTYPES)} (default float32,bfloat16)",
+    )  # fmt: skip
     parser.add_argument(
         "--shape", type=_csv(_positive, "positive integers"), default=None,
-        help="S,B,N,D for SBH or T,N,D for TND (needs exactly one --layout)",
+        help="S,B,N,D for SBH or T,N,D for TND (needs exactly one --layout; default SBH 4096,1,32,128 and TND "
+        "16384,16,128, or with --quick SBH 64,2,4,64 and TND 96,2,64)",
     )  # fmt: skip
     parser.add_argument("--sizes", type=_csv(_positive, "positive integers"), default=None,
-                        help="sweep the first dimension (S for SBH, T for TND) over these values")  # fmt: skip
+                        help="sweep the first dimension (S for SBH, T for TND) over these values (default: the "
+                        "shape's alone, or with --png 1/8, 1/4, 1/2 and 1 times it)")  # fmt: skip
     parser.add_argument(
         "--backend", type=_csv(_backend, "backends from auto, torch, cpu, triton"), default=["auto"],
         help="comma-separated backends to time (default auto; also torch, cpu, triton)",
     )  # fmt: skip
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads for torch (and numba)")
-    parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per provider (default 7)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    parser.add_argument(
+        "--threads", type=_positive, default=None, help="CPU threads for torch and numba (default: torch's count)"
+    )
+    parser.add_argument(
+        "--repeats", type=_positive, default=None, help="timed calls per provider (default 7, or 3 with --quick)"
+    )
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed calls per provider after the check (default 1)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
-    parser.add_argument("--png", metavar="PATH", help="plot GB/s against size (needs matplotlib)")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats: a smoke run for CI")
+    parser.add_argument(
+        "--png", metavar="PATH",
+        help="plot GB/s against size, sweeping sizes unless --sizes is given (needs matplotlib: "
+        "pip install 'ringattn[bench]')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help=f"tiny shapes, few repeats: a smoke run for CI (no %% floor: under {report.FLOOR_MIN_BYTES >> 20} MB)",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return parser
 
@@ -107,7 +126,7 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
         parser.error(f"--warmup: expected a non-negative integer, got {args.warmup}")
     grid = cases(
         args.layout, args.dtype or (torch.float32, torch.bfloat16), shape=tuple(args.shape) if args.shape else None,
-        sizes=args.sizes, quick=args.quick,
+        sizes=args.sizes, quick=args.quick, sweep=bool(args.png),
     )  # fmt: skip
     return Options(
         cases=grid,
@@ -123,7 +142,8 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
 def _notes(options: Options, rows: Sequence[report.Row]) -> list[str]:
     notes = [
         "floor: median time of dst.copy_(src), two uint8 buffers of (bytes moved)/2 each on the same device; "
-        "% floor = copy time / provider time",
+        f"% floor = copy time / provider time, left out (-) below {report.FLOOR_MIN_BYTES >> 20} MB moved, where "
+        "a copy times call and thread wake-up overhead rather than memory bandwidth",
         "bytes moved: both attention inputs + four float32 statistics read, three outputs written, once each",
         "max err: max |got - ref| / (1 + |ref|) of attn_out against ringattn.reference (float64); under tol = "
         "allclose; the float32 statistics are checked at the float32 tolerance",
@@ -187,6 +207,6 @@ def _check_backends(parser: argparse.ArgumentParser, options: Options) -> None:
         probe = dataclasses.replace(case, shape=(1, *case.shape[1:]), seq_offsets=(0, 1) if case.seq_offsets else None)
         for name in options.backends:
             try:
-                resolve_backend(name, make_inputs(probe, options.device))
+                resolve_backend(name, make_inputs(probe, options.device), settle=False)
             except BackendError as exc:
                 parser.error(f"--backend: {exc}")
