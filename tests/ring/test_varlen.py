@@ -411,3 +411,19 @@ def test_bench_varlen_case_agrees_with_single_process_attention() -> None:
     rows = {r["provider"]: r for r in bench_ring.measure(case, ("single", "single-mask", "ringattn"))}
     assert set(rows) == {"single", "single-mask", "ringattn"}
     assert rows["ringattn"]["max_abs_diff"] < 1e-5 and rows["single-mask"]["max_abs_diff"] < 1e-5
+
+
+def test_simulate_defaults_to_the_simulated_function_s_causal() -> None:
+    """``simulate_ring_attention(cu_seqlens=...)`` is causal by default, as ``ring_attention_varlen`` is (the dense
+    ring's default stays non-causal)."""
+    (q, k, v, _), cu = packed_inputs([7, 5], 2, 2, 8, torch.float64, seed=4)
+    packed = ringattn.simulate_ring_attention(q, k, v, world_size=2, cu_seqlens=cu)
+    assert torch.equal(packed, ringattn.simulate_ring_attention(q, k, v, world_size=2, cu_seqlens=cu, causal=True))
+    assert not torch.allclose(
+        packed, ringattn.simulate_ring_attention(q, k, v, world_size=2, cu_seqlens=cu, causal=False)
+    )
+    dense = [x[None, :12] for x in (q, k, v)]
+    assert torch.equal(
+        ringattn.simulate_ring_attention(*dense, world_size=2),
+        ringattn.simulate_ring_attention(*dense, world_size=2, causal=False),
+    )

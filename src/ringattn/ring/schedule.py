@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 SHARDINGS = ("zigzag", "contiguous")
 
 
@@ -215,20 +217,26 @@ def packed_block_flops(lengths: list[int], world_size: int, *, causal: bool, hea
     return flops
 
 
+def _slots(lengths: list[int], rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per local slot of ``rank``: its document and its position in it (-1: padding), vectorised."""
+    lengths_ = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    c = -(-lengths_ // (2 * world_size))
+    doc = np.repeat(np.arange(len(lengths_)), 2 * c)
+    starts = np.concatenate([[0], np.cumsum(2 * c)])[:-1]
+    slot = np.arange(len(doc)) - starts[doc]  # index within the document's 2c slots
+    chunk = c[doc]
+    held = np.where(slot < chunk, rank, 2 * world_size - 1 - rank)  # global chunk: r, then 2W-1-r
+    position = held * chunk + slot - np.where(slot < chunk, 0, chunk)
+    return doc, np.where(position < lengths_[doc], position, -1)
+
+
 def packed_slot_positions(lengths: list[int], rank: int, world_size: int) -> list[int]:
     """Position within its document of every local slot of ``rank``, -1 for a padding slot."""
-    positions = []
-    for length, c in zip(lengths, packed_chunk_sizes(lengths, world_size), strict=True):
-        for g in zigzag_chunks(rank, world_size):
-            positions.extend(p if p < length else -1 for p in range(g * c, (g + 1) * c))
-    return positions
+    return _slots(lengths, rank, world_size)[1].tolist()
 
 
 def packed_slot_tokens(lengths: list[int], rank: int, world_size: int) -> list[int]:
     """Global token index (into the packed batch) of every local slot of ``rank``, -1 for a padding slot."""
-    starts, start = [], 0  # of each slot's document
-    for length, c in zip(lengths, packed_chunk_sizes(lengths, world_size), strict=True):
-        starts.extend([start] * (2 * c))
-        start += length
-    positions = packed_slot_positions(lengths, rank, world_size)
-    return [s + p if p >= 0 else -1 for s, p in zip(starts, positions, strict=True)]
+    doc, position = _slots(lengths, rank, world_size)
+    first = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])[:-1]  # each document's first token
+    return np.where(position >= 0, first[doc] + position, -1).tolist()

@@ -186,7 +186,7 @@ def shard_packed(
     out = x.index_select(dim, index.clamp(min=0))
     shape = [1] * x.dim()
     shape[dim] = -1
-    return out.masked_fill((index < 0).view(shape), 0)
+    return out.masked_fill_((index < 0).view(shape), 0)  # a new tensor already: in place
 
 
 def unshard_packed(shards: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *, dim: int = 0) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 from ..errors import ConfigError, ShapeError, expected
 from .attention import RingOptions, _heads_first, prepare, ring_backward, ring_forward
 from .comm import Pending
-from .schedule import next_rank
+from .schedule import next_rank, packed_local_offsets
 from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
 from .varlen import prepare_varlen
 
@@ -268,7 +268,7 @@ def simulate_ring_attention(
     /,
     *,
     world_size: int,
-    causal: bool = False,
+    causal: bool | None = None,
     softmax_scale: float | None = None,
     layout: str = "BSND",
     sharding: str = "zigzag",
@@ -292,7 +292,10 @@ def simulate_ring_attention(
         of ``2 * world_size`` (zigzag) or ``world_size`` (contiguous).
     world_size : int
         Number of virtual ranks, >= 1.
-    causal, softmax_scale, layout, sharding, impl, backend
+    causal : bool, optional
+        As in the function simulated; default (None) its default: False for :func:`ringattn.ring_attention`, True
+        for :func:`ringattn.ring_attention_varlen` (with ``cu_seqlens``).
+    softmax_scale, layout, sharding, impl, backend
         As in :func:`ringattn.ring_attention`.
     return_lse : bool
         Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
@@ -317,8 +320,9 @@ def simulate_ring_attention(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
     if cu_seqlens is not None:
+        causal = True if causal is None else causal
         return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend)
-    options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend)
+    options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend)
     # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
     # checks its shard again through the all-gather, as real ranks do.
     prepare(q, k, v, options, _SoloComm(), needs_grad=False)
@@ -347,10 +351,15 @@ def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, ret
             if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] != q.shape[0]:
                 raise ShapeError(expected(f"{name}.shape[0]", f"{q.shape[0]} tokens like q (packed batch)", x.shape[0]))
         document_lengths(cu_seqlens, total=q.shape[0], total_name="q.shape[0]")
-    solo_q = [
-        shard_packed(x, cu_seqlens, 0, 1) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x for x in (q, k, v)
+    slots = packed_local_offsets(document_lengths(cu_seqlens), 1)[-1]
+    # Stand-ins of the W = 1 shards for the checks, which read shapes, dtypes and devices only (zero strides: no copy).
+    solo = [
+        x.new_zeros(()).as_strided((slots, *x.shape[1:]), (0,) * x.dim())
+        if isinstance(x, torch.Tensor) and x.dim() >= 1
+        else x
+        for x in (q, k, v)
     ]
-    prepare_varlen(*solo_q, cu_seqlens, options, _SoloComm(), needs_grad=False)
+    prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, 0, cu_seqlens), needs_grad)
     return (out, lse) if return_lse else out
