@@ -361,6 +361,10 @@ def _rank_checks(rank: int, world: int) -> None:
             ringattn.ring_attention_varlen(x, x, x, good.int() if rank == last else good)
         with pytest.raises(SeqLenError, match="cu_seqlens \\(rank 0\\): expected non-decreasing"):
             ringattn.ring_attention_varlen(x, x, x, torch.tensor([0, 17, 16]) if rank == 0 else good)
+        with pytest.raises(ShapeError, match=f"cu_seqlens \\(rank {last}\\): expected documents whose shards"):
+            ringattn.ring_attention_varlen(x, x, x, torch.tensor([0, 16 + 2 * world]) if rank == last else good)
+        with pytest.raises(DeviceError, match="cu_seqlens \\(rank 0\\): expected a CPU or CUDA tensor"):
+            ringattn.ring_attention_varlen(x, x, x, good.to("meta") if rank == 0 else good)
         with pytest.raises(ConfigError, match=f"cu_seqlens \\(rank {last}\\): expected the same values"):
             ringattn.ring_attention_varlen(x, x, x, torch.tensor([0, 0, 16]) if rank == last else good)
 
