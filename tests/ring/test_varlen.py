@@ -431,3 +431,17 @@ def test_simulate_defaults_to_the_simulated_function_s_causal() -> None:
         ringattn.simulate_ring_attention(*dense, world_size=2),
         ringattn.simulate_ring_attention(*dense, world_size=2, causal=False),
     )
+
+
+def test_non_contiguous_shards() -> None:
+    """A strided q and head-major k/v (any strides) give the same result, forward and backward."""
+    (q, k, v, g), cu = packed_inputs([5, 0, 9, 1], 4, 2, 16, torch.float32, seed=3)
+    want = reference(q, k, v, g, cu, causal=True, scale=0.25)
+    q1 = ringattn.shard_packed(q, cu, 0, 1)
+    strided = torch.cat([q1, q1], dim=-1)[..., :16].requires_grad_()
+    k1, v1 = (ringattn.shard_packed(x, cu, 0, 1).transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
+    assert not (strided.is_contiguous() or k1.is_contiguous())
+    out = ringattn.ring_attention_varlen(strided, k1, v1, cu)
+    out.backward(ringattn.shard_packed(g, cu, 0, 1))
+    for got, e in ((out, want[0]), (strided.grad, want[2])):
+        torch.testing.assert_close(ringattn.unshard_packed([got], cu).double(), e, atol=1e-4, rtol=1e-4)
