@@ -291,17 +291,17 @@ def main(argv: list[str]) -> int:
     """``ringattn bench ring [options]``; prints a table (and JSON with ``--json PATH``)."""
     parser = argparse.ArgumentParser(
         prog="ringattn bench ring",
-        description=__doc__.split("\n")[0],
+        description=__doc__.split("\n")[0].replace("``", ""),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     defaults = Case()
     parser.add_argument("--world-size", type=int, default=defaults.world_size, help="ranks W")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="full sequence length S")
-    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="batch size B")
     parser.add_argument("--heads", type=int, default=defaults.heads, help="query heads N")
     parser.add_argument("--kv-heads", type=int, default=defaults.kv_heads, help="key/value heads (0: N)")
-    parser.add_argument("--head-dim", type=int, default=defaults.head_dim)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=defaults.dtype)
+    parser.add_argument("--head-dim", type=int, default=defaults.head_dim, help="head size D")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=defaults.dtype, help="q, k, v dtype")
     parser.add_argument("--no-causal", dest="causal", action="store_false", help="full (non-causal) attention")
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed runs (median reported)")
     parser.add_argument(
