@@ -209,3 +209,37 @@ def test_triton_merge_takes_a_half_block_into_a_float32_accumulator() -> None:
         triton_cuda.merge_rows([out, part], [out_lse, lses[1]], None, out, out_lse, None)
         results.append((out, out_lse))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("entry", ["ring_attention", "simulate_ring_attention", "ring_attention_varlen"])
+def test_ring_entry_points_are_one_graph_break_under_torch_compile(entry) -> None:
+    """Note [ring under torch.compile]: the ring runs eagerly inside a compiled function (one graph break), with
+    the same output and gradients as eager."""
+    gen = torch.Generator().manual_seed(4)
+    if entry == "ring_attention_varlen":
+        q = torch.randn(12, 2, 8, generator=gen)
+        cu = torch.tensor([0, 4, 12])  # even lengths: a ring of one holds them without padding slots
+
+        def call(x):
+            return ringattn.ring_attention_varlen(x, x, x, cu)
+    else:
+        q = torch.randn(1, 12, 2, 8, generator=gen)
+        kw = {"world_size": 3} if entry == "simulate_ring_attention" else {}
+
+        def call(x):
+            return getattr(ringattn, entry)(x, x, x, causal=True, **kw)
+
+    def fn(x):
+        return call(x * 2).sin()
+
+    g = torch.randn_like(q)
+    explained = torch._dynamo.explain(fn)(q)
+    assert explained.graph_break_count == 1, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()
+    results = []
+    for f in (fn, torch.compile(fn, backend="aot_eager")):
+        x = q.clone().requires_grad_()
+        out = f(x)
+        results.append((out, torch.autograd.grad(out, x, g)[0]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-6)

@@ -255,6 +255,14 @@ def prepare(
     return q, k, v, cfg
 
 
+# Note [ring under torch.compile]
+# -------------------------------
+# The ring's entry points are opaque to torch.compile: one graph break per call, the ring itself runs eagerly.
+# Traced, Dynamo broke the graph 3 times inside ``ring_attention`` (imports, the comm object) and follows P2P
+# code it cannot capture. A custom op would need the ring's config (process group, plan) through the op schema;
+# the attention call is one break among a model's layers either way (ringattn.integrations.transformers
+# measured 7 breaks for 7 attention calls).
+@torch.compiler.disable
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,

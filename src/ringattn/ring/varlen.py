@@ -175,6 +175,7 @@ def prepare_varlen(
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
 
+@torch.compiler.disable  # Note [ring under torch.compile] in attention.py
 def ring_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -261,6 +261,7 @@ class _VirtualRing(torch.autograd.Function):
         return (*full, None, None)
 
 
+@torch.compiler.disable  # Note [ring under torch.compile] in attention.py
 def simulate_ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
