@@ -110,32 +110,44 @@ class DensePlan:
 
     def attend(self, q, k, v, block, cfg: RingConfig) -> tuple[torch.Tensor, torch.Tensor, slice]:
         qs, ks = self._slices(block)
-        o, lse = attend(
-            _heads_first(q[:, qs]),
-            _heads_first(k[:, ks]),
-            _heads_first(v[:, ks]),
-            causal=block.causal,
-            scale=cfg.scale,
-            impl=cfg.impl,
-        )
-        return _heads_first(o), lse, qs
+        return (*attend_slices(q, k, v, qs, ks, block.causal, cfg), qs)
 
     def attend_backward(self, do, q, k, v, out, lse, block, cfg: RingConfig, dq_acc, dk_acc, dv_acc) -> None:
         qs, ks = self._slices(block)
-        dq, dk, dv = attend_backward(
-            _heads_first(do[:, qs]),
-            _heads_first(q[:, qs]),
-            _heads_first(k[:, ks]),
-            _heads_first(v[:, ks]),
-            _heads_first(out[:, qs]),
-            lse[:, :, qs],
-            causal=block.causal,
-            scale=cfg.scale,
-            impl=cfg.impl,
-        )
-        dq_acc[:, qs] += _heads_first(dq)
-        dk_acc[:, ks] += _heads_first(dk)
-        dv_acc[:, ks] += _heads_first(dv)
+        add_slice_gradients(do, q, k, v, out, lse, qs, ks, block.causal, cfg, dq_acc, dk_acc, dv_acc)
+
+
+def attend_slices(q, k, v, qs: slice, ks: slice, causal: bool, cfg: RingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block attention of query rows ``qs`` over key rows ``ks`` of ``(B, S, N, D)`` views: ``(o (B, Sq, N, D),
+    lse (B, N, Sq))``, by the block kernel ``cfg.impl``; the unit every plan computes with."""
+    o, lse = attend(
+        _heads_first(q[:, qs]),
+        _heads_first(k[:, ks]),
+        _heads_first(v[:, ks]),
+        causal=causal,
+        scale=cfg.scale,
+        impl=cfg.impl,
+    )
+    return _heads_first(o), lse
+
+
+def add_slice_gradients(do, q, k, v, out, lse, qs: slice, ks: slice, causal: bool, cfg: RingConfig, dq_acc, dk_acc,
+                        dv_acc) -> None:  # fmt: skip
+    """Add the gradients of the block ``(qs, ks)`` (given the FINAL ``out`` and ``lse``) into the accumulators."""
+    dq, dk, dv = attend_backward(
+        _heads_first(do[:, qs]),
+        _heads_first(q[:, qs]),
+        _heads_first(k[:, ks]),
+        _heads_first(v[:, ks]),
+        _heads_first(out[:, qs]),
+        lse[:, :, qs],
+        causal=causal,
+        scale=cfg.scale,
+        impl=cfg.impl,
+    )
+    dq_acc[:, qs] += _heads_first(dq)
+    dk_acc[:, ks] += _heads_first(dk)
+    dv_acc[:, ks] += _heads_first(dv)
 
 
 def ring_forward(

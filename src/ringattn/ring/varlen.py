@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from . import blocks, checks
-from .attention import RingConfig, RingOptions, _heads_first, _RingAttention
-from .blocks import ATEN, KERNELS, attend, attend_backward, compute_dtype, resolve_impl
+from .attention import RingConfig, RingOptions, _RingAttention, add_slice_gradients, attend_slices
+from .blocks import ATEN, KERNELS, compute_dtype, resolve_impl
 from .comm import RingComm
 from .schedule import PackedBlock, packed_step_blocks
 from .sharding import document_lengths
@@ -87,16 +87,7 @@ class PackedPlan:
             lse[0].index_copy_(1, q_idx, lse_g.to(lse.dtype))
             return o, lse, slice(None)
         for qs, ks in _document_slices(block):
-            o_d, lse_d = attend(
-                _heads_first(q[:, qs]),
-                _heads_first(k[:, ks]),
-                _heads_first(v[:, ks]),
-                causal=block.causal,
-                scale=cfg.scale,
-                impl=cfg.impl,
-            )
-            o[:, qs] = _heads_first(o_d)
-            lse[:, :, qs] = lse_d
+            o[:, qs], lse[:, :, qs] = attend_slices(q, k, v, qs, ks, block.causal, cfg)
         return o, lse, slice(None)
 
     # --- backward --------------------------------------------------------------------------------------------
@@ -119,20 +110,7 @@ class PackedPlan:
             dv_acc[0].index_add_(0, k_idx, dv.to(dv_acc.dtype))
             return
         for qs, ks in _document_slices(block):
-            dq, dk, dv = attend_backward(
-                _heads_first(do[:, qs]),
-                _heads_first(q[:, qs]),
-                _heads_first(k[:, ks]),
-                _heads_first(v[:, ks]),
-                _heads_first(out[:, qs]),
-                lse[:, :, qs],
-                causal=block.causal,
-                scale=cfg.scale,
-                impl=cfg.impl,
-            )
-            dq_acc[:, qs] += _heads_first(dq)
-            dk_acc[:, ks] += _heads_first(dk)
-            dv_acc[:, ks] += _heads_first(dv)
+            add_slice_gradients(do, q, k, v, out, lse, qs, ks, block.causal, cfg, dq_acc, dk_acc, dv_acc)
 
     def _varlen_indices(self, block: PackedBlock, device: torch.device) -> tuple:
         """Rows to gather and the FA2 varlen arguments of ``block`` on ``device``, made once per block."""
