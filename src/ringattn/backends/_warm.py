@@ -121,19 +121,22 @@ class auto_call:  # noqa: N801 - used as a context manager, like a function
         _local.auto = self._previous
 
 
-try:  # numba's C type fingerprint (what its dispatcher keys on); private, hence the fallback
-    from numba._dispatcher import compute_fingerprint as _fingerprint
-except ImportError:  # pragma: no cover - depends on the numba version
-    _fingerprint = None
+_fingerprint: Callable[[Any], bytes] | None = None
 
 
 def _key(args: tuple[Any, ...]) -> object:
-    if _fingerprint is not None:
-        try:
-            return tuple(map(_fingerprint, args))
-        except Exception:  # noqa: BLE001 - a type without a fingerprint: use numba's typeof below
-            pass
-    return None
+    """numba's C type fingerprints of ``args`` (what its dispatcher keys on), or None. Imported here, not at module
+    import: ``import ringattn`` must not import numba (0.3 s)."""
+    global _fingerprint
+    if _fingerprint is None:
+        try:  # private, hence the fallback
+            from numba._dispatcher import compute_fingerprint as _fingerprint
+        except ImportError:  # pragma: no cover - depends on the numba version
+            return None
+    try:
+        return tuple(map(_fingerprint, args))
+    except Exception:  # noqa: BLE001 - a type without a fingerprint: numba's typeof in check() decides
+        return None
 
 
 def check(kernel: Any, args: tuple[Any, ...]) -> None:
