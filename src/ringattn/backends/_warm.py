@@ -8,7 +8,7 @@ LSE form) on its first call: 8-12 s for a forward merge and 20-32 s for a backwa
 loading links LLVM objects. A PyTorch op is expected to answer in milliseconds, so ``backend="auto"`` on CPU
 never waits for numba:
 
-* the first ``auto`` call imports the fused module on a background thread and runs the ``torch`` backend;
+* the first ``auto`` call runs the ``torch`` backend, then has a background thread import the fused module;
 * once the module is imported, a call reaches ``numba_cpu._launch``, which calls :func:`check` with the
   kernel and its exact arguments. If the kernel has no compiled version for those argument types yet,
   :func:`check` queues its compilation on the background thread and raises :class:`NotReady` *before
@@ -243,7 +243,7 @@ class AutoBackend:
         self._run("merge_rows_backward", args, kwargs)
 
     def _run(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        module = fused_module(self._fused)
+        module = _modules.get(self._fused)
         if module is not None:
             try:
                 with auto_call():
@@ -254,6 +254,8 @@ class AutoBackend:
                 pass
         getattr(self._portable, name)(*args, **kwargs)
         _local.last = self._portable.NAME
+        if module is None:  # queued after answering, so the import does not compete with this call for the GIL
+            fused_module(self._fused)
 
 
 def last_backend() -> str | None:
