@@ -7,6 +7,7 @@ The routing is tested with a stand-in for the fused module whose launcher guards
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 import types
@@ -136,3 +137,24 @@ def test_auto_on_cpu_is_the_cold_start_backend_unless_told_to_wait(monkeypatch) 
     assert backends.for_device(torch.device("cpu"), "auto") is backends.load("cpu")
     assert backends.for_device(torch.device("cpu"), "torch") is torch_eager
     assert backends.ran(torch_eager) == "torch"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_starts_its_own_worker() -> None:
+    """A child forked after the worker thread started (DataLoader workers) gets a fresh queue and worker."""
+    _warm.fused_module("no_such_module_before_fork")
+    with pytest.raises(ModuleNotFoundError):
+        _warm.wait(120)
+    pid = os.fork()
+    if pid == 0:  # the child: its own worker must run its jobs, or wait() would block forever
+        status = 1
+        try:
+            _warm.fused_module("no_such_module_in_child")
+            try:
+                _warm.wait(60)
+            except ModuleNotFoundError:
+                status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -74,6 +74,18 @@ _modules: dict[str, ModuleType] = {}
 _failures: list[BaseException] = []  # errors of background jobs (re-raised by wait)
 
 
+def _reset_after_fork() -> None:
+    """A forked child (DataLoader workers, fork-started processes) has no worker thread: start from scratch, with
+    locks no thread of the child holds."""
+    global _jobs, _lock, _worker
+    _jobs, _lock, _worker = queue.Queue(), threading.Lock(), None
+    _queued.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def _run_jobs() -> None:
     while True:
         job = _jobs.get()
