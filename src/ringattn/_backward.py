@@ -9,9 +9,16 @@ forward (Note [row merge]) is::
 
 with outputs ``o``, ``M``, ``L`` (stats form) or ``lse = (M + ln L) / s`` (LSE form; the parts are
 ``m_k = s x_k``, ``l_k = 1`` for caller-base LSEs ``x_k`` and ``s = lse_scale``, ``ln 2`` for base 2).
-Incoming gradients: ``g = dJ/do`` (a D-vector), ``g_m = dJ/dM`` and ``g_l = dJ/dL`` (or ``g_lse``), each the sum
-over the statistic's lanes, because the forward writes the same value to every lane. Write ``d_k = <g, o_k>`` and
-``dbar = <g, o> = sum_k w_k d_k`` (recomputed from the parts, so the rounded output is not needed).
+
+Lanes. The stats form has 8 statistics lanes per row, merged each on its own, and output element ``d`` reads the
+weights of lane ``d % 8`` (Note [row merge]); the LSE form has one lane. Everything below holds per lane ``j``,
+with ``o_k``, ``o`` and ``g`` restricted to the elements ``d % lanes == j``: lane j's statistics get the gradient of
+those elements and of lane j of the merged statistics (output lane ``c`` holds merged lane ``c % lanes``, so
+``g_m`` of lane j sums those output lanes).
+
+Incoming gradients: ``g = dJ/do`` (a D-vector), ``g_m = dJ/dM`` and ``g_l = dJ/dL`` (or ``g_lse``). Write
+``d_k = <g, o_k>`` and ``dbar = <g, o> = sum_k w_k d_k`` (recomputed from the parts, so the rounded output is not
+needed).
 
 1. ``do_k = w_k g``.
 2. Holding ``M`` fixed, ``o`` depends on ``a_k`` through ``w``: ``do/da_k = (o_k - o) / L``, and ``dL/da_k = 1``.
@@ -31,9 +38,10 @@ over the statistic's lanes, because the forward writes the same value to every l
 
        dx_k = w_k (s (d_k - dbar) + g_lse)
 
-Empty parts (``m_k = -inf``, or an LSE of ``+-inf``) have ``w_k = a_k = exp(m_k - M) = 0`` and get zero gradients.
-A row with every part empty has ``M = -inf``: the forward shifts by 0 and sets ``w = 0`` (never NaN), and the same
-rule here gives ``do_k = 0``, ``dl_k = 0``, ``dx_k = 0`` and ``dm_k = g_m / K``: finite, no NaN. NaN inputs give NaN.
+Empty parts (``m_k = -inf`` and ``l_k = 0``, or an LSE of ``+-inf``) have ``w_k = a_k = exp(m_k - M) = 0``; their
+output is not read (``d_k = 0`` whatever ``o_k`` holds, NaN included) and all their gradients are 0 (they take no
+share of a tied maximum). A row with every part empty has ``M = -inf``: the forward shifts by 0 and sets ``w = 0``
+(never NaN), and every gradient of its parts is 0. NaN in a statistic or in a non-empty part propagates.
 
 Note [row merge backward]
 -------------------------
@@ -42,18 +50,18 @@ grad_parts_l, *, row_map=None, lse_scale=1.0) -> None`` is the row-level gradien
 to ``merge_rows`` (Note [row merge]), with the same views and the same two forms:
 
 * ``parts_o``, ``parts_m``, ``parts_l``, ``row_map``, ``lse_scale``: exactly the forward's inputs (``parts_l`` None
-  for the LSE form). Only lane 0 of a statistic is read; the forward's merged statistics are *not* inputs (the
-  kernel recomputes ``M``, ``L``, ``w_k`` from the K lane-0 values: K scalars per row, cheaper than reading them).
+  for the LSE form). Every lane of a statistic is read; the forward's merged statistics are *not* inputs (the
+  kernel recomputes ``M``, ``L``, ``w_k`` from the K parts' lanes, cheaper than reading them).
 * ``grad_o``: ``(P, Q, N, D)``, the dtype of the parts, any strides. ``grad_m``: ``(P, Q, N, lanes_out)``, the
-  gradient of ``out_m`` (max or LSE, caller base), summed over its lanes. ``grad_l``: the same for ``out_l``
-  (stats form) or None. All are real tensors (autograd materialises unused outputs' gradients as zeros).
+  gradient of ``out_m`` (max or LSE, caller base), its lanes folded onto the merged lanes. ``grad_l``: the same
+  for ``out_l`` (stats form) or None. All are real tensors (autograd materialises unused outputs' gradients as zeros).
 * Writes ``grad_parts_o[k]`` ``(P, Q, N, D)`` in the parts' dtype, rounded once; ``grad_parts_m[k]`` and (stats
-  form) ``grad_parts_l[k]`` ``(P, Q, N, lanes)`` in the statistics' dtype: the row's gradient in lane 0 and 0 in
-  the other lanes (the forward reads lane 0 only). With ``row_map`` the statistics views are the raw per-batch
-  ``(T, 1, N, lanes)`` tensors, as in the forward. Gradient outputs never alias inputs.
+  form) ``grad_parts_l[k]`` ``(P, Q, N, lanes)`` in the statistics' dtype: each lane's gradient (Lanes, above).
+  With ``row_map`` the statistics views are the raw per-batch ``(T, 1, N, lanes)`` tensors, as in the forward.
+  Gradient outputs never alias inputs.
 * Per row, in float32 (float64 for float64 parts): the formulas of steps 1, 5 and 6 above.
 
-A fused kernel does it in one pass: per row, read the K lane-0 statistics, read ``g`` once and each ``o_k`` once
+A fused kernel does it in one pass: per row, read the K parts' statistics, read ``g`` once and each ``o_k`` once
 to form ``d_k`` (with ``g`` held in registers / a D-tile), then write each ``w_k g`` once and the 2K (or K)
 statistic gradients. ``do_k = w_k g`` needs only the statistics, not the dots, so even when D spans several tiles
 each tile of ``g`` and ``o_k`` is read once, adds to ``d_k`` and writes ``do_k`` at once: no pass re-reads ``g``.

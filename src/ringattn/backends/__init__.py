@@ -10,25 +10,38 @@ partial results row by row (a row is one (token, head) pair; see Note [canonical
 
 * ``parts_o``: K tensors ``(P, Q, N, D)``, one dtype (fp16/bf16/fp32/fp64), any strides.
 * ``parts_m``: K tensors ``(P, Q, N, lanes)`` float32 (float64 allowed with float64 outputs), any
-  strides; only lane 0 is read. Stats form (``parts_l`` given): the row max of the scaled scores.
-  LSE form (``parts_l`` is None): the log-sum-exp ``lse``, in natural log after multiplying by
+  strides. Stats form (``parts_l`` given): the row max of the scaled scores, Ascend's 8 lanes.
+  LSE form (``parts_l`` is None): the log-sum-exp ``lse``, one lane, in natural log after multiplying by
   ``lse_scale`` (``ln 2`` for base-2 producers); ``+inf`` (old FlashAttention's empty rows) reads as
   ``-inf``.
 * ``parts_l``: K sums ``sum(exp(s - max))`` shaped like ``parts_m``, or None (LSE form).
 * ``out_o``: ``(P, Q, N, D)``; ``out_m`` ``(P, Q, N, lanes_out)``: max (stats form) or LSE (LSE form,
-  in the caller's base, i.e. divided by ``lse_scale``), written to every lane; ``out_l``: the sum (stats
-  form) or None. Outputs may be exactly the same views as inputs (in-place accumulation).
+  in the caller's base, i.e. divided by ``lse_scale``), output lane ``c`` holding merged lane
+  ``c % lanes``; ``out_l``: the sum (stats form) or None. Outputs may be exactly the same views as inputs
+  (in-place accumulation).
 * ``row_map``: None, or ``(row_base, row_step)`` for the per-batch TND statistics layout; then every stats
   view is the raw ``(T, 1, N, lanes)`` tensor and row ``(t, n)`` is located as in Note [canonical rows].
 
-Per row, in float32 (float64 for float64 outputs)::
+Per row and lane j (every lane on its own; the LSE form has one), in float32 (float64 for float64
+outputs)::
 
     M = max_k m_k;  shift = 0 if M == -inf else M     # all parts empty -> weights 0, never NaN
     w_k = l_k * exp(m_k - shift);  L = sum_k w_k
-    out_o = sum_k o_k * (w_k / L)  (weights 0 where M == -inf), rounded once to the output dtype
     stats form: out_m = M, out_l = L;   LSE form: out_m = (M + ln L) / lse_scale, -inf where M == -inf
 
-For K = 2 this is SPEC section 3 exactly (two products then one add).
+and per output element d, with the weights and empty flags of lane ``j = d % lanes`` (Atlas A2: each
+32-byte block of a row meets the 8-lane statistics with a block stride of 0)::
+
+    out_o[d] = sum over parts k not empty in lane j of o_k[d] * (w_k / L), rounded once to the output dtype
+    (0 where every part is empty in lane j)
+
+A part is *empty* in a lane where ``m_k == -inf`` and ``l_k == 0`` (stats form), or its LSE is ``+-inf``
+(LSE form). Its output is never read: a select, not a multiply by zero, so NaN or garbage there (outputs
+of rows no key reached are often ``torch.empty`` memory) does not leak; the select contributes -0.0, the
+identity of ``+``, so the row is bitwise the merge of the other parts. NaN in a statistic, or in the output
+of a non-empty part, propagates. For K = 2 this is SPEC section 3 exactly (two products then one add).
+Equal lanes (the contract) give every element lane 0's weights; the fused CPU kernel evaluates such rows
+once (Note [cpu merge kernel]).
 
 Each backend module has:
 

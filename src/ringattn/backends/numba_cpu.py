@@ -31,6 +31,11 @@ A tile runs in two phases, each walking memory in its own order:
    arrays (one ``_stats_at`` per row), (B) SPEC section 3 over the chunk in branch-free loops that vectorise
    (merged max, ``exp`` as a polynomial, products, sum, the K weights ``w_k / L`` as K vector divisions),
    (C) store the weights, contiguous in visit order, and write the output statistics to every lane.
+   (A) also marks a row *general* when a part's lanes differ from its lane 0, or a part is empty (max
+   ``-inf`` and sum 0, or an LSE of ``+-inf``); (C) then merges that row's lanes one by one
+   (``_row_lanes``) and writes lane c of the output statistics from lane c. Rows whose lanes are all equal
+   (the contract: Ascend writes one value to all 8) and that have no empty part are exactly the lane rule
+   with lane 0's weights, computed once: bitwise what this kernel gave before it told lanes apart;
    Strides used per row are fixed-size tuples (``_columns``), not array loads, and the output statistics
    are written in the kernel body, not in an inlined helper: numba reference-counts array arguments of
    inlined helpers per call, which cost more than the arithmetic. (The previous shape, per-row loops over
@@ -43,7 +48,11 @@ A tile runs in two phases, each walking memory in its own order:
    bfloat16 rows whose parts and output all have unit element stride go 16 elements at a time through
    ``bf16_merge_chunk`` (Note [bf16 chunk merge] in ``numba_stream.py``): the same arithmetic and rounding
    in ~30 instructions per 16 elements instead of ~41 plus a staging copy; the merge is compute-bound on a
-   core in bfloat16, so this is 1.14-1.2x on the whole merge.
+   core in bfloat16, so this is 1.14-1.2x on the whole merge. General rows (phase 1) recompute their lane
+   weights and go element by element (``_general_row``): element d takes lane ``d % lanes``, and an empty
+   part's element is not read (a select of -0.0, the identity of ``+``, so the row is bitwise the merge of
+   the other parts; an element empty in every part is +0). They are the exception (unequal lanes, as on
+   MindSpore's own example, or rows some part never reached), so they are not vectorised.
 
 Calls over ``_STREAM_BYTES`` whose output rows are contiguous and 32-byte aligned compute each row into an
 L1-resident stage (bfloat16 chunks: straight from registers) and write it with streaming stores (Note
@@ -427,6 +436,104 @@ def _chunked_row_impl(o_bufs, bases, steps, weights, out, out_base, dim, stream)
     return chunked_row
 
 
+@numba.njit(cache=True)
+def _lanes_same(buf, base, step, lanes):
+    """Whether the ``lanes`` entries ``buf[base + lane * step]`` all equal the first (NaN never does)."""
+    first = buf[base]
+    for lane in range(np.uint64(1), np.uint64(lanes)):
+        if buf[base + lane * step] != first:
+            return False
+    return True
+
+
+@numba.njit(inline="always", cache=True)
+def _same8(buf, base, step):
+    """``_lanes_same`` for Ascend's 8 lanes, straight-line (no branch, no loop: it vectorises, and an inlined loop
+    here trips a numba SSA warning)."""
+    first = buf[base]
+    return (
+        (buf[base + step] == first)
+        & (buf[base + np.uint64(2) * step] == first)
+        & (buf[base + np.uint64(3) * step] == first)
+        & (buf[base + np.uint64(4) * step] == first)
+        & (buf[base + np.uint64(5) * step] == first)
+        & (buf[base + np.uint64(6) * step] == first)
+        & (buf[base + np.uint64(7) * step] == first)
+    )
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _row_lanes(m_bufs, m_cols, l_bufs, l_cols, sp, sq, sn, lanes, lse_form, scale, like, weights, empty, merged):
+    """The lane-by-lane merge of one statistics row ``(sp, sq, sn)`` (Note [cpu merge kernel], general rows).
+
+    Writes, for part k and lane c: ``weights[k * lanes + c]`` (``w_k / L`` of that lane, 0 where every part is
+    empty) and ``empty[k * lanes + c]`` (the part is empty there: max ``-inf`` and sum 0, or an LSE of
+    ``+-inf``); per lane c: ``merged[c]`` the merged max (LSE form: the LSE in the caller's base),
+    ``merged[lanes + c]`` the merged sum and ``merged[2 * lanes + c]`` 1 where every part is empty, else 0.
+    The arithmetic is phase 1's, in its order, with the same ``exp``: lanes equal to lane 0 give bitwise its
+    weights, and an empty part adds an exact 0 to the sum.
+    """
+    parts = len(m_bufs)
+    neg_inf = _compute(-np.inf, like)
+    zero = _compute(0.0, like)
+    for c in range(lanes):
+        top = neg_inf
+        for k in range(parts):
+            base = _at(m_cols, k, sp, sq, sn) + np.uint64(c * m_cols[3][k])
+            m = _part_max(m_bufs[k][base], lse_form, scale, like)
+            if lse_form:
+                empty[k * lanes + c] = m == neg_inf
+                weights[k * lanes + c] = m
+            else:
+                s = _compute(l_bufs[k][_at(l_cols, k, sp, sq, sn) + np.uint64(c * l_cols[3][k])], like)
+                empty[k * lanes + c] = m == neg_inf and s == zero
+                weights[k * lanes + c] = m
+            top = m if (m > top or m != m) else top  # NaN propagates
+        merged[c] = top
+        merged[2 * lanes + c] = 1.0 if top == neg_inf else 0.0
+        shift = zero if top == neg_inf else top  # all empty: exp(-inf - 0) = 0, not NaN
+        for k in range(parts):
+            weights[k * lanes + c] -= shift
+    _exp_in_place(weights[: parts * lanes])
+    for c in range(lanes):
+        total = zero
+        for k in range(parts):
+            scaled = weights[k * lanes + c]
+            if not lse_form:
+                scaled *= _compute(l_bufs[k][_at(l_cols, k, sp, sq, sn) + np.uint64(c * l_cols[3][k])], like)
+            weights[k * lanes + c] = scaled
+            total = scaled if k == 0 else total + scaled
+        all_empty = merged[2 * lanes + c] != zero
+        for k in range(parts):
+            w = weights[k * lanes + c] / total
+            weights[k * lanes + c] = zero if all_empty else w
+        top = merged[c]
+        if lse_form:
+            top = top if all_empty else (top + np.log(total)) / scale
+        merged[c] = top
+        merged[lanes + c] = total
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _general_row(o_bufs, o_strides, p, q, n, weights, empty, merged, lanes, out_o, out_base, out_step, dim):
+    """Phase 2 for a general row: element ``d`` weighted by lane ``d % lanes`` (``_row_lanes``' arrays); an
+    empty part's element is not read (a select of -0.0, the identity of +, so the sum is bitwise the merge of
+    the other parts), and a lane empty in every part gives +0."""
+    parts = len(o_bufs)
+    zero = _compute(0.0, out_o)
+    for d in range(dim):
+        c = d % lanes
+        if merged[2 * lanes + c] != zero:
+            out_o[out_base + np.uint64(d) * out_step] = _narrow(zero, out_o)
+            continue
+        x = _compute(-0.0, out_o)
+        for k in range(parts):
+            if not empty[k * lanes + c]:
+                at = np.uint64(p * o_strides[k, 0] + q * o_strides[k, 1] + n * o_strides[k, 2] + d * o_strides[k, 3])
+                x += _widen(o_bufs[k][at]) * weights[k * lanes + c]
+        out_o[out_base + np.uint64(d) * out_step] = _narrow(x, out_o)
+
+
 @numba.njit(parallel=True, cache=True, error_model="numpy")
 def _merge_rows_kernel(
     o_bufs,  # K flat buffers of parts_o (P, Q, N, D)
@@ -439,7 +546,7 @@ def _merge_rows_kernel(
     out_m,  # flat buffer of out_m (P, Q, N, lanes_out)
     out_l,  # flat buffer of out_l, or out_m again in LSE form (then unwritten)
     out_strides,  # int64 (3, 4): strides of out_m, out_l, out_o
-    shape,  # int64 (P, Q, N, D, lanes_out)
+    shape,  # int64 (P, Q, N, D, lanes_out, lanes_in)
     row_base,  # int64 (P,): per-batch row map (Note [canonical rows]), or empty for none
     row_step,  # int64 (P,)
     row_strides,  # bool: with a row map, every stats stride row 0 is the stride of a logical row (no divisions)
@@ -450,7 +557,7 @@ def _merge_rows_kernel(
     stream,  # bool: out_o rows are contiguous and 32-byte aligned; write them with streaming stores
     unit_rows,  # bool: every part's rows and out_o's are contiguous (bfloat16 then goes by chunks)
 ):
-    num_p, num_q, num_n, dim, lanes = shape[0], shape[1], shape[2], shape[3], shape[4]
+    num_p, num_q, num_n, dim, lanes, lanes_in = shape[0], shape[1], shape[2], shape[3], shape[4], shape[5]
     parts = len(o_bufs)
     tokens = num_p * num_q
     tile_rows = min(_TILE_ROWS_MAX, max(_TILE_ROWS_MIN, tokens * num_n // max(tiles, 1)))
@@ -480,6 +587,10 @@ def _merge_rows_kernel(
         new_sum = _scratch(_CHUNK_ROWS, out_o)
         at_m = np.empty(_CHUNK_ROWS, np.uint64)  # offsets of its output statistics
         at_l = np.empty(_CHUNK_ROWS, np.uint64)
+        general = np.empty(count * num_n, np.bool_)  # in visit order: the row takes the lane-by-lane path
+        lane_w = _scratch(parts * lanes_in, out_o)  # _row_lanes' arrays, for one general row at a time
+        lane_e = np.empty(parts * lanes_in, np.bool_)
+        lane_m = _scratch(3 * lanes_in, out_o)
         part_m[:] = zero  # the exp runs over whole chunks: keep the unused tail finite
         for a in range(outer):
             for start in range(0, inner, _CHUNK_ROWS):
@@ -496,6 +607,24 @@ def _merge_rows_kernel(
                         sums = _lane0(l_bufs, l_cols, at[0], at[1], at[2])
                         for k in range(parts):
                             part_l[np.uint64(k) * chunk + j] = _compute(sums[k], out_o)
+                    # Rows whose lanes all equal lane 0 (the contract) use lane 0; others go lane by lane.
+                    same = True
+                    if lanes_in == 8:
+                        for k in range(parts):
+                            same &= _same8(m_bufs[k], _at(m_cols, k, at[0], at[1], at[2]), np.uint64(m_cols[3][k]))
+                            if not lse_form:
+                                same &= _same8(l_bufs[k], _at(l_cols, k, at[0], at[1], at[2]), np.uint64(l_cols[3][k]))
+                    elif lanes_in != 1:
+                        for k in range(parts):
+                            same &= _lanes_same(m_bufs[k], _at(m_cols, k, at[0], at[1], at[2]),
+                                                np.uint64(m_cols[3][k]), lanes_in)  # fmt: skip
+                            if not lse_form:
+                                same &= _lanes_same(l_bufs[k], _at(l_cols, k, at[0], at[1], at[2]),
+                                                    np.uint64(l_cols[3][k]), lanes_in)  # fmt: skip
+                    for k in range(parts):  # an empty part must not be read: the lane-by-lane path selects
+                        e = part_m[np.uint64(k) * chunk + j] == neg_inf
+                        same &= not (e and (lse_form or part_l[np.uint64(k) * chunk + j] == zero))
+                    general[a * inner + b] = not same
                     at_m[j] = _at(out_cols, 0, at[0], at[1], at[2])
                     at_l[j] = _at(out_cols, 1, at[0], at[1], at[2])
                 # B: SPEC section 3 for the chunk; branch-free loops that vectorise.
@@ -527,6 +656,8 @@ def _merge_rows_kernel(
                 for j in range(size):
                     for k in range(parts):
                         weights[first_weight + j * np.uint64(parts) + np.uint64(k)] = part_m[np.uint64(k) * chunk + j]
+                    if general[a * inner + start + np.int64(j)]:
+                        continue  # phase 3 writes its statistics (reading its inputs first: they may be the outputs)
                     top = new_max[j]
                     if lse_form:
                         top = top if top == neg_inf else (top + np.log(new_sum[j])) / scale
@@ -549,8 +680,10 @@ def _merge_rows_kernel(
             for n in range(num_n):
                 bases = _part_offsets(o_cols, o_bufs, p, q, n)
                 first_weight = n * lead + i * parts if heads_outer else i * lead + n * parts
-                w = _part_values(weights, np.uint64(first_weight), o_bufs)
+                if general[first_weight // parts]:
+                    continue  # phase 3
                 out_base = np.uint64(p * out_p + q * out_q + n * out_n)
+                w = _part_values(weights, np.uint64(first_weight), o_bufs)
                 if unit_rows and _chunked_row(o_bufs, bases, steps, w, out_o, out_base, dim, stream):
                     continue
                 if stage.size:
@@ -560,6 +693,24 @@ def _merge_rows_kernel(
                     continue
                 for d in range(np.uint64(dim)):
                     out_o[out_base + d * out_step] = _narrow(_weighted_sum(o_bufs, bases, steps, w, d), out_o)
+        # Phase 3: general rows (unequal lanes, or an empty part), lane by lane with selects; kept out of the
+        # loops above, whose vectorised code a call in their body slowed down (float32 1.4-1.9x).
+        for slot in range(count * num_n):
+            if not general[slot]:
+                continue
+            a, b = slot // inner, slot % inner
+            i, n = (b, a) if heads_outer else (a, b)
+            p, q = token_p[i], token_q[i]
+            at = _stats_at(p, q, n, num_n, row_base, row_step, row_strides)
+            _row_lanes(m_bufs, m_cols, l_bufs, l_cols, at[0], at[1], at[2], lanes_in, lse_form, scale, out_o,
+                       lane_w, lane_e, lane_m)  # fmt: skip
+            base_m, base_l = _at(out_cols, 0, at[0], at[1], at[2]), _at(out_cols, 1, at[0], at[1], at[2])
+            for lane in range(lanes):  # output lane c holds merged lane c % lanes_in
+                out_m[base_m + np.uint64(lane) * step_m] = lane_m[lane % lanes_in]
+                if not lse_form:
+                    out_l[base_l + np.uint64(lane) * step_l] = lane_m[lanes_in + lane % lanes_in]
+            out_base = np.uint64(p * out_p + q * out_q + n * out_n)
+            _general_row(o_bufs, o_strides, p, q, n, lane_w, lane_e, lane_m, lanes_in, out_o, out_base, out_step, dim)
         if stream:
             store_fence()
 
@@ -651,7 +802,7 @@ def merge_rows(
     parts_o : K >= 1 CPU tensors ``(P, Q, N, D)``, one dtype (float16, bfloat16, float32, float64), any
         strides (zero strides included).
     parts_m, parts_l : K CPU tensors ``(P, Q, N, lanes)`` (``(T, 1, N, lanes)`` with ``row_map``), float32,
-        or float64 with float64 ``out_o``; only lane 0 is read. Stats form: row max of the scaled scores
+        or float64 with float64 ``out_o``; merged lane by lane. Stats form: row max of the scaled scores
         and ``sum(exp(s - max))``. LSE form (``parts_l`` None): the log-sum-exp, whose natural log is
         ``lse * lse_scale`` (``lse_scale = ln 2`` for base-2 producers); ``+inf`` reads as empty.
     out_o, out_m, out_l : outputs shaped like ``parts_o[0]`` / ``parts_m[0]`` (any lane count, any
@@ -662,7 +813,8 @@ def merge_rows(
         (Note [canonical rows]), or None.
     lse_scale : float, multiplies input LSEs into natural log.
 
-    The statistics are evaluated once per row (lane 0) and written to every output lane. Concurrent calls
+    Output element d uses the weights of lane ``d % lanes``; an empty part's output is not read (Note [row
+    merge]). Rows whose lanes are equal are evaluated once (lane 0) and written to every output lane. Concurrent calls
     from several Python threads need numba's ``omp`` or ``tbb`` threading layer (``workqueue`` aborts).
     """
     lse_form = parts_l is None
@@ -695,7 +847,8 @@ def merge_rows(
         _flat(out_m),
         _flat(out_l_or_m),
         np.concatenate((stats_strides((out_m, out_l_or_m)), _strides((out_o,)))),
-        np.array((num_p, num_q, num_n, dim, lanes), dtype=np.int64),
+        # Lanes merged: every lane in the stats form, lane 0 (one LSE per row) in the LSE form.
+        np.array((num_p, num_q, num_n, dim, lanes, 1 if lse_form else parts_m[0].shape[-1]), dtype=np.int64),
         np.ascontiguousarray(row_base, dtype=np.int64),
         np.ascontiguousarray(row_step, dtype=np.int64),
         row_strides,

@@ -10,14 +10,17 @@ Arithmetic is float32 (float64 for float64 parts). Work is split over threads in
 32768 rows, about ``_TILES_PER_THREAD`` per thread; the launcher passes the count). A tile runs in three phases,
 each walking memory in its own order, as the forward's two do (Note [cpu merge kernel]):
 
-1. statistics, in their memory order (head-major for SBH and per-batch TND): read the K lane-0 statistics and
-   recompute ``M``, ``a_k``, ``exp(m_k - M)``, ``L``, ``w_k`` and the tie shares ``t_k`` (cheaper than reading the
-   forward's merged statistics, which are not inputs), kept per row in a tile-local array;
-2. outputs, in attention order: per part k, one loop over D that reads ``g`` and ``o_k``, accumulates
-   ``d_k = <g, o_k>`` and writes ``do_k = w_k g`` rounded once (``_scale_and_dot``). ``w_k`` does not depend on
-   any dot, so the write needs no second pass; ``g`` is re-read K times, but from L1;
-3. statistics again, in their memory order: sum the incoming statistic gradients over their lanes and write the
-   2K (stats form) or K (LSE form) statistic gradients to lane 0, zeros to the other lanes.
+1. statistics, in their memory order (head-major for SBH and per-batch TND): read the K statistics of every lane
+   and recompute, lane by lane, ``M``, ``a_k``, ``exp(m_k - M)``, ``L``, ``w_k``, the tie shares ``t_k`` and the
+   empty flags (cheaper than reading the forward's merged statistics, which are not inputs), kept per row and
+   lane in a tile-local array;
+2. outputs, in attention order: per part k and lane c, one loop over the elements ``d % lanes == c`` (a sub-row
+   of stride ``lanes``; the whole row in the LSE form, which has one lane) that reads ``g`` and ``o_k``,
+   accumulates ``d_k = <g, o_k>`` of the lane and writes ``do_k = w_k g`` rounded once (``_scale_and_dot``). An
+   empty part's ``o_k`` is not read and its ``do_k`` is 0. ``w_k`` does not depend on any dot, so the write
+   needs no second pass; ``g`` is re-read K times, but from L1;
+3. statistics again, in their memory order: per lane, the incoming statistic gradients of the output lanes
+   holding that lane, and the 2K (stats form) or K (LSE form) statistic gradients; 0 for an empty part.
 
 Visiting the statistics in attention order instead (one row of every head per token) touches ~10 statistics
 streams times N heads at once, more than the prefetcher follows; visiting the attention rows head-major jumps by a
@@ -30,11 +33,11 @@ the phase loop, the same source compiled to a scalar loop. No other fast-math fl
 ``ninf`` would break the empty-row (``-inf``) and NaN semantics.
 
 K is the length of a tuple of flat buffers, so one kernel source compiles once per (dtype, statistics dtype, K).
-Code that touches every part's buffer is generated per K with ``@overload`` + ``exec`` (``_part_dots``,
-``_write_lane0``; ``numba_cpu._lane0`` for the reads): each part is one statement indexing the tuple with a
-literal. A ``for k in range(K)`` loop indexing a tuple of arrays makes numba spill the tuple and reload the data
-pointers at every access (Note [cpu merge kernel]). Loops over K that touch only scalars or scratch arrays stay
-loops. Gradient outputs never alias inputs (Note [row merge backward]), so no ordering of reads and writes matters.
+The stats form's 8 lanes make phase 2 walk sub-rows of stride 8, which do not vectorise: the statistics' lanes
+must get the gradients of their own elements, whether or not they are equal. Loops over K index the tuples of
+buffers with the loop variable (numba then reloads the data pointers, Note [cpu merge kernel]); the element loop
+itself is ``_scale_and_dot``, which takes one buffer each. Gradient outputs never alias inputs (Note [row merge
+backward]), so no ordering of reads and writes matters.
 """
 
 from __future__ import annotations
@@ -44,8 +47,6 @@ from collections.abc import Sequence
 import numba
 import numpy as np
 import torch
-from numba.extending import overload
-from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from . import heads_outer
 from .numba_cpu import (
@@ -53,11 +54,9 @@ from .numba_cpu import (
     _columns,
     _compute,
     _flat,
-    _lane0,
     _launch,
     _narrow,
     _part_max,
-    _per_part_tuple,
     _scratch,
     _stats_at,
     _strides,
@@ -91,93 +90,64 @@ def _scale_and_dot(g_buf, g_base, g_step, o_buf, o_base, o_step, out_buf, out_ba
     return dot
 
 
-def _part_dots(
-    g_buf, g_base, g_step, o_bufs, o_bases, o_steps, do_bufs, do_bases, do_steps, weights, dim
-):  # pragma: no cover - numba stub
-    """Write ``do_k = weights[k] * g`` (rounded once) over one row for every part k; return the K dots ``<g, o_k>``."""
+@numba.njit(cache=True)
+def _zero_row(buf, base, step, count):
+    """``buf[base + d * step] = 0`` for ``d < count``: the gradient of an empty part's output."""
+    for d in range(np.uint64(count)):
+        buf[base + d * step] = 0.0
 
 
-@overload(_part_dots, inline="always")
-def _part_dots_impl(g_buf, g_base, g_step, o_bufs, o_bases, o_steps, do_bufs, do_bases, do_steps, weights, dim):
-    # Generated for this K (Note [cpu merge backward kernel]): one call per part, each indexing the tuples with a
-    # literal, so that the buffers' data pointers are not spilled and reloaded; g is re-read from L1 by later parts.
-    def call(k: int) -> str:
-        return (
-            f"_scale_and_dot(g_buf, g_base, g_step, o_bufs[{k}], o_bases[{k}], o_steps[{k}], "
-            f"do_bufs[{k}], do_bases[{k}], do_steps[{k}], weights[{k}], dim)"
-        )
-
-    signature = "g_buf, g_base, g_step, o_bufs, o_bases, o_steps, do_bufs, do_bases, do_steps, weights, dim"
-    return _per_part_tuple("part_dots", signature, call, len(o_bufs), _scale_and_dot=_scale_and_dot)
-
-
-def _write_lane0(bufs, cols, at, values, lanes):  # pragma: no cover - numba stub
-    """For every part k: ``values[k]`` to lane 0 of statistics row ``at`` of ``bufs[k]`` (offsets through ``cols``,
-    see ``numba_cpu._columns``), 0 to its other lanes (the forward reads lane 0 only)."""
-
-
-@overload(_write_lane0, inline="always")
-def _write_lane0_impl(bufs, cols, at, values, lanes):
-    # Generated for this K, for the reason given in _part_dots_impl.
-    body = "".join(
-        f"    base, step = _at(cols, {k}, at[0], at[1], at[2]), np.uint64(cols[3][{k}])\n"
-        f"    bufs[{k}][base] = values[{k}]\n"
-        f"    for lane in range(np.uint64(1), np.uint64(lanes)):\n"
-        f"        bufs[{k}][base + lane * step] = 0.0\n"
-        for k in range(len(bufs))
-    )
-    namespace = {"_at": _at, "np": np}
-    exec(f"def write_lane0(bufs, cols, at, values, lanes):\n{body}", namespace)  # noqa: S102 - from K only
-    return namespace["write_lane0"]
-
-
-@numba.njit(inline="always", cache=True)
-def _lane_sum(buf, cols, k, at, lanes, like):
-    """Sum over the ``lanes`` entries of statistics row ``at`` of ``buf`` (offsets through ``cols``, row ``k``)."""
+@numba.njit(cache=True)
+def _lane_gradient(buf, cols, k, at, lanes_in, lane, lanes, like):
+    """Lane ``lane`` of the gradient of a merged statistic: the sum of the output lanes ``c`` with
+    ``c % lanes == lane`` of statistics row ``at`` of ``buf`` (output lane c holds merged lane c % lanes)."""
     base, step = _at(cols, k, at[0], at[1], at[2]), np.uint64(cols[3][k])
     total = _compute(0.0, like)
-    for lane in range(lanes):
-        total += _compute(buf[base + lane * step], like)
+    for c in range(lane, lanes_in, lanes):
+        total += _compute(buf[base + np.uint64(c) * step], like)
     return total
 
 
 @numba.njit(cache=True)
-def _dots_phase(grad_o, g_strides, o_bufs, o_strides, do_bufs, do_strides, token_p, token_q, num_n, dim, rows, dots):
-    """Phase 2 of a tile, rows in attention order: ``do_k = w_k g`` and ``dots[row, k] = <g, o_k>``.
+def _dots_phase(
+    grad_o, g_strides, o_bufs, o_strides, do_bufs, do_strides, token_p, token_q, num_n, dim, lanes, rows, dots
+):
+    """Phase 2 of a tile, rows in attention order: ``do_k = w_k g`` and ``dots[row * lanes + c, k] = <g, o_k>``
+    over the elements ``d`` of lane ``c`` (``d % lanes == c``), an empty part's ``o_k`` not read.
 
-    ``rows[row, :K]`` holds the row's weights ``w_k`` (phase 1).
+    ``rows[row * lanes + c]`` holds the lane's weights ``w_k`` (columns ``:K``) and empty flags (columns
+    ``4K:5K``) from phase 1. A lane's elements are a sub-row of stride ``lanes``: ``_scale_and_dot`` walks it
+    (with one lane, the LSE form, that is the whole row, as before lanes were told apart).
     """
     parts = len(o_bufs)
-    o_cols, do_cols = _columns(o_strides, o_bufs), _columns(do_strides, do_bufs)
     g_cols = _columns(g_strides, (grad_o,))
     g_step = np.uint64(g_cols[3][0])
-    scratch = np.empty(parts, np.uint64)
-    for k in range(parts):
-        scratch[k] = o_cols[3][k]
-    o_steps = to_fixed_tuple(scratch, parts)
-    for k in range(parts):
-        scratch[k] = do_cols[3][k]
-    do_steps = to_fixed_tuple(scratch, parts)
-    w_scratch = np.empty(parts, rows.dtype)
+    zero = _compute(0.0, rows)
     for i in range(token_p.size):
         p, q = token_p[i], token_q[i]
         for n in range(num_n):
             row = i * num_n + n
+            g_base = np.uint64(p * g_strides[0, 0] + q * g_strides[0, 1] + n * g_strides[0, 2])
             for k in range(parts):
-                scratch[k] = _at(o_cols, k, p, q, n)
-            o_bases = to_fixed_tuple(scratch, parts)
-            for k in range(parts):
-                scratch[k] = _at(do_cols, k, p, q, n)
-            do_bases = to_fixed_tuple(scratch, parts)
-            for k in range(parts):
-                w_scratch[k] = rows[row, k]
-            weights = to_fixed_tuple(w_scratch, parts)
-            got = _part_dots(
-                grad_o, _at(g_cols, 0, p, q, n), g_step,
-                o_bufs, o_bases, o_steps, do_bufs, do_bases, do_steps, weights, dim,
-            )  # fmt: skip
-            for k in range(parts):
-                dots[row, k] = got[k]
+                o_base = np.uint64(p * o_strides[k, 0] + q * o_strides[k, 1] + n * o_strides[k, 2])
+                do_base = np.uint64(p * do_strides[k, 0] + q * do_strides[k, 1] + n * do_strides[k, 2])
+                o_step, do_step = np.uint64(o_strides[k, 3]), np.uint64(do_strides[k, 3])
+                for c in range(min(lanes, dim)):
+                    rr = row * lanes + c
+                    count = (dim - c + lanes - 1) // lanes
+                    first = np.uint64(c)
+                    if rows[rr, 4 * parts + k] != zero:  # empty part: not read, gradient 0
+                        _zero_row(do_bufs[k], do_base + first * do_step, do_step * np.uint64(lanes), count)
+                        dots[rr, k] = zero
+                        continue
+                    dots[rr, k] = _scale_and_dot(
+                        grad_o, g_base + first * g_step, g_step * np.uint64(lanes),
+                        o_bufs[k], o_base + first * o_step, o_step * np.uint64(lanes),
+                        do_bufs[k], do_base + first * do_step, do_step * np.uint64(lanes),
+                        rows[rr, k], count,
+                    )  # fmt: skip
+                for c in range(dim, lanes):  # lanes no element reads (D < lanes)
+                    dots[row * lanes + c, k] = zero
 
 
 @numba.njit(parallel=True, cache=True)
@@ -197,7 +167,8 @@ def _merge_rows_backward_kernel(
     dm_strides,  # int64 (K, 4)
     dl_bufs,  # K flat buffers of grad_parts_l, or dm_bufs again in LSE form (unwritten)
     dl_strides,  # int64 (K, 4)
-    shape,  # int64 (P, Q, N, D, lanes_in, lanes_out)
+    shape,  # int64 (P, Q, N, D, lanes_in, lanes, lanes_out): lanes of the incoming gradients, lanes merged (1 in the
+    # LSE form: lane 0), lanes of the statistic gradients (those past `lanes` get 0)
     row_base,  # int64 (P,): per-batch row map (Note [canonical rows]), or empty for none
     row_step,  # int64 (P,)
     heads_outer,  # bool: the statistics' head stride exceeds their token stride (visit order of phases 1 and 3)
@@ -206,7 +177,7 @@ def _merge_rows_backward_kernel(
     tiles,  # int: number of tiles to aim for (a few per thread)
 ):
     num_p, num_q, num_n, dim = shape[0], shape[1], shape[2], shape[3]
-    lanes_in, lanes_out = np.uint64(shape[4]), shape[5]
+    lanes_in, lanes, lanes_out = shape[4], shape[5], shape[6]
     parts = len(o_bufs)
     tokens = num_p * num_q
     tile_rows = min(_TILE_ROWS_MAX, max(_TILE_ROWS_MIN, tokens * num_n // max(tiles, 1)))
@@ -220,76 +191,91 @@ def _merge_rows_backward_kernel(
         token_p, token_q = np.empty(count, np.int64), np.empty(count, np.int64)  # divisions once per token
         for i in range(count):
             token_p[i], token_q[i] = (first + i) // num_q, (first + i) % num_q
-        # Per row of the tile (attention order): w_k, a_k, exp(m_k - M), t_k (K each), L, 1 / L.
-        rows = _scratch((count * num_n, 4 * parts + 2), like)
-        dots = _scratch((count * num_n, parts), like)  # d_k
-        maxima, values = _scratch(parts, like), _scratch(parts, like)
+        # Per row and lane of the tile (attention order): w_k, a_k, exp(m_k - M), t_k, empty_k (K each), L, 1 / L.
+        rows = _scratch((count * num_n * lanes, 5 * parts + 2), like)
+        dots = _scratch((count * num_n * lanes, parts), like)  # d_k per lane
+        maxima = _scratch(parts, like)
         m_cols, l_cols = _columns(m_strides, m_bufs), _columns(l_strides, l_bufs)
         dm_cols, dl_cols = _columns(dm_strides, dm_bufs), _columns(dl_strides, dl_bufs)
         grad_cols = _columns(grad_strides, grad_ms)
         outer, inner = (num_n, count) if heads_outer else (count, num_n)
-        # Phase 1, statistics in their memory order: M, a_k, L and w_k, recomputed from lane 0 of the parts.
+        # Phase 1, statistics in their memory order: M, a_k, L and w_k per lane (lanes merge one by one).
         for a in range(outer):
             for b in range(inner):
                 i, n = (b, a) if heads_outer else (a, b)
                 at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
-                r = i * num_n + n
-                got_m = _lane0(m_bufs, m_cols, at[0], at[1], at[2])
-                got_l = _lane0(l_bufs, l_cols, at[0], at[1], at[2])
-                new_max = neg_inf
-                for k in range(parts):
-                    m = _part_max(got_m[k], lse_form, scale, like)
-                    maxima[k] = m
-                    if m > new_max or m != m:  # NaN propagates
-                        new_max = m
-                all_empty = new_max == neg_inf
-                shift = zero if all_empty else new_max  # all parts empty: exp(-inf - 0) = 0, never NaN
-                new_sum = zero
-                for k in range(parts):
-                    decay = np.exp(maxima[k] - shift)
-                    scaled = decay
-                    if not lse_form:
-                        scaled *= _compute(got_l[k], like)
-                    rows[r, parts + k], rows[r, 2 * parts + k] = scaled, decay
-                    new_sum = scaled if k == 0 else new_sum + scaled
-                inv_sum = zero if all_empty else one / new_sum
-                ties = zero  # the max is shared equally by tied parts (torch.maximum's rule)
-                for k in range(parts):
-                    ties += one if maxima[k] == new_max else zero
-                for k in range(parts):
-                    rows[r, k] = rows[r, parts + k] * inv_sum
-                    rows[r, 3 * parts + k] = (one if maxima[k] == new_max else zero) / ties
-                rows[r, 4 * parts], rows[r, 4 * parts + 1] = new_sum, inv_sum
-        # Phase 2, attention order: do_k = w_k g and d_k = <g, o_k>, one pass over D per part.
-        _dots_phase(
-            grad_o, grad_strides[2:], o_bufs, o_strides, do_bufs, do_strides, token_p, token_q, num_n, dim, rows, dots
-        )
-        # Phase 3, statistics in their memory order; each output lane held the same statistic, so its gradient is
-        # the lane sum of the incoming one.
-        for a in range(outer):
-            for b in range(inner):
-                i, n = (b, a) if heads_outer else (a, b)
-                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
-                r = i * num_n + n
-                mean_dot = zero  # <g, o>, recomputed from the parts
-                for k in range(parts):
-                    mean_dot = rows[r, k] * dots[r, k] if k == 0 else mean_dot + rows[r, k] * dots[r, k]
-                g_m = _lane_sum(grad_ms[0], grad_cols, 0, at, lanes_in, like)
-                if lse_form:
+                for c in range(lanes):
+                    r = (i * num_n + n) * lanes + c
+                    new_max = neg_inf
                     for k in range(parts):
-                        values[k] = rows[r, k] * (scale * (dots[r, k] - mean_dot) + g_m)
-                    _write_lane0(dm_bufs, dm_cols, at, values, lanes_out)
-                    continue
-                g_l = _lane_sum(grad_ms[1], grad_cols, 1, at, lanes_in, like)
-                new_sum, inv_sum = rows[r, 4 * parts], rows[r, 4 * parts + 1]
-                max_grad = g_m - new_sum * g_l
-                for k in range(parts):
-                    values[k] = ((dots[r, k] - mean_dot) * inv_sum + g_l) * rows[r, 2 * parts + k]
-                _write_lane0(dl_bufs, dl_cols, at, values, lanes_out)
-                for k in range(parts):
-                    dm = rows[r, k] * (dots[r, k] - mean_dot) + rows[r, parts + k] * g_l
-                    values[k] = dm + rows[r, 3 * parts + k] * max_grad
-                _write_lane0(dm_bufs, dm_cols, at, values, lanes_out)
+                        raw = m_bufs[k][_at(m_cols, k, at[0], at[1], at[2]) + np.uint64(c * m_cols[3][k])]
+                        m = _part_max(raw, lse_form, scale, like)
+                        maxima[k] = m
+                        empty = m == neg_inf
+                        if not lse_form:
+                            l_at = _at(l_cols, k, at[0], at[1], at[2]) + np.uint64(c * l_cols[3][k])
+                            s = _compute(l_bufs[k][l_at], like)
+                            empty = empty and s == zero
+                            rows[r, parts + k] = s
+                        rows[r, 4 * parts + k] = one if empty else zero
+                        if m > new_max or m != m:  # NaN propagates
+                            new_max = m
+                    all_empty = new_max == neg_inf
+                    shift = zero if all_empty else new_max  # all parts empty: exp(-inf - 0) = 0, never NaN
+                    new_sum = zero
+                    for k in range(parts):
+                        decay = np.exp(maxima[k] - shift)
+                        scaled = decay
+                        if not lse_form:
+                            scaled *= rows[r, parts + k]
+                        rows[r, parts + k], rows[r, 2 * parts + k] = scaled, decay
+                        new_sum = scaled if k == 0 else new_sum + scaled
+                    inv_sum = zero if all_empty else one / new_sum
+                    ties = zero  # the max is shared equally by tied non-empty parts (torch.maximum's rule)
+                    for k in range(parts):
+                        ties += one if (maxima[k] == new_max and rows[r, 4 * parts + k] == zero) else zero
+                    ties = max(ties, one)
+                    for k in range(parts):
+                        rows[r, k] = rows[r, parts + k] * inv_sum
+                        tied = maxima[k] == new_max and rows[r, 4 * parts + k] == zero
+                        rows[r, 3 * parts + k] = (one if tied else zero) / ties
+                    rows[r, 5 * parts], rows[r, 5 * parts + 1] = new_sum, inv_sum
+        # Phase 2, attention order: do_k = w_k g and d_k = <g, o_k> per lane.
+        _dots_phase(
+            grad_o, grad_strides[2:], o_bufs, o_strides, do_bufs, do_strides, token_p, token_q, num_n, dim, lanes,
+            rows, dots,
+        )  # fmt: skip
+        # Phase 3, statistics in their memory order: lane c of each part's statistics gets lane c's gradient; an
+        # empty part's is 0.
+        for a in range(outer):
+            for b in range(inner):
+                i, n = (b, a) if heads_outer else (a, b)
+                at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
+                for c in range(lanes):
+                    r = (i * num_n + n) * lanes + c
+                    mean_dot = zero  # <g, o> over the lane's elements, recomputed from the parts
+                    for k in range(parts):
+                        mean_dot = rows[r, k] * dots[r, k] if k == 0 else mean_dot + rows[r, k] * dots[r, k]
+                    g_m = _lane_gradient(grad_ms[0], grad_cols, 0, at, lanes_in, c, lanes, like)
+                    g_l = zero if lse_form else _lane_gradient(grad_ms[1], grad_cols, 1, at, lanes_in, c, lanes, like)
+                    new_sum, inv_sum = rows[r, 5 * parts], rows[r, 5 * parts + 1]
+                    max_grad = g_m - new_sum * g_l
+                    for k in range(parts):
+                        empty = rows[r, 4 * parts + k] != zero
+                        dm_at = _at(dm_cols, k, at[0], at[1], at[2]) + np.uint64(c * dm_cols[3][k])
+                        if lse_form:
+                            dx = rows[r, k] * (scale * (dots[r, k] - mean_dot) + g_m)
+                            dm_bufs[k][dm_at] = zero if empty else dx
+                            for lane in range(1, lanes_out):  # the LSE form reads lane 0 only
+                                dm_bufs[k][dm_at + np.uint64(lane * dm_cols[3][k])] = zero
+                            continue
+                        dl = ((dots[r, k] - mean_dot) * inv_sum + g_l) * rows[r, 2 * parts + k]
+                        dm = rows[r, k] * (dots[r, k] - mean_dot) + rows[r, parts + k] * g_l
+                        dm = dm + rows[r, 3 * parts + k] * max_grad
+                        dl_bufs[k][_at(dl_cols, k, at[0], at[1], at[2]) + np.uint64(c * dl_cols[3][k])] = (
+                            zero if empty else dl
+                        )
+                        dm_bufs[k][dm_at] = zero if empty else dm
 
 
 def merge_rows_backward(
@@ -316,11 +302,12 @@ def merge_rows_backward(
         in the caller's base with ``grad_l`` None (LSE form). Each is summed over its lanes.
     parts_o, parts_m, parts_l, row_map, lse_scale : exactly the forward's inputs (Note [row merge]): K >= 1
         parts ``(P, Q, N, D)`` float16 / bfloat16 / float32 / float64, any strides (zero strides included);
-        statistics float32 (float64 allowed with float64 parts), only lane 0 read; ``parts_l`` None for the LSE
+        statistics float32 (float64 allowed with float64 parts), lane by lane; ``parts_l`` None for the LSE
         form, whose natural log is ``lse * lse_scale`` (``ln 2`` for base 2) and where ``+inf`` reads as empty.
     grad_parts_o : K CPU tensors shaped like ``parts_o``, their dtype: receive ``w_k g``, rounded once.
     grad_parts_m, grad_parts_l : K CPU tensors shaped like ``parts_m`` (``grad_parts_l`` None in LSE form), the
-        statistics' dtype: receive the row's gradient in lane 0 and 0 in every other lane.
+        statistics' dtype: receive each lane's gradient (from the output elements ``d % lanes == lane`` and
+        the lanes of the merged statistics holding that lane); 0 for a part empty in that lane.
 
     Outputs must not overlap inputs or each other. Arithmetic is float32 (float64 for float64 parts). Empty parts
     get zero gradients; rows empty in every part give finite gradients (``dm_k = g_m / K``); NaN inputs give NaN.
@@ -329,6 +316,7 @@ def merge_rows_backward(
     lse_form = parts_l is None
     row_base, row_step = (_NO_ROW_MAP, _NO_ROW_MAP) if row_map is None else (t.numpy() for t in row_map)
     (num_p, num_q, num_n, dim), lanes_in, lanes_out = grad_o.shape, grad_m.shape[-1], parts_m[0].shape[-1]
+    lanes = 1 if lse_form else lanes_out  # the LSE form: one LSE per row, lane 0
     if num_p * num_q * num_n == 0:
         return
     l_list = parts_m if lse_form else parts_l
@@ -357,7 +345,7 @@ def merge_rows_backward(
         _strides(grad_parts_m),
         flats(dl_list),
         _strides(dl_list),
-        np.array((num_p, num_q, num_n, dim, lanes_in, lanes_out), dtype=np.int64),
+        np.array((num_p, num_q, num_n, dim, lanes_in, lanes, lanes_out), dtype=np.int64),
         np.ascontiguousarray(row_base, dtype=np.int64),
         np.ascontiguousarray(row_step, dtype=np.int64),
         heads_outer(parts_m, row_map),

@@ -133,7 +133,8 @@ def _launch_merge_rows(
     if num_rows == 0:
         return
     default_rows, default_d = _block_sizes(D, len(parts_o), out_o.element_size())
-    block_rows, block_d = block_rows or default_rows, block_d or default_d
+    lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]  # the LSE form reads lane 0 (one LSE per row)
+    block_rows, block_d = block_rows or default_rows, max(block_d or default_d, lanes_in)
     lanes = out_m.shape[-1]
     is_lse = parts_l is None
     assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
@@ -144,9 +145,9 @@ def _launch_merge_rows(
             tuple(parts_o),
             tuple(o.stride() for o in parts_o),
             tuple(parts_m),
-            tuple(m.stride()[:3] for m in parts_m),
+            tuple(m.stride() for m in parts_m),
             None if is_lse else tuple(parts_l),
-            None if is_lse else tuple(s.stride()[:3] for s in parts_l),
+            None if is_lse else tuple(s.stride() for s in parts_l),
             out_o,
             out_o.stride(),
             out_m,
@@ -168,6 +169,7 @@ def _launch_merge_rows(
             BLOCK_ROWS=block_rows,
             BLOCK_D=block_d,
             BLOCK_LANES=triton.next_power_of_2(lanes),
+            LANES_IN=lanes_in,
             ONE_CHUNK=D <= block_d,
             num_warps=num_warps,
             # SPEC section 3 rounds two products, then adds: no fused multiply-add.
@@ -197,11 +199,13 @@ def _launch_merge_rows_backward(
         return
     k = len(parts_o)
     default_rows, default_d = _block_sizes(D, k + 1, grad_o.element_size())
-    block_rows, block_d = block_rows or default_rows, block_d or default_d
+    lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]  # the LSE form reads lane 0 (one LSE per row)
+    lanes = grad_parts_m[0].shape[-1]
+    block_rows, block_d = block_rows or default_rows, max(block_d or default_d, lanes_in)
     is_lse = parts_l is None
     assert is_lse == (grad_l is None) == (grad_parts_l is None), "the LSE form has no parts_l, grad_l, grad_parts_l"
     assert is_lse or grad_l.shape == grad_m.shape, "grad_l is shaped like grad_m"
-    grad_lanes, lanes = grad_m.shape[-1], grad_parts_m[0].shape[-1]
+    grad_lanes = grad_m.shape[-1]
     row_base, row_step = _row_map_args(row_map, Q)
     with _device_guard(grad_o):
         _merge_rows_backward_kernel[(triton.cdiv(num_rows, block_rows),)](
@@ -214,9 +218,9 @@ def _launch_merge_rows_backward(
             tuple(parts_o),
             tuple(o.stride() for o in parts_o),
             tuple(parts_m),
-            tuple(m.stride()[:3] for m in parts_m),
+            tuple(m.stride() for m in parts_m),
             None if is_lse else tuple(parts_l),
-            None if is_lse else tuple(s.stride()[:3] for s in parts_l),
+            None if is_lse else tuple(s.stride() for s in parts_l),
             tuple(grad_parts_o),
             tuple(t.stride() for t in grad_parts_o),
             tuple(grad_parts_m),
@@ -241,9 +245,17 @@ def _launch_merge_rows_backward(
             BLOCK_K=triton.next_power_of_2(k),
             BLOCK_GRAD_LANES=triton.next_power_of_2(grad_lanes),
             BLOCK_LANES=triton.next_power_of_2(lanes),
+            LANES_IN=lanes_in,
             num_warps=4,
             enable_fp_fusion=False,  # the same products and sums as the torch backend, no contraction
         )
+
+
+def _lanes_fused(parts_m: Sequence[torch.Tensor], lanes_out: int, is_lse: bool) -> bool:
+    """Whether the kernels take these lane counts: the LSE form (lane 0 read) or the stats form's lanes a power of
+    two (Ascend's 8) matched by the merged statistic's lanes. Anything else runs on the ``torch`` backend."""
+    lanes = parts_m[0].shape[-1]
+    return is_lse or (lanes == lanes_out and lanes & (lanes - 1) == 0 and lanes <= _MAX_BLOCK_D)
 
 
 def merge_rows(
@@ -263,7 +275,8 @@ def merge_rows(
     ----------
     parts_o : K tensors ``(P, Q, N, D)``, one dtype of float16, bfloat16, float32 (float64: see below)
         Partial outputs, each normalised over its own keys; any strides.
-    parts_m : K tensors ``(P, Q, N, lanes)``, float32, any strides; lane 0 is read
+    parts_m : K tensors ``(P, Q, N, lanes)``, float32, any strides; merged lane by lane (output element ``d``
+        uses lane ``d % lanes``; an empty part's output is not read: Note [row merge])
         Stats form: row maximum of the scaled scores. LSE form (``parts_l`` None): log-sum-exp that is in
         natural log after multiplying by ``lse_scale`` (``ln 2`` for base-2 producers); ``+inf`` reads as
         ``-inf`` (an empty row of old FlashAttention).
@@ -284,7 +297,11 @@ def merge_rows(
     float64 or more than ``MAX_PARTS`` parts run on the ``torch`` backend. Asynchronous on CUDA: no host
     synchronisation, capturable in a CUDA graph.
     """
-    if out_o.dtype not in _KERNEL_DTYPES or len(parts_o) > MAX_PARTS:
+    if (
+        out_o.dtype not in _KERNEL_DTYPES
+        or len(parts_o) > MAX_PARTS
+        or not _lanes_fused(parts_m, out_m.shape[-1], parts_l is None)
+    ):
         torch_eager.merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map=row_map, lse_scale=lse_scale)
         return
     _launch_merge_rows(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale)
@@ -315,13 +332,14 @@ def merge_rows_backward(
         summed over its lanes (the forward writes one value to every lane).
     grad_l : like ``grad_m`` (stats form: gradient of the merged sum), or None (LSE form)
     parts_o, parts_m, parts_l, row_map, lse_scale
-        Exactly the forward's inputs (:func:`merge_rows`); lane 0 of the statistics is read. The merged ``M``,
+        Exactly the forward's inputs (:func:`merge_rows`), every lane read. The merged ``M``,
         ``L`` and weights are recomputed from them, so the forward's outputs are not needed.
     grad_parts_o : K tensors ``(P, Q, N, D)``, the parts' dtype, any strides
         Written: ``w_k * grad_o``, computed in float32 and rounded once.
     grad_parts_m, grad_parts_l : K tensors ``(P, Q, N, lanes)`` each, float32, any strides (``grad_parts_l`` None
         in the LSE form)
-        Written: the row's gradient of ``m_k`` (LSE form: of the caller-base LSE) and of ``l_k`` in lane 0, and 0
+        Written: each lane's gradient of ``m_k`` (LSE form: of the caller-base LSE) and of ``l_k``; 0 for a part
+        empty in that lane (the gradient of an empty part's output is 0 too), and 0
         in the other lanes. With ``row_map`` they are raw per-batch ``(T, 1, N, lanes)`` views, as in the forward.
 
     Ties of the maximum share its gradient equally; empty parts (max ``-inf``, LSE ``+-inf``) get zero gradients;
@@ -330,7 +348,8 @@ def merge_rows_backward(
     float64 or more than ``MAX_PARTS`` parts run on the ``torch`` backend. Asynchronous on CUDA: no host
     synchronisation, capturable in a CUDA graph.
     """
-    if parts_o[0].dtype not in _KERNEL_DTYPES or len(parts_o) > MAX_PARTS:
+    fused = _lanes_fused(parts_m, grad_m.shape[-1], parts_l is None)
+    if parts_o[0].dtype not in _KERNEL_DTYPES or len(parts_o) > MAX_PARTS or not fused:
         torch_eager.merge_rows_backward(
             grad_o,
             grad_m,

@@ -16,7 +16,7 @@ their ``D`` columns in ``BLOCK_D`` chunks, so it holds a ``BLOCK_ROWS x BLOCK_D`
 (token, head), as vLLM's merge does, leaves most of the GPU idle on launch and scheduling overhead. For
 each row the program
 
-1. reads lane 0 of every part's statistics (through ``row_map`` for per-batch TND statistics: row
+1. reads every lane of every part's statistics (through ``row_map`` for per-batch TND statistics: row
    ``rr = row_base[t] + n * row_step[t]`` lives at ``[rr // N, 0, rr % N]``), and forms the maximum;
 2. per ``D`` chunk, accumulates ``o_k * (w_k / L)`` in float32 (weights recomputed from the statistics,
    which are L1 hits) and rounds once (to nearest even) into ``out_o``. FMA contraction is disabled at
@@ -57,7 +57,7 @@ tiles, sharing the forward's helpers (``_tile_rows``, ``_part_stats``, ``_part_s
 ``_store_lanes``), so the forward and backward cannot disagree about which statistics row, which empty rule or
 which weight a row has. Per row tile it
 
-1. reads lane 0 of the K parts' statistics and recomputes ``M``, ``L``, ``1 / L`` and ``w_k = a_k / L`` exactly
+1. reads the K parts' statistics (every lane) and recomputes ``M``, ``L``, ``1 / L`` and ``w_k = a_k / L`` exactly
    as the ``torch`` backend's backward does (``a_k * (1 / L)``, the same order of sums), so the two differ only
    by the order of the dot products' float32 sums and by ``exp``;
 2. walks ``D`` once: per chunk it loads ``g`` and each ``o_k`` once, adds ``<g, o_k>`` to column ``k`` of a
@@ -65,7 +65,15 @@ which weight a row has. Per row tile it
    dtype. ``do_k`` needs only the statistics, not the dots, so no second pass re-reads ``g`` even when ``D``
    spans several chunks (the two-pass plan in Note [row merge backward] is not needed);
 3. reduces ``<g, o> = sum_k w_k d_k``, sums ``grad_m`` (and ``grad_l``) over their lanes, and writes
-   ``dm_k`` (and ``dl_k``, or the LSE form's ``dx_k``) to lane 0 and 0 to the other lanes.
+   ``dm_k`` (and ``dl_k``, or the LSE form's ``dx_k``) lane by lane; 0 for an empty part.
+
+Lanes. Statistics are ``[BLOCK_ROWS, LANES_IN]`` tiles (``LANES_IN`` 8 in the stats form, 1 in the LSE form), so
+every lane merges on its own. Element ``d`` of a row takes lane ``d % LANES_IN``: the per-lane weights become a
+``[BLOCK_ROWS, BLOCK_D]`` tile by a broadcast to ``[BLOCK_ROWS, BLOCK_D // LANES_IN, LANES_IN]`` and a reshape
+(``_spread``, no gather; ``BLOCK_D >= LANES_IN``), and the backward's per-lane dots are the adjoint reshape and sum
+(``_fold``). An empty part (max ``-inf`` and sum 0, or an LSE of ``+-inf``) is selected out per element, not
+multiplied by zero: ``-0.0`` is added instead, the identity of ``+``, so NaN or garbage in its output never
+reaches the merge.
 
 Bytes per row, ``K`` parts of ``D`` elements of ``e`` bytes, statistics in 32-byte sectors: read
 ``(K + 1) D e`` (``g`` and the parts) plus ``K`` (stats form ``2K``) statistic sectors and 1 (2) incoming
@@ -121,20 +129,48 @@ def _tile_rows(
 
 
 @triton.jit
+def _spread(per_lane, BLOCK_D: tl.constexpr):
+    """``[rows, LANES]`` -> ``[rows, BLOCK_D]``: column ``d`` takes lane ``d % LANES`` (``BLOCK_D`` a multiple of
+    ``LANES``, chunks start at multiples of ``BLOCK_D``), as a broadcast and a reshape, no gather."""
+    rows: tl.constexpr = per_lane.shape[0]
+    lanes: tl.constexpr = per_lane.shape[1]
+    wide = tl.broadcast_to(tl.expand_dims(per_lane, 1), (rows, BLOCK_D // lanes, lanes))
+    return tl.reshape(wide, (rows, BLOCK_D))
+
+
+@triton.jit
+def _fold(values, LANES: tl.constexpr):
+    """``[rows, BLOCK_D]`` -> ``[rows, LANES]``: lane ``j`` sums the columns ``d`` with ``d % LANES == j`` (the
+    adjoint of :func:`_spread`)."""
+    rows: tl.constexpr = values.shape[0]
+    width: tl.constexpr = values.shape[1]
+    return tl.sum(tl.reshape(values, (rows, width // LANES, LANES)), axis=1)
+
+
+@triton.jit
 def _part_stats(
-    parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
-):
-    """(max, sum) of part ``k`` at stats rows (sp, sq, sn). LSE form: ``(lse * lse_scale, 1)``, ``+inf`` empty."""
-    m_off = sp * m_strides[k][0] + sq * m_strides[k][1] + sn * m_strides[k][2]
-    m = tl.load(parts_m[k] + m_off, mask=mask, other=float("-inf")).to(tl.float32)
+    parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale,
+    LANES_IN: tl.constexpr,
+):  # fmt: skip
+    """``(max, sum, empty)`` of part ``k`` at stats rows (sp, sq, sn), ``[rows, LANES_IN]`` tiles (every lane on its
+    own). LSE form (one lane): ``(lse * lse_scale, 1)``; ``+inf`` and ``-inf`` are empty. Stats form: empty where
+    max is ``-inf`` and sum 0."""
+    lanes = tl.arange(0, LANES_IN)
+    tile_mask = mask[:, None] & (lanes < LANES_IN)[None, :]
+    m_off = (sp * m_strides[k][0] + sq * m_strides[k][1] + sn * m_strides[k][2])[:, None] + lanes[None, :] * m_strides[
+        k
+    ][3]
+    m = tl.load(parts_m[k] + m_off, mask=tile_mask, other=float("-inf")).to(tl.float32)
     if IS_LSE:
         m = m * lse_scale
+        empty = (m == float("inf")) | (m == float("-inf"))
         m = tl.where(m == float("inf"), float("-inf"), m)  # old FlashAttention's empty rows
         l = tl.full(m.shape, 1.0, tl.float32)
     else:
-        l_off = sp * l_strides[k][0] + sq * l_strides[k][1] + sn * l_strides[k][2]
-        l = tl.load(parts_l[k] + l_off, mask=mask, other=0.0).to(tl.float32)
-    return m, l
+        l_off = (sp * l_strides[k][0] + sq * l_strides[k][1] + sn * l_strides[k][2])[:, None]
+        l = tl.load(parts_l[k] + l_off + lanes[None, :] * l_strides[k][3], mask=tile_mask, other=0.0).to(tl.float32)
+        empty = (m == float("-inf")) & (l == 0.0)
+    return m, l, empty
 
 
 @triton.jit
@@ -150,51 +186,61 @@ def _part_scale(
     mask,
     IS_LSE: tl.constexpr,
     lse_scale,
+    LANES_IN: tl.constexpr,
     shift,
 ):
-    """``(m_k, exp(m_k - shift), a_k = l_k exp(m_k - shift))`` of part ``k``; 0, 0 for an empty part."""
-    m, l = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale)
+    """``(m_k, exp(m_k - shift), a_k = l_k exp(m_k - shift), empty_k)`` of part ``k`` per lane; 0, 0 for an empty
+    part."""
+    m, l, empty = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, LANES_IN)
     decay = tl.exp(m - shift)
-    return m, decay, l * decay
+    return m, decay, l * decay, empty
 
 
 @triton.jit
 def _merged_stats(
-    parts_m, m_strides, parts_l, l_strides, K: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale
-):
-    """``(M, all_empty, shift, L)`` of the K parts (Note [row merge]): ``shift`` is ``M``, or 0 where every part
-    is empty, so that the weights of such rows are 0 instead of NaN (SPEC section 7)."""
-    new_max = tl.full(sp.shape, float("-inf"), tl.float32)
+    parts_m, m_strides, parts_l, l_strides, K: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale,
+    LANES_IN: tl.constexpr,
+):  # fmt: skip
+    """``(M, all_empty, shift, L)`` of the K parts per lane, ``[rows, LANES_IN]`` (Note [row merge]): ``shift`` is
+    ``M``, or 0 where every part is empty, so that the weights of such lanes are 0 instead of NaN."""
+    new_max = tl.full((sp.shape[0], LANES_IN), float("-inf"), tl.float32)
     for k in tl.static_range(K):
-        m, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale)
+        m, _, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, LANES_IN)
         new_max = tl.maximum(new_max, m, propagate_nan=tl.PropagateNan.ALL)
     all_empty = new_max == float("-inf")
     shift = tl.where(all_empty, 0.0, new_max)
-    new_sum = tl.zeros(sp.shape, tl.float32)
+    new_sum = tl.zeros((sp.shape[0], LANES_IN), tl.float32)
     for k in tl.static_range(K):
-        _, _, a = _part_scale(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, shift)
+        _, _, a, _ = _part_scale(
+            parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, LANES_IN, shift
+        )
         new_sum += a
     return new_max, all_empty, shift, new_sum
 
 
 @triton.jit
 def _store_lanes(ptr, strides, sp, sq, sn, lanes, value, mask, LANE0_ONLY: tl.constexpr):
-    """Write the row values ``value`` to every lane of the stats rows (sp, sq, sn), or (``LANE0_ONLY``) to
+    """Write ``value`` (``[rows, LANES_IN]``: one lane broadcast to all, or one value per lane) to the stats rows
+    (sp, sq, sn): output lane ``c`` takes lane ``c % LANES_IN``; or (``LANE0_ONLY``, the LSE form's gradients) to
     lane 0 and 0 to the other lanes."""
     dst = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
-    tile = tl.broadcast_to(value[:, None], mask.shape)
+    tile = tl.broadcast_to(value, mask.shape)
     if LANE0_ONLY:
         tile = tl.where(lanes[None, :] == 0, tile, 0.0)
     tl.store(ptr + dst, tile.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _lane_sum(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.constexpr):
-    """Sum over the lanes of the stats rows (sp, sq, sn), in float32."""
+def _lane_grads(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.constexpr, LANES_IN: tl.constexpr):
+    """The incoming gradient of a merged statistic per merged lane, ``[rows, LANES_IN]`` in float32: lane ``j`` sums
+    the output lanes ``c`` with ``c % LANES_IN == j`` (all of them for one lane; itself for ``LANES_IN`` lanes)."""
     lanes = tl.arange(0, BLOCK_LANES)
     mask = row_mask[:, None] & (lanes < LANES)[None, :]
     src = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
-    return tl.sum(tl.load(ptr + src, mask=mask, other=0.0).to(tl.float32), axis=1)
+    tile = tl.load(ptr + src, mask=mask, other=0.0).to(tl.float32)
+    if LANES_IN == 1:
+        return tl.sum(tile, axis=1, keep_dims=True)
+    return tile
 
 
 @triton.jit
@@ -211,10 +257,12 @@ def _merge_chunk(
     lse_scale,
     K: tl.constexpr,
     IS_LSE: tl.constexpr,
+    LANES_IN: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Columns ``[d0, d0 + BLOCK_D)`` of the tile's merged rows: ``sum_k o_k * (a_k / L)``, rounded once."""
+    """Columns ``[d0, d0 + BLOCK_D)`` of the tile's merged rows: ``sum_k o_k * (a_k / L)`` with the weights of lane
+    ``d % LANES_IN``, rounded once; an empty part's ``o_k`` is not read (a select of -0.0, the identity of +)."""
     p, q, n, sp, sq, sn, row_mask = rows
     all_empty, shift, safe_sum = merged
     cols = d0 + tl.arange(0, BLOCK_D)
@@ -222,11 +270,11 @@ def _merge_chunk(
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
     for k in tl.static_range(K):
         # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
-        _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
-        weight = tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum))
+        _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+        weight = _spread(tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum)), BLOCK_D)
         o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
         o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
-        acc += o.to(tl.float32) * weight[:, None]
+        acc += tl.where(_spread(empty, BLOCK_D), -0.0, o.to(tl.float32) * weight)
     dst = p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2]
     dst = dst[:, None] + cols[None, :] * out_o_strides[3]
     tl.store(out_o + dst, acc.to(out_o.dtype.element_ty), mask=tile_mask)
@@ -236,8 +284,8 @@ def _merge_chunk(
 def _merge_rows_kernel(
     parts_o,  # K pointers to [P, Q, N, D]
     o_strides,  # K tuples of (P, Q, N, D) strides
-    parts_m,  # K pointers to [P, Q, N, lanes] (raw [T, 1, N, lanes] with a row map); lane 0 read
-    m_strides,  # K tuples of (P, Q, N) strides
+    parts_m,  # K pointers to [P, Q, N, LANES_IN] (raw [T, 1, N, LANES_IN] with a row map)
+    m_strides,  # K tuples of (P, Q, N, lane) strides
     parts_l,  # like parts_m; None in the LSE form
     l_strides,
     out_o,  # [P, Q, N, D]
@@ -261,23 +309,24 @@ def _merge_rows_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_LANES: tl.constexpr,
+    LANES_IN: tl.constexpr,  # lanes of the parts' statistics: 1 (LSE) or 8 (Ascend), a power of 2 <= BLOCK_D
     ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D
 ):
     # Note [triton row tiles].
     row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
     stats = (parts_m, m_strides, parts_l, l_strides)
-    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
-    safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty rows are 0: no 0 / 0 on the way
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN)
+    safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty lanes are 0: no 0 / 0 on the way
 
     rows = (p, q, n, sp, sq, sn, row_mask)
     merged = (all_empty, shift, safe_sum)
     if ONE_CHUNK:  # straight-line code: the compiler can issue the o_k loads before the statistics' arithmetic
         _merge_chunk(0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
-                     BLOCK_ROWS, BLOCK_D)  # fmt: skip
+                     LANES_IN, BLOCK_ROWS, BLOCK_D)  # fmt: skip
     else:
         for d0 in range(0, D, BLOCK_D):
             _merge_chunk(d0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
-                         BLOCK_ROWS, BLOCK_D)  # fmt: skip
+                         LANES_IN, BLOCK_ROWS, BLOCK_D)  # fmt: skip
 
     lanes = tl.arange(0, BLOCK_LANES)
     lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
@@ -291,27 +340,27 @@ def _merge_rows_kernel(
 
 @triton.jit
 def _column(tile, k):
-    """Column ``k`` of a ``[rows, columns]`` tile (a per-part accumulator indexed by a compile-time ``k``)."""
-    return tl.sum(tl.where(tl.arange(0, tile.shape[1])[None, :] == k, tile, 0.0), axis=1)
+    """Column ``k`` of a ``[rows, columns, lanes]`` tile (a per-part accumulator indexed by a compile-time ``k``)."""
+    return tl.sum(tl.where(tl.arange(0, tile.shape[1])[None, :, None] == k, tile, 0.0), axis=1)
 
 
 @triton.jit(do_not_specialize=["num_rows", "Q", "N"])
 def _merge_rows_backward_kernel(
     grad_o,  # [P, Q, N, D]: dJ/d out_o
     grad_o_strides,
-    grad_m,  # [P, Q, N, GRAD_LANES]: dJ/d out_m (max, or LSE in the caller's base), summed over lanes
+    grad_m,  # [P, Q, N, GRAD_LANES]: dJ/d out_m (max, or LSE in the caller's base)
     grad_m_strides,  # (P, Q, N, lane)
     grad_l,  # like grad_m: dJ/d out_l; None in the LSE form
     grad_l_strides,
     parts_o,  # K pointers to [P, Q, N, D]
     o_strides,  # K tuples of (P, Q, N, D) strides
-    parts_m,  # K pointers to [P, Q, N, lanes] (raw [T, 1, N, lanes] with a row map); lane 0 read
-    m_strides,  # K tuples of (P, Q, N) strides
+    parts_m,  # K pointers to [P, Q, N, LANES_IN] (raw [T, 1, N, LANES_IN] with a row map)
+    m_strides,  # K tuples of (P, Q, N, lane) strides
     parts_l,  # like parts_m; None in the LSE form
     l_strides,
     grad_parts_o,  # K pointers to [P, Q, N, D], the parts' dtype
     grad_parts_o_strides,  # K tuples of (P, Q, N, D) strides
-    grad_parts_m,  # K pointers to [P, Q, N, LANES]: the row's gradient in lane 0, 0 in the others
+    grad_parts_m,  # K pointers to [P, Q, N, LANES]: each lane's gradient (LSE form: lane 0, 0 in the others)
     grad_parts_m_strides,  # K tuples of (P, Q, N, lane) strides
     grad_parts_l,  # like grad_parts_m; None in the LSE form
     grad_parts_l_strides,
@@ -333,19 +382,21 @@ def _merge_rows_backward_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_GRAD_LANES: tl.constexpr,
     BLOCK_LANES: tl.constexpr,
+    LANES_IN: tl.constexpr,  # lanes merged: the stats form's (== LANES), 1 in the LSE form (lane 0)
 ):
-    # Note [triton row tiles] and Note [triton row merge backward]; the formulas are Note [row merge backward].
+    # Note [triton row tiles] and Note [triton row merge backward]; the formulas are Note [row merge backward],
+    # lane by lane: lane j of the statistics meets the elements d with d % LANES_IN == j.
     row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
     stats = (parts_m, m_strides, parts_l, l_strides)
-    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale)
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN)
     # All parts empty: weights 0, never 0 / 0 (the torch backend's rule, mirrored term by term).
     safe_sum = tl.where(all_empty, 1.0, new_sum)
     inv_sum = tl.where(all_empty, 0.0, tl.div_rn(tl.full(new_sum.shape, 1.0, tl.float32), safe_sum))
 
-    # One pass over D: do_k = w_k g needs only the statistics, so it is written while d_k = <g, o_k> is
-    # accumulated; column k of `dots` holds d_k (K is a compile-time count, so no list of accumulators).
+    # One pass over D: do_k = w_k g needs only the statistics, so it is written while d_k = <g, o_k> (per lane) is
+    # accumulated; dots[:, k, :] holds d_k (K is a compile-time count, so no list of accumulators).
     k_ids = tl.arange(0, BLOCK_K)
-    dots = tl.zeros([BLOCK_ROWS, BLOCK_K], tl.float32)
+    dots = tl.zeros([BLOCK_ROWS, BLOCK_K, LANES_IN], tl.float32)
     g_row = p * grad_o_strides[0] + q * grad_o_strides[1] + n * grad_o_strides[2]
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -353,49 +404,47 @@ def _merge_rows_backward_kernel(
         g = tl.load(grad_o + g_row[:, None] + cols[None, :] * grad_o_strides[3], mask=tile_mask, other=0.0)
         g = g.to(tl.float32)
         for k in tl.static_range(K):
-            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+            skip = _spread(empty, BLOCK_D)  # an empty part's o_k is not read; its gradient is 0
             o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
             o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
-            dot = tl.sum(g * o.to(tl.float32), axis=1)
-            dots = tl.where(k_ids[None, :] == k, dots + dot[:, None], dots)  # column k += d_k
+            dot = _fold(tl.where(skip, 0.0, g * o.to(tl.float32)), LANES_IN)
+            dots = tl.where(k_ids[None, :, None] == k, dots + dot[:, None, :], dots)  # dots[:, k] += d_k
             dst = p * grad_parts_o_strides[k][0] + q * grad_parts_o_strides[k][1] + n * grad_parts_o_strides[k][2]
             dst = dst[:, None] + cols[None, :] * grad_parts_o_strides[k][3]
-            tl.store(
-                grad_parts_o[k] + dst,
-                (g * (a * inv_sum)[:, None]).to(grad_parts_o[k].dtype.element_ty),
-                mask=tile_mask,
-            )
+            do = tl.where(skip, 0.0, g * _spread(a * inv_sum, BLOCK_D))
+            tl.store(grad_parts_o[k] + dst, do.to(grad_parts_o[k].dtype.element_ty), mask=tile_mask)
 
-    mean_dot = tl.zeros([BLOCK_ROWS], tl.float32)  # <g, o> = sum_k w_k d_k, from the parts
+    mean_dot = tl.zeros([BLOCK_ROWS, LANES_IN], tl.float32)  # <g, o> = sum_k w_k d_k, from the parts
     for k in tl.static_range(K):
-        _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+        _, _, a, _ = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
         mean_dot += (a * inv_sum) * _column(dots, k)
-    # Every output lane holds the same statistic, so its gradient is the sum over lanes.
-    g_m = _lane_sum(grad_m, grad_m_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES)
+    g_m = _lane_grads(grad_m, grad_m_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES, LANES_IN)
     lanes = tl.arange(0, BLOCK_LANES)
     lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
     if IS_LSE:
         for k in tl.static_range(K):
-            _, _, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
             centred = _column(dots, k) - mean_dot
-            dx = (a * inv_sum) * (lse_scale * centred + g_m)
+            dx = tl.where(empty, 0.0, (a * inv_sum) * (lse_scale * centred + g_m))
             _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dx, lane_mask, True)
     else:
-        g_l = _lane_sum(grad_l, grad_l_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES)
-        # The max is shared equally by tied parts (torch.maximum's rule and the central difference's).
-        tie_count = tl.zeros([BLOCK_ROWS], tl.float32)
+        g_l = _lane_grads(grad_l, grad_l_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES, LANES_IN)
+        # The max is shared equally by tied non-empty parts (torch.maximum's rule and the central difference's).
+        tie_count = tl.zeros([BLOCK_ROWS, LANES_IN], tl.float32)
         for k in tl.static_range(K):
-            m, _ = _part_stats(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale)
-            tie_count += tl.where(m == new_max, 1.0, 0.0)
+            m, _, empty = _part_stats(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN)
+            tie_count += tl.where((m == new_max) & (~empty), 1.0, 0.0)
+        tie_count = tl.maximum(tie_count, 1.0)
         max_grad = g_m - new_sum * g_l
         for k in tl.static_range(K):
-            m, decay, a = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, shift)
+            m, decay, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
             centred = _column(dots, k) - mean_dot
-            dl = (centred * inv_sum + g_l) * decay
-            tie = tl.where(m == new_max, 1.0, 0.0) / tie_count
-            dm = (a * inv_sum) * centred + a * g_l + tie * max_grad
-            _store_lanes(grad_parts_l[k], grad_parts_l_strides[k], sp, sq, sn, lanes, dl, lane_mask, True)
-            _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dm, lane_mask, True)
+            dl = tl.where(empty, 0.0, (centred * inv_sum + g_l) * decay)
+            tie = tl.where((m == new_max) & (~empty), 1.0, 0.0) / tie_count
+            dm = tl.where(empty, 0.0, (a * inv_sum) * centred + a * g_l + tie * max_grad)
+            _store_lanes(grad_parts_l[k], grad_parts_l_strides[k], sp, sq, sn, lanes, dl, lane_mask, False)
+            _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dm, lane_mask, False)
 
 
 @triton.jit(do_not_specialize=["num_batches", "num_tokens", "N", "search_steps"])
