@@ -90,9 +90,9 @@ def layout_base_k_case(pair, base, dtype, k, b, s, n, d, seed, backend):
 # backend, so the full grid runs on the portable backend, which compiles nothing. numba compiles the fused kernel
 # once per (dtype, K), 8-30 s each on 2 cores (more under load): 21 compiles for K = 2..8 x 3 dtypes. The default
 # run takes the fused kernel through every layout and base with the (dtype, K) pairs tests/backends compiles
-# anyway (float32 for K = 2, 3, 5, 16-bit formats for K = 2 and bfloat16 for K = 3), so it adds no compile; the
+# anyway (float32 for K = 2, 3, 16-bit formats for K = 2 and bfloat16 for K = 3), so it adds no compile; the
 # `slow` run (CI's second step) covers every pair.
-FUSED_PAIRS = [(torch.float32, k) for k in (2, 3, 5)] + [(torch.float16, 2), (torch.bfloat16, 2), (torch.bfloat16, 3)]
+FUSED_PAIRS = [(torch.float32, 2), (torch.float32, 3), (torch.float16, 2), (torch.bfloat16, 2), (torch.bfloat16, 3)]
 CASE = dict(
     pair=st.sampled_from(PAIRS),
     base=st.sampled_from(list(BASES)),
@@ -154,10 +154,10 @@ def test_empty_rows_plus_inf_and_nan():
 
 def test_order_and_grouping_do_not_matter():
     gen = torch.Generator().manual_seed(3)
-    o, lse = make_parts(gen, 5, 2, 5, 3, 8, torch.float32)  # K = 5, then 2 + 3 (Note [merge test budget])
+    o, lse = make_parts(gen, 3, 2, 5, 3, 8, torch.float32)  # K = 3, then 2 + 1 (Note [merge test budget])
     parts_o, parts_lse = list(o.unbind(0)), list(lse.unbind(0))
     ref = merge_states(parts_o, [x.permute(0, 2, 1) for x in parts_lse], layout="BSND")
-    perm = torch.randperm(5, generator=gen).tolist()
+    perm = torch.randperm(3, generator=gen).tolist()
     shuffled = merge_states([parts_o[i] for i in perm], [parts_lse[i].permute(0, 2, 1) for i in perm], layout="BSND")
     left = merge_states(parts_o[:2], [x.permute(0, 2, 1) for x in parts_lse[:2]], layout="BSND")
     right = merge_states(parts_o[2:], [x.permute(0, 2, 1) for x in parts_lse[2:]], layout="BSND")
@@ -169,7 +169,7 @@ def test_order_and_grouping_do_not_matter():
 
 def test_stacked_tensor_equals_list_and_single_part_is_identity():
     gen = torch.Generator().manual_seed(4)
-    o, lse = make_parts(gen, 5, 1, 5, 2, 3, torch.float32)  # K = 5: compiled anyway
+    o, lse = make_parts(gen, 3, 1, 5, 2, 3, torch.float32)  # K = 3: compiled anyway
     stacked = merge_states(o[:, 0], lse[:, 0], layout="TND", lse_layout="TN")
     listed = merge_states(list(o[:, 0]), list(lse[:, 0]), layout="TND", lse_layout="TN")
     assert torch.equal(stacked[0], listed[0]) and torch.equal(stacked[1], listed[1])
