@@ -462,6 +462,40 @@ def _same8(buf, base, step):
     )
 
 
+@numba.njit(inline="always", cache=True)
+def _same8_unit(buf, base):
+    """``_same8`` for lanes of unit stride: constant offsets, so LLVM may compare the 8 lanes as one vector."""
+    first = buf[base]
+    return (
+        (buf[base + np.uint64(1)] == first)
+        & (buf[base + np.uint64(2)] == first)
+        & (buf[base + np.uint64(3)] == first)
+        & (buf[base + np.uint64(4)] == first)
+        & (buf[base + np.uint64(5)] == first)
+        & (buf[base + np.uint64(6)] == first)
+        & (buf[base + np.uint64(7)] == first)
+    )
+
+
+def _same8_all(bufs, cols, p, q, n, unit):  # pragma: no cover - numba stub
+    """``_same8`` of statistics row ``(p, q, n)`` in every one of the K buffers, and-ed; ``unit`` (a literal bool):
+    the lanes have unit stride (``_same8_unit``)."""
+
+
+@overload(_same8_all, inline="always")
+def _same8_all_impl(bufs, cols, p, q, n, unit):
+    # Generated for this K, for the reason given in _weighted_sum_impl; straight-line (a branch in an inlined
+    # overload trips a numba SSA warning), so the caller picks the unit-stride variant.
+    if getattr(unit, "literal_value", False):
+        term = "_same8_unit(bufs[{k}], _at(cols, {k}, p, q, n))"
+    else:
+        term = "_same8(bufs[{k}], _at(cols, {k}, p, q, n), np.uint64(cols[3][{k}]))"
+    terms = " & ".join(term.format(k=k) for k in range(len(bufs)))
+    namespace = {"_at": _at, "_same8": _same8, "_same8_unit": _same8_unit, "np": np}
+    exec(f"def same8_all(bufs, cols, p, q, n, unit):\n    return {terms}\n", namespace)  # noqa: S102 - from K only
+    return namespace["same8_all"]
+
+
 @numba.njit(cache=True, error_model="numpy")
 def _row_lanes(m_bufs, m_cols, l_bufs, l_cols, sp, sq, sn, lanes, lse_form, scale, like, weights, empty, merged):
     """The lane-by-lane merge of one statistics row ``(sp, sq, sn)`` (Note [cpu merge kernel], general rows).
@@ -579,6 +613,9 @@ def _merge_rows_kernel(
         # Phase 1: statistics, visited in their memory order, in chunks of _CHUNK_ROWS rows (Note [cpu merge
         # kernel]): gather lane 0 of the parts (A), merge them vectorised over the chunk (B), scatter (C).
         m_cols, l_cols = _columns(m_strides, m_bufs), _columns(l_strides, l_bufs)
+        unit_lanes = True  # every statistics input has lanes of unit stride (Ascend's layout)
+        for k in range(parts):
+            unit_lanes &= m_cols[3][k] == 1 and l_cols[3][k] == 1
         out_cols = _columns(out_strides, (out_m, out_l))
         step_m, step_l = np.uint64(out_cols[3][0]), np.uint64(out_cols[3][1])
         part_m = _scratch(parts * _CHUNK_ROWS, out_o)  # [k * chunk + j]: m_k, then exp(m_k - shift), then w_k / L
@@ -609,11 +646,14 @@ def _merge_rows_kernel(
                             part_l[np.uint64(k) * chunk + j] = _compute(sums[k], out_o)
                     # Rows whose lanes all equal lane 0 (the contract) use lane 0; others go lane by lane.
                     same = True
-                    if lanes_in == 8:
-                        for k in range(parts):
-                            same &= _same8(m_bufs[k], _at(m_cols, k, at[0], at[1], at[2]), np.uint64(m_cols[3][k]))
-                            if not lse_form:
-                                same &= _same8(l_bufs[k], _at(l_cols, k, at[0], at[1], at[2]), np.uint64(l_cols[3][k]))
+                    if lanes_in == 8 and unit_lanes:
+                        same = _same8_all(m_bufs, m_cols, at[0], at[1], at[2], True)
+                        if not lse_form:
+                            same &= _same8_all(l_bufs, l_cols, at[0], at[1], at[2], True)
+                    elif lanes_in == 8:
+                        same = _same8_all(m_bufs, m_cols, at[0], at[1], at[2], False)
+                        if not lse_form:
+                            same &= _same8_all(l_bufs, l_cols, at[0], at[1], at[2], False)
                     elif lanes_in != 1:
                         for k in range(parts):
                             same &= _lanes_same(m_bufs[k], _at(m_cols, k, at[0], at[1], at[2]),

@@ -238,9 +238,7 @@ def _lane_grads(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.const
     mask = row_mask[:, None] & (lanes < LANES)[None, :]
     src = (sp * strides[0] + sq * strides[1] + sn * strides[2])[:, None] + lanes[None, :] * strides[3]
     tile = tl.load(ptr + src, mask=mask, other=0.0).to(tl.float32)
-    if LANES_IN == 1:
-        return tl.sum(tile, axis=1, keep_dims=True)
-    return tile
+    return _fold(tile, LANES_IN)  # BLOCK_LANES is LANES_IN (stats form) or a multiple of it (LSE form: 1)
 
 
 @triton.jit
