@@ -3,13 +3,17 @@
 The interpreter (``TRITON_INTERPRET=1``, how CI runs the kernels) accepts Python that Triton's compiler rejects
 (a starred expression in a tuple, say, which reached a GPU run once); this compiles the real launch paths to
 cubin with ptxas instead. A stand-in driver reports an sm_90 target and every launch becomes a warm-up
-(compile, no launch), so the arguments can be CPU tensors. Prints one line per compiled kernel.
-Run by ``test_triton_compile.py`` in a process without ``TRITON_INTERPRET``.
+(compile, no launch), so the arguments can be CPU tensors. Prints one line per compiled kernel, and one
+``cvt-bf16`` line per kernel that converts float32 to bfloat16, counting its PTX conversions by rounding modifier
+(``cvt.rn.bf16x2.f32``: round to nearest even; ``.rz``: truncation, what the interpreter does). Run by
+``test_triton_compile.py`` in a process without ``TRITON_INTERPRET``.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import sys
 
 import torch
@@ -37,7 +41,10 @@ class _Sm90Driver:
 
 
 compiled: list[str] = []
+conversions: list[str] = []
 _run = JITFunction.run
+# float32 -> bfloat16 in PTX: cvt.<rounding>[.<modifiers>].bf16[x2].f32
+_CVT_BF16 = re.compile(r"\bcvt((?:\.\w+)*?)\.bf16(?:x2)?\.f32\b")
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
@@ -45,6 +52,10 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     cubin = kernel.asm.get("cubin", b"")
     assert cubin, f"{self.fn.__name__}: no cubin"
     compiled.append(f"{self.fn.__name__}: {len(cubin)} bytes of sm_90a cubin")
+    modes = collections.Counter(m.group(1).lstrip(".") or "default" for m in _CVT_BF16.finditer(kernel.asm["ptx"]))
+    if modes:
+        counts = " ".join(f"{mode}={n}" for mode, n in sorted(modes.items()))
+        conversions.append(f"cvt-bf16 {self.fn.__name__}: {counts}")
     return kernel
 
 
@@ -82,5 +93,6 @@ triton_cuda.per_batch_row_map(offsets, 12, 4)  # compiled, not run: its outputs 
 forward_and_backward(2, (12, 1, 4, 64), torch.bfloat16, lse=False, row_map=_row_map(offsets, 12, 4))
 forward_and_backward(3, (16, 1, 4, 320), torch.float16, lse=True)  # LSE form, K = 3, D loops over chunks
 forward_and_backward(8, (16, 1, 2, 40), torch.float32, lse=True, backward=False)
-print("\n".join(compiled))
+forward_and_backward(3, (16, 1, 4, 320), torch.bfloat16, lse=True)  # bfloat16 in the LSE form too
+print("\n".join(compiled + conversions))
 sys.exit(0 if compiled else 1)
