@@ -2,12 +2,13 @@
 
 Note [cold start]
 -----------------
-numba compiles a kernel for each new combination of argument types (dtype, number of parts K, statistics or
-LSE form) on its first call: 10-20 s for a forward merge and 10-30 s for a backward on a 2-core machine
-(longer under load), and 0.3-0.4 s even when numba's disk cache (``cache=True``, in ``backends/__pycache__``)
-already holds it, since loading links LLVM objects. Of a compile (bfloat16, K = 3, 13.5 s), numba's parallel
-(parfor) lowering took 6.7 s, type inference 3.2 s, parfor fusion 1.6 s; LLVM about 5.7 s of those. A PyTorch
-op is expected to answer in milliseconds, so ``backend="auto"`` on CPU never waits for numba:
+numba compiles a kernel for each new combination of argument types (the dtypes and the number of parts K; the
+statistics or LSE form is a run-time flag) on its first call: 10-20 s for a forward merge and 10-30 s for a
+backward on a 2-core machine (longer under load), and 0.3-0.4 s even when numba's disk cache (``cache=True``, in
+``backends/__pycache__``) already holds it, since loading links LLVM objects. Of one compile (bfloat16, K = 3,
+13.5 s), numba's parallel (parfor) lowering took 6.7 s, type inference 3.2 s, parfor fusion 1.6 s; LLVM about
+5.7 s of those. A PyTorch op is expected to answer in milliseconds, so ``backend="auto"`` on CPU never waits
+for numba:
 
 * the first ``auto`` call runs the ``torch`` backend, then has a background thread import the fused module;
 * once the module is imported, a call reaches ``numba_cpu._launch``, which calls :func:`check` with the
