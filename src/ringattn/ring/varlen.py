@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import blocks, checks
-from .attention import RingConfig, RingOptions, _RingAttention, add_slice_gradients, attend_slices
+from .attention import RingConfig, RingOptions, _RingAttention, add_slice_gradients, attend_slices, opaque_to_compile
 from .blocks import ATEN, KERNELS, compute_dtype, resolve_impl
 from .comm import RingComm
 from .schedule import PackedBlock, packed_step_blocks
@@ -153,7 +153,7 @@ def prepare_varlen(
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
 
-@torch.compiler.disable  # Note [ring under torch.compile] in attention.py
+@opaque_to_compile  # Note [ring under torch.compile] in attention.py
 def ring_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ShapeError, expected
-from .attention import RingOptions, _heads_first, prepare, ring_backward, ring_forward
+from .attention import RingOptions, _heads_first, opaque_to_compile, prepare, ring_backward, ring_forward
 from .comm import Pending
 from .schedule import next_rank, packed_local_offsets
 from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
@@ -261,7 +261,7 @@ class _VirtualRing(torch.autograd.Function):
         return (*full, None, None)
 
 
-@torch.compiler.disable  # Note [ring under torch.compile] in attention.py
+@opaque_to_compile  # Note [ring under torch.compile] in attention.py
 def simulate_ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
