@@ -51,13 +51,15 @@ def ring_attention_update(
 ) -> tuple[Any, Any, Any]:
     """Merge two partial FlashAttention results into the attention over the union of their keys.
 
-    A drop-in for ``mindspore.ops.ring_attention_update``. For each (token, head) row,
-    with ``M = max(prev_max, cur_max)``, ``a = prev_sum * exp(prev_max - M)``, ``b = cur_sum * exp(cur_max
-    - M)`` and ``L = a + b``::
+    A drop-in for ``mindspore.ops.ring_attention_update``. For each (token, head) row and each of the 8
+    statistics lanes c (elementwise), with ``M = max(prev_max, cur_max)``, ``a = prev_sum * exp(prev_max - M)``,
+    ``b = cur_sum * exp(cur_max - M)`` and ``L = a + b``::
 
-        attn_out    = prev_attn_out * (a / L) + cur_attn_out * (b / L)   # float32, rounded once
-        softmax_max = M
-        softmax_sum = L
+        softmax_max[c] = M[c];   softmax_sum[c] = L[c]
+        attn_out[d]    = prev_attn_out[d] * (a / L)[d % 8] + cur_attn_out[d] * (b / L)[d % 8]   # float32, rounded once
+
+    Output element d of a row takes the weights of lane ``d % 8``, as the Atlas A2 kernel does; with equal lanes
+    (the contract: FlashAttention writes one value to all 8) every element takes the same weights.
 
     Shape letters: S sequence, B batch, N heads, D head size, H = N * D, T total tokens of a packed batch.
 
@@ -68,7 +70,8 @@ def ring_attention_update(
         same dtype for both.
     prev_softmax_max, cur_softmax_max : Tensor ``(B, N, S, 8)`` (SBH) or ``(T, N, 8)`` (TND), float32
         Row maximum of the *scaled* scores (natural-exponent convention: the softmax is ``exp(s - max)``).
-        The 8 lanes hold the same number (Ascend alignment); lane 0 decides the output weights.
+        The 8 lanes hold the same number by the contract; unequal lanes (as in MindSpore's own example) are
+        merged lane by lane, and output element d takes lane ``d % 8``'s weights.
     prev_softmax_sum, cur_softmax_sum : same shape and dtype as the maxima
         ``sum(exp(s - max))`` over the row's keys. A row that saw no keys is ``(out 0, max -inf, sum 0)``.
         float64 statistics are accepted with float64 attention.
@@ -129,14 +132,17 @@ def ring_attention_update(
     Notes
     -----
     Deviations from the Ascend original: merging two empty rows gives the empty row
-    ``(0, -inf, 0)`` instead of NaN; merging an empty row with x gives x. NaN inputs still give NaN and
-    ``+inf`` statistics follow IEEE arithmetic (NaN weights), as in the original.
+    ``(0, -inf, 0)`` instead of NaN; merging an empty row with x gives x, and an empty part's output (max
+    ``-inf`` with sum 0, per lane) is never read, so NaN or garbage there cannot leak. NaN statistics and NaN
+    in a non-empty part's output still give NaN, and ``+inf`` statistics follow IEEE arithmetic (NaN
+    weights), as in the original.
 
     Differentiable (``torch.autograd``) with respect to all six inputs through a closed-form backward
     (``_backward.py``), and traceable by ``torch.compile(fullgraph=True)``: the merge is the custom op
-    ``torch.ops.ringattn.ring_attention_update``. Gradients treat lane 0 as the row's statistic (the merge reads
-    only lane 0; the other input lanes get gradient 0) and sum the gradients of the 8 output lanes. Where the two
-    maxima are equal the max's gradient is split equally. Empty rows get finite gradients, never NaN.
+    ``torch.ops.ringattn.ring_attention_update``. Gradients follow the lane rule: lane c of each input's
+    statistics receives the gradient of the output elements d with ``d % 8 == c`` and of lane c of the output
+    statistics. Where the two maxima are equal the max's gradient is split equally. An empty part's output gets
+    gradient 0; empty rows get finite gradients, never NaN.
     """
     as_numpy = isinstance(prev_attn_out, np.ndarray)
     values = (prev_attn_out, prev_softmax_max, prev_softmax_sum, cur_attn_out, cur_softmax_max, cur_softmax_sum)
