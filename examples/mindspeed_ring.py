@@ -48,6 +48,23 @@ def send_recv_kv(send_kv: torch.Tensor, recv_kv: torch.Tensor, group=None) -> li
     return dist.batch_isend_irecv(ops_)
 
 
+def ring_steps(k: torch.Tensor, v: torch.Tensor, group=None):
+    """MindSpeed's step loop: yields ``(i, src, k_i, v_i)``, the key/value block of rank ``src = (r - i) mod W`` at
+    step i, with the transfer of the next block posted before the caller computes on this one."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    send_kv = torch.stack([k, v])  # one message per step: [2, ...]
+    cur_kv, recv_kv, requests = send_kv, None, []
+    for i in range(world):
+        if requests:
+            for req in requests:
+                req.wait()
+            cur_kv = recv_kv
+        if i < world - 1:
+            recv_kv = torch.empty_like(send_kv)
+            requests = send_recv_kv(cur_kv, recv_kv, group)
+        yield i, (rank - i) % world, cur_kv[0], cur_kv[1]
+
+
 # -- SBH: q (S_local, B, H), statistics (B, N, S_local, 8) ----------------------------------------------------------
 
 
@@ -64,20 +81,10 @@ def causal_out_update_sbh(prev: tuple, cur: tuple, half: int) -> tuple:
 
 def ring_attention_sbh(q, k, v, head_num: int, *, causal: bool, group=None) -> torch.Tensor:
     """Attention of this rank's queries over every rank's keys/values; ``(S_local, B, H)`` tensors."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     half = q.shape[0] // 2
-    send_kv = torch.stack([k, v])  # one message per step: [2, S_local, B, H_kv]
-    cur_kv, recv_kv, requests, state = send_kv, None, [], None
-    for i in range(world):
-        if requests:
-            for req in requests:
-                req.wait()
-            cur_kv = recv_kv
-        if i < world - 1:
-            recv_kv = torch.empty_like(send_kv)
-            requests = send_recv_kv(cur_kv, recv_kv, group)
-        cur_k, cur_v = cur_kv[0], cur_kv[1]
-        src = (rank - i) % world
+    state = None
+    for i, src, cur_k, cur_v in ring_steps(k, v, group):
         kw = {"layout": "SBH", "head_num": head_num, "stats": "ascend"}
         if not causal:
             cur = ringattn.block_attention(q, cur_k, cur_v, **kw)
@@ -107,7 +114,7 @@ def ring_attention_tnd(q, k, v, local_lengths: list[int], *, causal: bool, group
     """As :func:`ring_attention_sbh` for packed documents: document j holds ``local_lengths[j]`` local tokens
     (its two zigzag chunks when causal). Statistics are token-major (``softmax_layout="TND"``), so the rows of a
     half can be picked with plain indexing, as MindSpeed's ``tnd_out_update`` does."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     cu = _cumulative(local_lengths)
     halves = [n // 2 for n in local_lengths]
     cu_half = _cumulative(halves)
@@ -115,18 +122,8 @@ def ring_attention_tnd(q, k, v, local_lengths: list[int], *, causal: bool, group
     second = torch.cat([torch.arange(a + h, a + 2 * h) for a, h in zip(cu[:-1], halves, strict=True)])
     tnd = {"layout": "TND", "stats": "ascend", "softmax_layout": "TND"}
     upd = {"layout": "TND", "softmax_layout": "TND"}
-    send_kv = torch.stack([k, v])
-    cur_kv, recv_kv, requests, state = send_kv, None, [], None
-    for i in range(world):
-        if requests:
-            for req in requests:
-                req.wait()
-            cur_kv = recv_kv
-        if i < world - 1:
-            recv_kv = torch.empty_like(send_kv)
-            requests = send_recv_kv(cur_kv, recv_kv, group)
-        cur_k, cur_v = cur_kv[0], cur_kv[1]
-        src = (rank - i) % world
+    state = None
+    for i, src, cur_k, cur_v in ring_steps(k, v, group):
         if not causal or i == 0:
             cur = ringattn.block_attention(
                 q, cur_k, cur_v, causal=causal and i == 0, actual_seq_qlen=cu, actual_seq_kvlen=cu, **tnd
