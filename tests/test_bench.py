@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from ringattn import bench
-from ringattn.bench import merge, report, ring
+from ringattn.bench import merge, merge_cli, report, ring
 
 QUICK_CASES = {case.name for case in merge.cases(quick=True)}
 AUTO_PROVIDERS = {"ringattn[auto]", "ringattn[auto] out=", "naive", "copy"}
 # One case, one timed round: for tests that only need the command to complete.
-ONE_CASE = ["--quick", "--layout", "TND", "--dtype", "bf16", "--repeats", "1", "--warmup", "0", "--no-progress"]
+ONE_CASE = ["--quick", "--layout", "TND", "--op", "update", "--dtype", "bf16", "--repeats", "1", "--warmup", "0"]
+ONE_CASE += ["--no-progress"]
 
 
 def test_quick_json_has_every_case_and_provider(tmp_path, capsys):
@@ -27,6 +28,7 @@ def test_quick_json_has_every_case_and_provider(tmp_path, capsys):
     data = json.loads(path.read_text())
     results = data["results"]
     assert {r["case"] for r in results} == QUICK_CASES
+    assert any(name.startswith("merge_states TND/NT ") for name in QUICK_CASES)  # both forms by default
     for case in QUICK_CASES:
         assert {r["provider"] for r in results if r["case"] == case} == AUTO_PROVIDERS
     for r in results:
@@ -34,6 +36,7 @@ def test_quick_json_has_every_case_and_provider(tmp_path, capsys):
         assert all(s > 0 for s in r["seconds"]), r
         assert r["median_s"] > 0 and r["gbps"] > 0 and r["nbytes"] > 0, r
         assert r["pct_floor"] is None, r  # tiny cases: a copy of them times overhead, not bandwidth
+        assert r["compile_s"] is None, r  # no compiled provider unless asked for on CPU
         if r["provider"] == "copy":
             assert r["max_err"] is None
         else:
@@ -84,6 +87,8 @@ def test_help_states_defaults(capsys):
         "(default float32,bfloat16)",
         "(default 7, or 3 with --quick)",
         "(default 0)",
+        "(default ringattn,naive, or ringattn,naive,compiled with --device cuda)",
+        "(default ring_attention_update,merge_states;",
     ):
         assert fragment in text, fragment
 
@@ -98,6 +103,10 @@ def test_help_states_defaults(capsys):
         (["--shape", "64,2,4,64"], "--shape: expected exactly one --layout"),
         (["--layout", "SBH", "--shape", "64,4,64"], "--shape: expected 4 values (S,B,N,D)"),
         (["--device", "tpu"], "--device: invalid choice"),
+        (["--providers", "ringattn,fast"], "--providers: expected providers from ringattn, naive, compiled"),
+        (["--op", "attention"], "--op: expected ops from ring_attention_update (update), merge_states (merge)"),
+        (["--sweep-t", "--sizes", "64"], "--sweep-t: expected no --sizes with it, got --sizes 64"),
+        (["--op", "merge", "--layout", "SBH"], "--op: expected a layout merge_states runs with (TND)"),
     ],
 )
 def test_bad_argument_is_a_clear_argparse_error(argv, fragment, capsys):
@@ -115,11 +124,13 @@ def test_cuda_without_cuda_is_an_argument_error(capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_providers_are_timed_from_graph_replays(tmp_path):
-    """Every CUDA provider (ours fresh and out=, naive, copy) is captured: device times, not host overhead."""
+    """Every CUDA provider (ours fresh and out=, naive, compiled, copy) is captured: device times, not host
+    overhead; compiled is there by default on CUDA, its compile time apart."""
     path = tmp_path / "cuda.json"
     assert bench.main(["--device", "cuda", "--quick", "--backend", "auto,torch", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["results"]
-    assert {r["provider"] for r in rows} >= {"ringattn[auto]", "ringattn[auto] out=", "naive", "copy"}
+    assert {r["provider"] for r in rows} >= {"ringattn[auto]", "ringattn[auto] out=", "naive", "compiled", "copy"}
+    assert all(r["compile_s"] > 0 and r["max_err"] <= r["tol"] for r in rows if r["provider"] == "compiled")
     assert {r["timing"] for r in rows} == {"cuda graph"}, [(r["provider"], r["timing"]) for r in rows]
     assert {r["backend"] for r in rows if r["provider"].startswith("ringattn[auto]")} == {"triton"}
 
@@ -137,10 +148,10 @@ def test_wrong_provider_fails_the_check(monkeypatch, capsys):
     assert "correctness check failed" in err and "'naive'" in err and "tolerance 0.005" in err
 
 
-@pytest.mark.parametrize("layout", ["SBH", "TND"])
+@pytest.mark.parametrize(("op", "layout"), [(merge.UPDATE, "SBH"), (merge.UPDATE, "TND"), (merge.MERGE, "TND")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bytes_moved_counts_every_tensor_once(layout, dtype):
-    (case,) = merge.cases([layout], [dtype], quick=True)
+def test_bytes_moved_counts_every_tensor_once(op, layout, dtype):
+    (case,) = merge.cases([layout], [dtype], quick=True, ops=[op])
     inputs = merge.make_inputs(case, torch.device("cpu"))
     touched = [*inputs.tensors, *inputs.out]
     assert merge.bytes_moved(case) == sum(t.numel() * t.element_size() for t in touched)
@@ -148,12 +159,15 @@ def test_bytes_moved_counts_every_tensor_once(layout, dtype):
 
 def test_default_cases_and_sequence_split():
     grid = merge.cases()
-    assert [(c.layout, c.dtype, c.shape) for c in grid] == [
-        ("SBH", torch.float32, (4096, 1, 32, 128)),
-        ("SBH", torch.bfloat16, (4096, 1, 32, 128)),
-        ("TND", torch.float32, (16384, 16, 128)),
-        ("TND", torch.bfloat16, (16384, 16, 128)),
+    assert [(c.op, c.layout, c.dtype, c.shape) for c in grid] == [
+        (merge.UPDATE, "SBH", torch.float32, (4096, 1, 32, 128)),
+        (merge.UPDATE, "SBH", torch.bfloat16, (4096, 1, 32, 128)),
+        (merge.UPDATE, "TND", torch.float32, (16384, 16, 128)),
+        (merge.UPDATE, "TND", torch.bfloat16, (16384, 16, 128)),
+        (merge.MERGE, "TND", torch.float32, (16384, 16, 128)),
+        (merge.MERGE, "TND", torch.bfloat16, (16384, 16, 128)),
     ]
+    assert all(c.seq_offsets is None for c in grid if c.op == merge.MERGE)  # vLLM's layout has no batches
     assert all(c.ascend_limits for c in grid)  # N=16, D=128 is inside the Ascend TND bound
     offsets = grid[2].seq_offsets
     lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
@@ -161,8 +175,9 @@ def test_default_cases_and_sequence_split():
 
 
 def test_shapes_beyond_ascend_limits_lift_them_and_say_so():
-    (case,) = merge.cases(["TND"], [torch.float32], shape=(8, 64, 128))
-    assert not case.ascend_limits and "ascend_limits=False" in case.limit_note
+    update, lse_form = merge.cases(["TND"], [torch.float32], shape=(8, 64, 128))
+    assert not update.ascend_limits and "ascend_limits=False" in update.limit_note
+    assert lse_form.op == merge.MERGE and lse_form.ascend_limits  # merge_states has no Ascend limits
 
 
 def test_sizes_sweep_the_first_dimension():
@@ -173,7 +188,7 @@ def test_sizes_sweep_the_first_dimension():
 
 def test_naive_formula_matches_reference_on_per_batch_tnd():
     # The naive provider must read the per-batch statistics layout, or its speedups compare unequal work.
-    (case,) = merge.cases(["TND"], [torch.float32], shape=(37, 3, 64))
+    (case,) = merge.cases(["TND"], [torch.float32], shape=(37, 3, 64), ops=[merge.UPDATE])
     inputs = merge.make_inputs(case, torch.device("cpu"), seed=3)
     ref = merge.ring_attention_update_reference(*inputs.tensors, list(case.seq_offsets), "TND")
     for got, want in zip(merge.naive_update(inputs), ref, strict=True):
@@ -240,3 +255,105 @@ def test_bench_ring_virtual_reports_the_decomposition_cost(capsys):
     assert [r["provider"] for r in rows] == ["single (SDPA)", "virtual ring W=2 (auto)"]
     assert rows[1]["max_abs_diff"] < 1e-4 and rows[1]["ratio_to_single"] > 0
     assert "virtual ring W=2 (torch)" in out and "virtual ring W=2 (cudnn)  failed: BackendError" in out
+
+
+def test_naive_merge_matches_reference_in_vllm_layout():
+    # merge_states cases: outputs (T, N, D), LSE (N, T). T != N so that reading the LSE as (T, N) cannot pass.
+    (case,) = merge.cases(["TND"], [torch.float32], shape=(37, 3, 64), ops=[merge.MERGE])
+    inputs = merge.make_inputs(case, torch.device("cpu"), seed=3)
+    o_a, lse_a, o_b, lse_b = inputs.tensors
+    assert o_a.shape == (37, 3, 64) and lse_a.shape == (3, 37)
+    ref = merge._reference(inputs)
+    assert ref[1].shape == (3, 37)
+    for got, want in zip(merge.naive_merge(inputs), ref, strict=True):
+        assert merge.max_error(got, want) <= merge.TOL[torch.float32]
+    swapped = merge.naive_merge_formula(o_a, lse_b, o_b, lse_a)  # each part weighted by the other's LSE
+    assert merge.max_error(swapped[0], ref[0]) > 1e-2
+
+
+def test_compiled_provider_is_checked_and_its_compile_time_reported_apart(tmp_path, capsys):
+    """One real torch.compile (Inductor, C++ on CPU) of the LSE-form formula on one tiny case."""
+    path = tmp_path / "compiled.json"
+    argv = ["--quick", "--layout", "TND", "--op", "merge", "--dtype", "fp32", "--backend", "torch", "--repeats", "2"]
+    assert bench.main([*argv, "--warmup", "0", "--providers", "ringattn,naive,compiled", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    rows = {r["provider"]: r for r in data["results"]}
+    assert set(rows) == {"ringattn[torch]", "ringattn[torch] out=", "naive", "compiled", "copy"}
+    compiled = rows["compiled"]
+    assert compiled["backend"] == "inductor" and 0 <= compiled["max_err"] <= compiled["tol"] == 1e-4
+    assert compiled["compile_s"] > 0 and len(compiled["seconds"]) == 2 and compiled["speedup_vs_naive"] > 0
+    assert all(r["compile_s"] is None for name, r in rows.items() if name != "compiled")
+    out = capsys.readouterr().out
+    assert " compile " in out.splitlines()[0] and "compiled: torch.compile(naive formula, dynamic=False" in out
+
+
+class _FakeCompile:
+    """Stands in for ``torch.compile``: records its arguments, returns the function (optionally altered)."""
+
+    def __init__(self, alter=None):
+        self.calls, self.kwargs, self.alter = 0, [], alter
+
+    def __call__(self, fn, **kwargs):
+        self.kwargs.append((fn, kwargs))
+
+        def compiled(*args):
+            self.calls += 1
+            out = fn(*args)
+            return self.alter(out) if self.alter else out
+
+        return compiled
+
+
+def test_compiled_provider_times_its_first_call_apart_in_both_forms(monkeypatch):
+    fake = _FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    monkeypatch.setattr(merge, "first_call_seconds", lambda fn, device: (1234.5, fn()))  # a recognisable value
+    grid = merge.cases(["SBH", "TND"], [torch.float32], quick=True)
+    options = merge.Options(cases=grid, providers=("naive", "compiled"), warmup=1, repeats=2)
+    rows = merge.run(options)
+    compiled = [r for r in rows if r.provider == "compiled"]
+    assert [r.case for r in compiled] == [c.name for c in grid] and len(grid) == 3  # SBH, TND, merge_states TND
+    for row in compiled:
+        assert row.compile_s == 1234.5 and len(row.seconds) == 2 and 1234.5 not in row.seconds
+        assert row.median_s == merge.report.median(row.seconds) and row.max_err <= row.tol
+    assert all(r.compile_s is None for r in rows if r.provider != "compiled")
+    # The naive formula of each form, static shapes, one graph; each case: check + warm-up + repeats, no extra call.
+    assert {fn for fn, _ in fake.kwargs} == {merge.naive_update_formula, merge.naive_merge_formula}
+    assert all(kw == {"dynamic": False, "fullgraph": True} for _, kw in fake.kwargs)
+    assert fake.calls == len(grid) * (1 + 1 + 2)
+
+
+def test_wrong_compiled_provider_fails_the_check(monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", _FakeCompile(alter=lambda out: (out[0] + 0.1, *out[1:])))
+    assert bench.main([*ONE_CASE, "--providers", "naive,compiled"]) == 1
+    err = capsys.readouterr().err
+    assert "correctness check failed" in err and "'compiled'" in err and "attn_out" in err
+
+
+def test_sweep_t_and_cuda_defaults(monkeypatch):
+    parser = merge_cli.build_parser()
+    cpu = merge_cli._options(parser, parser.parse_args(["--sweep-t", "--op", "merge", "--dtype", "bf16"]))
+    assert [c.shape[0] for c in cpu.cases] == list(merge.SWEEP_T) and cpu.providers == ("ringattn", "naive")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # _options only checks that CUDA exists
+    cuda = merge_cli._options(parser, parser.parse_args(["--device", "cuda", "--sweep-t"]))
+    assert cuda.providers == ("ringattn", "naive", "compiled")
+    assert {c.shape[0] for c in cuda.cases} == set(merge.SWEEP_T)
+    assert {(c.op, c.layout) for c in cuda.cases} == {
+        (merge.UPDATE, "SBH"),
+        (merge.UPDATE, "TND"),
+        (merge.MERGE, "TND"),
+    }
+
+
+def test_backend_that_fails_inside_merge_states_is_an_argument_error(monkeypatch, capsys):
+    # merge_states(backend="triton") on CPU without the interpreter fails inside Triton with a RuntimeError (no
+    # driver); the bench turns such a failure of its probe call into an error naming --backend.
+    def no_driver(*args, **kwargs):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    monkeypatch.setattr(merge, "merge_states", no_driver)
+    argv = ["--quick", "--layout", "TND", "--op", "merge", "--dtype", "fp32", "--backend", "torch", "--no-progress"]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "usage: ringattn bench" in err
+    assert "--backend: backend: expected a backend that runs merge_states on cpu, got 'torch' (0 active drivers" in err

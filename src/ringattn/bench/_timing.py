@@ -17,6 +17,10 @@ Note [bench timing]
   (``tests/test_cuda.py``). A provider that cannot be captured is timed as ``GRAPH_CALLS`` eager calls
   between the events instead, and ``measure`` reports it, with the capture's error, in ``eager_timed``.
 * The reported time of a provider is the median of its repeats.
+* A provider compiled on first use (``compiled``: ``torch.compile``) has that first call, which is also its
+  correctness check, timed apart by ``first_call_seconds`` (host clock around the call and a device
+  synchronisation: tracing and compiling are host work) and reported as its compile time, never as a sample.
+  Warm-up, interleaving and CUDA-graph capture are then the same as for every other provider.
 
 Note [copy floor]
 -----------------
@@ -42,7 +46,9 @@ from typing import Any, TextIO
 
 import torch
 
-__all__ = ["measure", "copy_floor", "set_threads", "synchronize", "machine_info", "Progress", "median"]
+__all__ = [
+    "measure", "first_call_seconds", "copy_floor", "set_threads", "synchronize", "machine_info", "Progress", "median"
+]  # fmt: skip
 
 GRAPH_CALLS = 20  # calls per CUDA graph replay: Note [bench timing]
 
@@ -51,6 +57,16 @@ def synchronize(device: torch.device) -> None:
     """Wait for all queued work on ``device`` (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def first_call_seconds(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """``(seconds, result)`` of one call of ``fn``, queued device work included (Note [bench timing]): a
+    provider's first call, which for ``torch.compile`` is dominated by tracing and compiling."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - start, result
 
 
 def _cuda_graph(fn: Callable[[], Any]) -> Callable[[], None] | str:

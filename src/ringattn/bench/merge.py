@@ -1,15 +1,23 @@
-"""``ringattn bench merge``: ``ring_attention_update`` against the naive eager formula and a copy floor.
+"""``ringattn bench merge``: the merge ops against the naive eager formula, ``torch.compile`` of it and a copy floor.
 
-Per case (layout, dtype, shape) the providers are
+A case is one op (``Case.op``), layout, dtype and shape. The ops are the two forms of the merge:
+``ring_attention_update`` (Ascend statistics, SBH and TND) and ``merge_states`` in its LSE form, in vLLM's layout
+(two parts, outputs ``(T, N, D)``, natural-log LSEs ``(N, T)``, i.e. ``layout="TND", lse_layout="NT"``). Per case
+the providers are
 
-* ``ringattn[<backend>]``: ``ring_attention_update(..., backend=<backend>)`` with fresh outputs, exactly
+* ``ringattn[<backend>]``: the op with ``backend=<backend>`` and fresh outputs, exactly
   as a user calls it (validation included); the backend column says which backend really ran;
 * ``ringattn[<backend>] out=``: the same into preallocated outputs; its ``fresh/out`` column is the
   fresh-output time over this time;
 * ``naive``: the formula as MindSpeed's ``forward_update`` writes it in eager PyTorch (whole-tensor
   ``maximum``, ``exp``, mul, div, add, the scales repeated to the full ``(S, B, H)`` / ``(T, N, D)`` size,
   float32 products, one cast back), plus, for the per-batch TND statistics layout, one precomputed
-  gather of the scale rows (the MindSpeed-MM approach);
+  gather of the scale rows (the MindSpeed-MM approach); for ``merge_states``, the LSE formula with broadcast
+  scales as vLLM's PyTorch reference writes it;
+* ``compiled`` (only when asked for): ``torch.compile(<the naive formula>, dynamic=False, fullgraph=True)`` with the
+  default Inductor backend, what a user would write instead of calling ringattn. Its first call on each case (after
+  ``torch._dynamo.reset()``: tracing plus Inductor's compile) is reported apart as ``Row.compile_s`` and is never
+  one of the timed samples;
 * ``copy``: the floor, Note [copy floor] in ``_timing.py``.
 
 Each provider's result is checked once against ``ringattn.reference`` (float64) before timing.
@@ -29,20 +37,28 @@ import torch
 
 from .. import backends
 from .._contract import validate_update
+from .._ops import row_backend
 from ..api import ring_attention_update
-from ..errors import HardwareLimitError
-from ..reference import ring_attention_update_reference
+from ..errors import BackendError, HardwareLimitError, expected
+from ..merge import merge_states
+from ..reference import merge_states_reference, ring_attention_update_reference
 from . import report
-from ._timing import Progress, copy_floor, measure, set_threads, synchronize
+from ._timing import Progress, copy_floor, first_call_seconds, measure, set_threads, synchronize
 
 __all__ = [
-    "Case", "cases", "bytes_moved", "make_inputs", "naive_update", "providers", "resolve_backend", "Options",
-    "CheckFailure", "run",
+    "Case", "cases", "bytes_moved", "make_inputs", "naive_update", "naive_merge", "providers", "resolve_backend",
+    "Options", "CheckFailure", "run", "UPDATE", "MERGE", "OPS", "PROVIDER_KINDS", "COMPILED", "SWEEP_T",
 ]  # fmt: skip
+
+UPDATE, MERGE = "ring_attention_update", "merge_states"  # Case.op: the stats form and the LSE form
+OPS = (UPDATE, MERGE)
+COMPILED = "compiled"  # provider name of torch.compile of the naive formula
+# Provider kinds a run can ask for: "ringattn" is every requested backend, fresh and out=.
+PROVIDER_KINDS = ("ringattn", report.BASELINE, COMPILED)
 
 # The contract's tolerances (atol = rtol against float64: one rounding to the dtype plus float32 arithmetic);
 # float64 only differs from the reference in operation order.
-OUTPUT_NAMES = ("attn_out", "softmax_max", "softmax_sum")
+OUTPUT_NAMES = {UPDATE: ("attn_out", "softmax_max", "softmax_sum"), MERGE: ("out", "lse")}
 TOL = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 5e-3, torch.float64: 1e-12}
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -55,6 +71,8 @@ DEFAULT_SHAPES = {"SBH": (4096, 1, 32, 128), "TND": (16384, 16, 128)}
 QUICK_SHAPES = {"SBH": (64, 2, 4, 64), "TND": (96, 2, 64)}
 # A plot without --sizes sweeps the first dimension over the shape's divided by these.
 SWEEP_FRACTIONS = (8, 4, 2, 1)
+# --sweep-t: first dimension (T for TND, S for SBH) from launch-latency-bound to well past the last-level cache.
+SWEEP_T = (256, 1024, 4096, 16384, 65536)
 # TND batches: 4 sequences of unequal lengths, 40/30/20/10 % of T, as a packed batch of real documents.
 SEQ_WEIGHTS = (4, 3, 2, 1)
 STATS_LANES = 8
@@ -64,8 +82,9 @@ STATS_LANES = 8
 class Case:
     """One benchmark shape. ``shape`` is ``(S, B, N, D)`` for SBH and ``(T, N, D)`` for TND.
 
-    ``seq_offsets`` is TND's ``actual_seq_qlen`` (cumulative, from 0 to T); statistics use the default
-    per-batch layout. ``ascend_limits`` is False when the shape exceeds the Ascend TND limits (then
+    ``op`` is ``UPDATE`` (``ring_attention_update``) or ``MERGE`` (``merge_states``, TND only, LSE ``(N, T)``).
+    ``seq_offsets`` is TND's ``actual_seq_qlen`` (cumulative, from 0 to T; ``UPDATE`` only); statistics use the
+    default per-batch layout. ``ascend_limits`` is False when the shape exceeds the Ascend TND limits (then
     ``limit_note`` says why) and the bench lifts them explicitly.
     """
 
@@ -75,6 +94,7 @@ class Case:
     seq_offsets: tuple[int, ...] | None = None
     ascend_limits: bool = True
     limit_note: str = ""
+    op: str = UPDATE
 
     @property
     def heads(self) -> int:
@@ -99,13 +119,17 @@ class Case:
         return " ".join(f"{k}={v}" for k, v in pairs)
 
     @property
+    def _prefix(self) -> str:
+        return self.layout if self.op == UPDATE else f"{MERGE} {self.layout}/NT"
+
+    @property
     def name(self) -> str:
-        return f"{self.layout} {self.dtype_name} {self._dims(False)}"
+        return f"{self._prefix} {self.dtype_name} {self._dims(False)}"
 
     @property
     def series(self) -> str:
         """The case name without the swept (first) dimension: one plot panel per series."""
-        return f"{self.layout} {self.dtype_name} {self._dims(True)}"
+        return f"{self._prefix} {self.dtype_name} {self._dims(True)}"
 
 
 def default_seq_offsets(total: int, weights: Sequence[int] = SEQ_WEIGHTS) -> tuple[int, ...]:
@@ -135,7 +159,7 @@ def _attn_shape(case: Case) -> tuple[int, ...]:
 
 def _with_limits(case: Case) -> Case:
     """``case`` with ``ascend_limits`` lifted if its shape exceeds them (checked on meta tensors: free)."""
-    if case.layout != "TND":
+    if case.layout != "TND" or case.op != UPDATE:
         return case
     attn = torch.empty(_attn_shape(case), dtype=case.dtype, device="meta")
     stats = torch.empty(_stats_shape(case), dtype=torch.float32, device="meta")
@@ -154,22 +178,26 @@ def cases(
     sizes: Sequence[int] | None = None,
     quick: bool = False,
     sweep: bool = False,
+    ops: Sequence[str] = OPS,
 ) -> list[Case]:
-    """The shape grid: every layout x dtype x size.
+    """The shape grid: every op x layout x dtype x size.
 
-    ``shape`` replaces the default shape (one layout only); ``sizes`` sweeps its first dimension (S for
-    SBH, T for TND); ``sweep`` (without ``sizes``) sweeps it over 1/8, 1/4, 1/2 and 1 times the shape's, as a
-    plot needs; ``quick`` starts from tiny shapes for smoke runs.
+    ``ops`` picks the forms: ``UPDATE`` runs every layout, ``MERGE`` (LSE form) runs when ``"TND"`` is among
+    ``layouts``, on the TND shape. ``shape`` replaces the default shape (one layout only); ``sizes`` sweeps its
+    first dimension (S for SBH, T for TND); ``sweep`` (without ``sizes``) sweeps it over 1/8, 1/4, 1/2 and 1 times
+    the shape's, as a plot needs; ``quick`` starts from tiny shapes for smoke runs.
     """
     out = []
-    for layout in layouts:
+    forms = [(UPDATE, layout) for layout in layouts if UPDATE in ops]
+    forms += [(MERGE, "TND")] if MERGE in ops and "TND" in layouts else []
+    for op, layout in forms:
         base = shape if shape is not None else (QUICK_SHAPES if quick else DEFAULT_SHAPES)[layout]
         firsts = sizes or (sorted({max(1, base[0] // f) for f in SWEEP_FRACTIONS}) if sweep else (base[0],))
         for dtype in dtypes:
             for first in firsts:
                 dims = (first, *base[1:])
-                offsets = default_seq_offsets(first) if layout == "TND" else None
-                out.append(_with_limits(Case(layout, dtype, dims, offsets)))
+                offsets = default_seq_offsets(first) if layout == "TND" and op == UPDATE else None
+                out.append(_with_limits(Case(layout, dtype, dims, offsets, op=op)))
     return out
 
 
@@ -179,9 +207,12 @@ def bytes_moved(case: Case) -> int:
     Reads ``prev_attn_out``, ``cur_attn_out`` (``rows * D`` elements of the case dtype each) and the four
     float32 statistics tensors (``rows * 8`` each: the 8 lanes share cache lines, so reading lane 0 costs
     them all); writes ``attn_out``, ``softmax_max``, ``softmax_sum``. TND's per-token index map (int64,
-    ``T`` entries) is not counted: it is under 1% of the total for D >= 64.
+    ``T`` entries) is not counted: it is under 1% of the total for D >= 64. ``merge_states``: two outputs and
+    two float32 LSEs read, one output and one LSE written.
     """
     elem = torch.empty((), dtype=case.dtype).element_size()
+    if case.op == MERGE:
+        return case.rows * (3 * case.head_dim * elem + 3 * 4)
     return case.rows * (3 * case.head_dim * elem + 6 * STATS_LANES * 4)
 
 
@@ -190,9 +221,9 @@ class Inputs:
     """Inputs of one case on the bench device, plus preallocated outputs and the naive gather index."""
 
     case: Case
-    tensors: tuple[torch.Tensor, ...]  # prev_o, prev_m, prev_l, cur_o, cur_m, cur_l
-    seq_qlen: torch.Tensor | None  # int64 on the CPU (ringattn's advice for hot loops)
-    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    tensors: tuple[torch.Tensor, ...]  # prev_o, prev_m, prev_l, cur_o, cur_m, cur_l; MERGE: o_a, lse_a, o_b, lse_b
+    seq_qlen: torch.Tensor | None  # int64 on the inputs' device
+    out: tuple[torch.Tensor, ...]
     naive_rows: torch.Tensor | None  # TND: (T, N) per-batch statistics row of each (token, head)
 
 
@@ -221,6 +252,14 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
         lane = low + scale * draw((*stats_shape[:-1], 1), generator=gen)
         return lane.expand(stats_shape).contiguous().to(device)
 
+    if case.op == MERGE:  # LSE form, vLLM's layout: LSE (N, T), natural log, max + log(sum) of the stats above
+        tokens, heads, _ = case.shape
+
+        def lse() -> torch.Tensor:
+            return (4 * torch.randn((heads, tokens), generator=gen) + 2).to(device)
+
+        o_a, lse_a, o_b, lse_b = attn(), lse(), attn(), lse()
+        return Inputs(case, (o_a, lse_a, o_b, lse_b), None, (torch.empty_like(o_a), torch.empty_like(lse_a)), None)
     prev_o, cur_o = attn(), attn()
     tensors = (prev_o, stats(0, 4, True), stats(1, 63, False), cur_o, stats(0, 4, True), stats(1, 63, False))
     out = (torch.empty_like(prev_o), torch.empty_like(tensors[1]), torch.empty_like(tensors[1]))
@@ -238,8 +277,23 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
 
 def naive_update(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The merge formula (two products, then one add) as eager whole-tensor ops, written the way MindSpeed's
-    ``forward_update`` does."""
-    prev_o, prev_m, prev_l, cur_o, cur_m, cur_l = inputs.tensors
+    ``forward_update`` does (:func:`naive_update_formula` on the case's tensors)."""
+    return naive_update_formula(*inputs.tensors, inputs.naive_rows, inputs.case.layout)
+
+
+def naive_update_formula(
+    prev_o: torch.Tensor,
+    prev_m: torch.Tensor,
+    prev_l: torch.Tensor,
+    cur_o: torch.Tensor,
+    cur_m: torch.Tensor,
+    cur_l: torch.Tensor,
+    naive_rows: torch.Tensor | None,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``naive_update`` on tensors: SBH ``(S, B, H)`` / stats ``(B, N, S, 8)``, or TND ``(T, N, D)`` / per-batch
+    stats ``(T, N, 8)`` with ``naive_rows`` the ``(T, N)`` statistics row of each (token, head). Only tensors,
+    a string and shapes: what ``torch.compile`` traces into one graph."""
     compute = torch.promote_types(prev_o.dtype, torch.float32)  # float32 as MindSpeed; float64 stays float64
     stats_dtype = prev_m.dtype
     prev_m, prev_l, cur_m, cur_l = (t.to(compute) for t in (prev_m, prev_l, cur_m, cur_l))  # no-op below float64
@@ -249,36 +303,83 @@ def naive_update(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     softmax_sum = prev_scaled + cur_scaled
     prev_scale = prev_scaled / softmax_sum
     cur_scale = cur_scaled / softmax_sum
-    if inputs.case.layout == "SBH":  # (B, N, S, 8) -> (S, B, N*D), materialised as MindSpeed does
-        head_dim = inputs.case.head_dim
+    if layout == "SBH":  # (B, N, S, 8) -> (S, B, N*D), materialised as MindSpeed does
+        head_dim = prev_o.shape[2] // prev_m.shape[1]
 
         def spread(scale: torch.Tensor) -> torch.Tensor:
             full = scale[..., 0].unsqueeze(3).repeat(1, 1, 1, head_dim)
             return full.permute(2, 0, 1, 3).flatten(2).contiguous()
 
     else:  # (T, N, 8) per batch -> (T, N, D) through the precomputed row gather
-        tokens, heads, head_dim = inputs.case.shape
+        tokens, heads, head_dim = prev_o.shape
 
         def spread(scale: torch.Tensor) -> torch.Tensor:
-            rows = scale.reshape(tokens * heads, STATS_LANES)[:, 0][inputs.naive_rows]
+            rows = scale.reshape(tokens * heads, STATS_LANES)[:, 0][naive_rows]
             return rows.unsqueeze(2).repeat(1, 1, head_dim)
 
     out = prev_o.to(compute) * spread(prev_scale) + cur_o.to(compute) * spread(cur_scale)
     return out.to(prev_o.dtype), softmax_max.to(stats_dtype), softmax_sum.to(stats_dtype)
 
 
-Provider = Callable[[Inputs], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+def naive_merge(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LSE-form merge of two parts as eager whole-tensor ops (:func:`naive_merge_formula`)."""
+    return naive_merge_formula(*inputs.tensors)
 
 
-def providers(backend_names: Sequence[str] = ("auto",)) -> dict[str, Provider]:
-    """Provider name -> callable on :class:`Inputs`, for each requested backend plus ``naive``.
+def naive_merge_formula(
+    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two parts in vLLM's layout, outputs ``(T, N, D)`` and natural-log LSEs ``(N, T)``, merged the way vLLM's
+    PyTorch reference of ``merge_attn_states`` writes it: max-shifted weights, scales broadcast over D, float32
+    products, one cast back. Rows empty in both parts (``-inf`` twice) give NaN, as in vLLM."""
+    compute = torch.promote_types(o_a.dtype, torch.float32)
+    lse_dtype = lse_a.dtype
+    lse_a, lse_b = lse_a.to(compute), lse_b.to(compute)
+    max_lse = torch.maximum(lse_a, lse_b)
+    w_a = torch.exp(lse_a - max_lse)
+    w_b = torch.exp(lse_b - max_lse)
+    total = w_a + w_b
+    lse = max_lse + torch.log(total)
+    scale_a = (w_a / total).transpose(0, 1).unsqueeze(-1)  # (N, T) -> (T, N, 1)
+    scale_b = (w_b / total).transpose(0, 1).unsqueeze(-1)
+    out = o_a.to(compute) * scale_a + o_b.to(compute) * scale_b
+    return out.to(o_a.dtype), lse.to(lse_dtype)
+
+
+Provider = Callable[[Inputs], tuple[torch.Tensor, ...]]
+
+
+def _compiled(op: str) -> Provider:
+    """``torch.compile`` of the op's naive formula (default Inductor backend, static shapes, one graph).
+
+    The compiled function is shared by every case of a run; ``run`` calls ``torch._dynamo.reset()`` before each
+    case's first call, so every case pays its own compile (reported apart) and a long sweep never reaches
+    dynamo's recompile limit, past which it would silently run the formula eagerly.
+    """
+    if op == MERGE:
+        merge_fn = torch.compile(naive_merge_formula, dynamic=False, fullgraph=True)
+        return lambda inputs: merge_fn(*inputs.tensors)
+    update_fn = torch.compile(naive_update_formula, dynamic=False, fullgraph=True)
+    return lambda inputs: update_fn(*inputs.tensors, inputs.naive_rows, inputs.case.layout)
+
+
+def providers(
+    backend_names: Sequence[str] = ("auto",),
+    kinds: Sequence[str] = ("ringattn", report.BASELINE),
+    op: str = UPDATE,
+) -> dict[str, Provider]:
+    """Provider name -> callable on :class:`Inputs` of an ``op`` case: for ``kinds`` (from ``PROVIDER_KINDS``),
+    ``ringattn[<backend>]`` and ``ringattn[<backend>] out=`` per requested backend, ``naive``, ``compiled``.
 
     The copy floor is not a provider (it computes nothing to check); ``run`` times it alongside.
     """
 
     def fresh(backend: str) -> Provider:
-        def call(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def call(inputs: Inputs) -> tuple[torch.Tensor, ...]:
             c = inputs.case
+            if c.op == MERGE:
+                o_a, lse_a, o_b, lse_b = inputs.tensors
+                return merge_states((o_a, o_b), (lse_a, lse_b), layout="TND", lse_layout="NT", backend=backend)
             return ring_attention_update(
                 *inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits, backend=backend
             )
@@ -286,8 +387,14 @@ def providers(backend_names: Sequence[str] = ("auto",)) -> dict[str, Provider]:
         return call
 
     def into_out(backend: str) -> Provider:
-        def call(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def call(inputs: Inputs) -> tuple[torch.Tensor, ...]:
             c = inputs.case
+            if c.op == MERGE:
+                o_a, lse_a, o_b, lse_b = inputs.tensors
+                return merge_states(
+                    (o_a, o_b), (lse_a, lse_b), layout="TND", lse_layout="NT", backend=backend,
+                    out=inputs.out[0], out_lse=inputs.out[1],
+                )  # fmt: skip
             return ring_attention_update(
                 *inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits, backend=backend,
                 out=inputs.out,
@@ -296,10 +403,14 @@ def providers(backend_names: Sequence[str] = ("auto",)) -> dict[str, Provider]:
         return call
 
     table: dict[str, Provider] = {}
-    for name in backend_names:
-        table[f"ringattn[{name}]"] = fresh(name)
-        table[f"ringattn[{name}] out="] = into_out(name)
-    table[report.BASELINE] = naive_update
+    if "ringattn" in kinds:
+        for name in backend_names:
+            table[f"ringattn[{name}]"] = fresh(name)
+            table[f"ringattn[{name}] out="] = into_out(name)
+    if report.BASELINE in kinds:
+        table[report.BASELINE] = naive_merge if op == MERGE else naive_update
+    if COMPILED in kinds:
+        table[COMPILED] = _compiled(op)
     return table
 
 
@@ -311,12 +422,22 @@ def resolve_backend(name: str, inputs: Inputs, *, settle: bool = True) -> str:
     backend answers.
     """
     c = inputs.case
-    problem = validate_update(*inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits)
-    module = backends.select(name, problem)
+    call = providers((name,), ("ringattn",), c.op)[f"ringattn[{name}]"]
+    if c.op == MERGE:
+        device = inputs.tensors[0].device
+        try:
+            call(inputs)  # an unusable backend raises here, before any timing
+        except RuntimeError as exc:  # merge_states(backend="triton") on CPU fails inside Triton (no driver)
+            got = f"{name!r} ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+            raise BackendError(expected("backend", f"a backend that runs merge_states on {device}", got)) from exc
+        module = row_backend(device, name, c.dtype)
+    else:
+        problem = validate_update(*inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits)
+        module = backends.select(name, problem)
     if name == "auto" and settle:
-        providers((name,))[f"ringattn[{name}]"](inputs)  # queues the compile, if any
+        call(inputs)  # queues the compile, if any
         backends.wait_compiled()
-        providers((name,))[f"ringattn[{name}]"](inputs)
+        call(inputs)
     return backends.ran(module)
 
 
@@ -328,6 +449,16 @@ def max_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err.max()) if err.numel() else 0.0
 
 
+def _reference(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """The case's op in float64 (``ringattn.reference``), on the CPU, in the op's output layout."""
+    c, tensors = inputs.case, [t.cpu() for t in inputs.tensors]
+    if c.op == MERGE:
+        o_a, lse_a, o_b, lse_b = tensors
+        out, lse = merge_states_reference([o_a, o_b], [lse_a.T, lse_b.T])  # rows (T, N)
+        return out, lse.T
+    return ring_attention_update_reference(*tensors, list(c.seq_offsets or ()), c.layout)
+
+
 class CheckFailure(Exception):
     """A provider disagrees with the float64 reference beyond the dtype's tolerance."""
 
@@ -336,6 +467,7 @@ class CheckFailure(Exception):
 class Options:
     cases: list[Case]
     backends: tuple[str, ...] = ("auto",)
+    providers: tuple[str, ...] = ("ringattn", report.BASELINE)  # kinds from PROVIDER_KINDS
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     warmup: int = 1
     repeats: int = 7
@@ -358,20 +490,27 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
         label = f"[{index + 1}/{len(options.cases)}] {case.name}"
         progress.show(f"{label}: checking")
         inputs = make_inputs(case, device, options.seed)
-        provs = providers(options.backends)
-        if "auto" in options.backends:
-            progress.show(f"{label}: compiling the fused kernel if needed (numba: seconds, once per machine)")
-        resolved = {f"ringattn[{b}]": resolve_backend(b, inputs) for b in options.backends}
-        ref = ring_attention_update_reference(
-            *(t.cpu() for t in inputs.tensors), list(case.seq_offsets or ()), case.layout
-        )
-        tol, errors = TOL[case.dtype], {}
+        provs = providers(options.backends, options.providers, case.op)
+        resolved: dict[str, str] = {}
+        if "ringattn" in options.providers:
+            if "auto" in options.backends:
+                progress.show(f"{label}: compiling the fused kernel if needed (numba: seconds, once per machine)")
+            resolved = {f"ringattn[{b}]": resolve_backend(b, inputs) for b in options.backends}
+        resolved[report.BASELINE], resolved[COMPILED] = "eager", "inductor"
+        ref = _reference(inputs)
+        tol, errors, compile_s = TOL[case.dtype], {}, None
         for name, fn in provs.items():
             for t in inputs.out:  # poison: an out= provider that skips a write cannot pass
                 t.fill_(math.nan)
+            if name == COMPILED:
+                progress.show(f"{label}: torch.compile of the naive formula (first call: trace + Inductor compile)")
+                torch._dynamo.reset()  # this case's own compile, and no recompile limit (_compiled)
+                compile_s, got_all = first_call_seconds(functools.partial(fn, inputs), device)
+            else:
+                got_all = fn(inputs)
             # Each output is held to its own dtype's tolerance: the statistics are float32 whatever the attention
             # dtype. The table reports the attention output's error (the dtype under test).
-            for output, got, want in zip(OUTPUT_NAMES, fn(inputs), ref, strict=True):
+            for output, got, want in zip(OUTPUT_NAMES[case.op], got_all, ref, strict=True):
                 error, limit = max_error(got, want), TOL[got.dtype]
                 if not error <= limit:
                     raise CheckFailure(
@@ -379,7 +518,7 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
                         f"reference, above the {got.dtype} tolerance {limit:g}"
                     )
                 errors.setdefault(name, error)
-        del ref
+        del ref, got_all
         nbytes = bytes_moved(case)
         timed = {name: functools.partial(fn, inputs) for name, fn in provs.items()}
         timed[report.FLOOR] = copy_floor(nbytes, device)
@@ -408,11 +547,12 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
                     nbytes=nbytes,
                     provider=name,
                     seconds=seconds,
-                    backend=resolved.get(base, "eager" if name == report.BASELINE else None),
+                    backend=resolved.get(base),
                     max_err=errors.get(name),
                     tol=tol if name in errors else None,
                     fresh_of=base if name.endswith(" out=") else None,
                     timing=_timing(device, eagerly=name in eager_names),
+                    compile_s=compile_s if name == COMPILED else None,
                 )
             )
         del inputs, timed

@@ -18,7 +18,22 @@ from .. import backends
 from ..errors import BackendError
 from . import report
 from ._timing import GRAPH_CALLS, Progress, machine_info, set_threads
-from .merge import DTYPES, SHAPE_LETTERS, CheckFailure, Options, cases, make_inputs, resolve_backend, run
+from .merge import (
+    COMPILED,
+    DTYPES,
+    MERGE,
+    OPS,
+    PROVIDER_KINDS,
+    SHAPE_LETTERS,
+    SWEEP_T,
+    UPDATE,
+    CheckFailure,
+    Options,
+    cases,
+    make_inputs,
+    resolve_backend,
+    run,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -52,6 +67,25 @@ def _layout(text: str) -> str:
     return text.upper()
 
 
+_OP_NAMES = {UPDATE: UPDATE, "update": UPDATE, MERGE: MERGE, "merge": MERGE}
+
+
+def _op(text: str) -> str:
+    return _OP_NAMES[text]
+
+
+def _provider(text: str) -> str:
+    if text not in PROVIDER_KINDS:
+        raise ValueError(text)
+    return text
+
+
+def default_providers(device: str) -> list[str]:
+    """``--providers`` when not given: ``compiled`` only on CUDA (an Inductor compile on CPU takes tens of seconds
+    per case: ask for it by name there)."""
+    return [k for k in PROVIDER_KINDS if k != COMPILED or device == "cuda"]
+
+
 def _backend(text: str) -> str:
     if text not in backends.BACKEND_NAMES or text == "reference":
         raise ValueError(text)
@@ -61,8 +95,9 @@ def _backend(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringattn bench [merge]",
-        description="Time ring_attention_update (fresh outputs and out=) against the naive eager formula and a "
-        "copy of the same bytes, in one process. `ringattn bench ring --help` benchmarks ring attention.",
+        description="Time ring_attention_update and merge_states (LSE form, vLLM's layout; fresh outputs and out=) "
+        "against the naive eager formula, torch.compile of it, and a copy of the same bytes, in one process. "
+        "`ringattn bench ring --help` benchmarks ring attention.",
     )
     dtypes = "comma-separated dtypes from " + ", ".join(DTYPES)
     parser.add_argument(
@@ -81,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", type=_csv(_positive, "positive integers"), default=None,
                         help="sweep the first dimension (S for SBH, T for TND) over these values (default: the "
                         "shape's alone, or with --png 1/8, 1/4, 1/2 and 1 times it)")  # fmt: skip
+    parser.add_argument(
+        "--sweep-t", action="store_true",
+        help=f"sweep the first dimension over {', '.join(map(str, SWEEP_T))} (instead of --sizes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--op", type=_csv(_op, f"ops from {UPDATE} (update), {MERGE} (merge)"), default=list(OPS),
+        help=f"comma-separated forms (default {UPDATE},{MERGE}; {MERGE} runs with layout TND: outputs (T, N, D), "
+        "LSE (N, T) as vLLM)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--providers", type=_csv(_provider, "providers from " + ", ".join(PROVIDER_KINDS)), default=None,
+        help="comma-separated providers: ringattn (every --backend, fresh and out=), naive (eager formula), compiled "
+        "(torch.compile of it, dynamic=False; its first call is reported apart as its compile time) (default "
+        "ringattn,naive, or ringattn,naive,compiled with --device cuda)",
+    )  # fmt: skip
     parser.add_argument(
         "--backend", type=_csv(_backend, "backends from auto, torch, cpu, triton"), default=["auto"],
         help="comma-separated backends to time (default auto; also torch, cpu, triton)",
@@ -124,13 +174,19 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
         parser.error(report.png_unavailable_reason())
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup: expected a non-negative integer, got {args.warmup}")
+    if args.sweep_t and args.sizes:
+        parser.error("--sweep-t: expected no --sizes with it, got --sizes " + ",".join(map(str, args.sizes)))
     grid = cases(
         args.layout, args.dtype or (torch.float32, torch.bfloat16), shape=tuple(args.shape) if args.shape else None,
-        sizes=args.sizes, quick=args.quick, sweep=bool(args.png),
+        sizes=SWEEP_T if args.sweep_t else args.sizes, quick=args.quick, sweep=bool(args.png),
+        ops=tuple(dict.fromkeys(args.op)),
     )  # fmt: skip
+    if not grid:
+        parser.error(f"--op: expected a layout {MERGE} runs with (TND), got --layout " + ",".join(args.layout))
     return Options(
         cases=grid,
         backends=tuple(dict.fromkeys(args.backend)),
+        providers=tuple(dict.fromkeys(args.providers or default_providers(args.device))),
         device=torch.device(args.device),
         warmup=args.warmup if args.warmup is not None else 1,
         repeats=args.repeats or (3 if args.quick else 7),
@@ -144,12 +200,19 @@ def _notes(options: Options, rows: Sequence[report.Row]) -> list[str]:
         "floor: median time of dst.copy_(src), two uint8 buffers of (bytes moved)/2 each on the same device; "
         f"% floor = copy time / provider time, left out (-) below {report.FLOOR_MIN_BYTES >> 20} MB moved, where "
         "a copy times call and thread wake-up overhead rather than memory bandwidth",
-        "bytes moved: both attention inputs + four float32 statistics read, three outputs written, once each",
-        "max err: max |got - ref| / (1 + |ref|) of attn_out against ringattn.reference (float64); under tol = "
-        "allclose; the float32 statistics are checked at the float32 tolerance",
+        "bytes moved: both attention inputs + four float32 statistics read, three outputs written, once each; "
+        f"{MERGE}: two outputs + two float32 LSEs read, one output + one LSE written",
+        "max err: max |got - ref| / (1 + |ref|) of attn_out (merge_states: out) against ringattn.reference "
+        "(float64); under tol = allclose; the float32 statistics and LSEs are checked at the float32 tolerance",
         "x naive: naive time / provider time; fresh/out: fresh-output time / out= time of the same backend",
     ]
-    for name in options.backends:
+    if COMPILED in options.providers:
+        notes.append(
+            "compiled: torch.compile(naive formula, dynamic=False, fullgraph=True), default Inductor backend, timed "
+            "like the others; compile: its first call per case after torch._dynamo.reset() (trace + compile, "
+            "Inductor's on-disk cache may shorten it), not part of median or any ratio"
+        )
+    for name in options.backends if "ringattn" in options.providers else ():
         ran = sorted({row.backend for row in rows if row.provider == f"ringattn[{name}]"} - {None})  # type: ignore[arg-type]
         notes.append(f"ringattn[{name}] ran backend {', '.join(ran)}")
     if options.device.type == "cuda":
@@ -197,13 +260,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         report.write_json(args.json, meta, rows)
     if args.png:
-        report.write_png(args.png, rows, f"ring_attention_update on {meta['machine']['cpu_model']} ({options.device})")
+        report.write_png(args.png, rows, f"merge ops on {meta['machine']['cpu_model']} ({options.device})")
     return 0
 
 
 def _check_backends(parser: argparse.ArgumentParser, options: Options) -> None:
     """Report an unusable ``--backend`` as an argument error before any timing, on one-token cases."""
-    for case in options.cases:
+    for case in options.cases if "ringattn" in options.providers else ():
         probe = dataclasses.replace(case, shape=(1, *case.shape[1:]), seq_offsets=(0, 1) if case.seq_offsets else None)
         for name in options.backends:
             try:

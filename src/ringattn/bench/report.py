@@ -44,6 +44,8 @@ class Row:
     is below ``tol`` exactly when ``allclose(got, ref, atol=tol, rtol=tol)`` holds; None for the floor.
     ``timing`` says how a call was timed (Note [bench timing]): ``"host clock"`` (CPU), ``"cuda graph"``, or
     ``"cuda eager"`` (a CUDA provider that could not be captured: host overhead included).
+    ``compile_s`` is the first call's time of a provider compiled on first use (``compiled``), kept out of
+    ``seconds`` and of every ratio; None for the others.
     """
 
     case: str
@@ -56,6 +58,7 @@ class Row:
     tol: float | None = None
     fresh_of: str | None = None
     timing: str = "host clock"
+    compile_s: float | None = None
     median_s: float = 0.0
     gbps: float = 0.0
     pct_floor: float | None = None
@@ -94,7 +97,7 @@ def _fmt_time(seconds: float) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """A fixed-width text table, one block of rows per case (``add_ratios`` must have run)."""
-    header = ("provider", "backend", "median", "GB/s", "% floor", "x naive", "fresh/out", "max err", "tol")
+    header = ("provider", "backend", "median", "compile", "GB/s", "% floor", "x naive", "fresh/out", "max err", "tol")
     lines: list[list[str]] = []
     current = None
     for row in rows:
@@ -106,6 +109,7 @@ def format_table(rows: Sequence[Row]) -> str:
                 row.provider,
                 row.backend or "-",
                 _fmt_time(row.median_s),
+                "-" if row.compile_s is None else _fmt_time(row.compile_s),
                 f"{row.gbps:.2f}",
                 _fmt(row.pct_floor, ".0f"),
                 _fmt(row.speedup_vs_naive, ".2f"),
