@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shape's alone, or with --png 1/8, 1/4, 1/2 and 1 times it)")  # fmt: skip
     parser.add_argument(
         "--sweep-t", action="store_true",
-        help=f"sweep the first dimension over {', '.join(map(str, SWEEP_T))} (instead of --sizes)",
+        help=f"sweep the first dimension (T for TND, S for SBH) over {', '.join(map(str, SWEEP_T))} "
+        "(instead of --sizes)",
     )  # fmt: skip
     parser.add_argument(
         "--op", type=_csv(_op, f"ops from {UPDATE} (update), {MERGE} (merge)"), default=list(OPS),
