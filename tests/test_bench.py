@@ -15,7 +15,7 @@ import torch
 from ringattn import bench
 from ringattn.bench import merge, merge_cli, report, ring
 
-QUICK_CASES = {case.name for case in merge.cases(quick=True)}
+QUICK_CASES = {case.name for case in merge.cases(quick=True, ops=merge.OPS)}
 AUTO_PROVIDERS = {"ringattn[auto]", "ringattn[auto] out=", "naive", "copy"}
 # One case, one timed round: for tests that only need the command to complete.
 ONE_CASE = ["--quick", "--layout", "TND", "--op", "update", "--dtype", "bf16", "--repeats", "1", "--warmup", "0"]
@@ -158,7 +158,8 @@ def test_bytes_moved_counts_every_tensor_once(op, layout, dtype):
 
 
 def test_default_cases_and_sequence_split():
-    grid = merge.cases()
+    assert merge.cases() == merge.cases(ops=[merge.UPDATE])  # library default: the stats form alone
+    grid = merge.cases(ops=merge.OPS)
     assert [(c.op, c.layout, c.dtype, c.shape) for c in grid] == [
         (merge.UPDATE, "SBH", torch.float32, (4096, 1, 32, 128)),
         (merge.UPDATE, "SBH", torch.bfloat16, (4096, 1, 32, 128)),
@@ -175,7 +176,7 @@ def test_default_cases_and_sequence_split():
 
 
 def test_shapes_beyond_ascend_limits_lift_them_and_say_so():
-    update, lse_form = merge.cases(["TND"], [torch.float32], shape=(8, 64, 128))
+    update, lse_form = merge.cases(["TND"], [torch.float32], shape=(8, 64, 128), ops=merge.OPS)
     assert not update.ascend_limits and "ascend_limits=False" in update.limit_note
     assert lse_form.op == merge.MERGE and lse_form.ascend_limits  # merge_states has no Ascend limits
 
@@ -205,8 +206,8 @@ def test_max_error_treats_unexpected_nan_as_infinite():
 
 def test_float64_case_checks_float32_statistics_at_their_own_tolerance():
     # float64 attention comes with float32 statistics: holding those to 1e-12 failed every backend.
-    options = merge.Options(cases=merge.cases(["TND", "SBH"], [torch.float64], quick=True), repeats=1, warmup=0,
-                            backends=("torch", "cpu"))  # fmt: skip
+    grid = merge.cases(["TND", "SBH"], [torch.float64], quick=True, ops=merge.OPS)  # merge_states too
+    options = merge.Options(cases=grid, repeats=1, warmup=0, backends=("torch", "cpu"))
     rows = merge.run(options)
     checked = [row for row in rows if row.max_err is not None]
     assert checked and all(row.max_err <= merge.TOL[torch.float64] for row in checked)
@@ -308,7 +309,7 @@ def test_compiled_provider_times_its_first_call_apart_in_both_forms(monkeypatch)
     fake = _FakeCompile()
     monkeypatch.setattr(torch, "compile", fake)
     monkeypatch.setattr(merge, "first_call_seconds", lambda fn, device: (1234.5, fn()))  # a recognisable value
-    grid = merge.cases(["SBH", "TND"], [torch.float32], quick=True)
+    grid = merge.cases(["SBH", "TND"], [torch.float32], quick=True, ops=merge.OPS)
     options = merge.Options(cases=grid, providers=("naive", "compiled"), warmup=1, repeats=2)
     rows = merge.run(options)
     compiled = [r for r in rows if r.provider == "compiled"]
