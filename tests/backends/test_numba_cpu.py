@@ -109,6 +109,41 @@ def test_merge_rows_lse_plus_inf_is_empty_and_all_empty_is_minus_inf() -> None:
     assert torch.equal(out_o[0, 0, 2], torch.ones(4)) and bool((out_m[0, 0, 2] == 0.0).all())
 
 
+@pytest.mark.parametrize("lane_stride", [1, 3])  # unit-stride lanes (Ascend's layout) and strided lanes
+def test_lane_check_compares_bits_signed_zeros_and_nans_stay_exact(lane_stride: int) -> None:
+    """The 8-lane check compares bits (Note [cpu merge kernel]): lanes that are float-equal but differ in bits
+    (+0 / -0 maxima) go lane by lane and must give bitwise the outputs of the all-+0 rows (the lane rule is
+    the same arithmetic); bit-equal NaN lanes take the one-lane path and must still give NaN like the float64
+    lane rule."""
+    gen = torch.Generator().manual_seed(13)
+    shape = (4, 3, 5, 24)
+    os_, ms, ls = parts(2, shape, gen)
+    zero_rows = torch.rand(shape[:3], generator=gen) < 0.5
+    for m in ms:
+        m[zero_rows] = 0.0
+    signed = [m.clone() for m in ms]
+    signed[1][..., 4:][zero_rows] = -0.0  # float-equal to lane 0, different bits
+    signed[0][0, 0, 0] = math.nan  # one NaN payload in all 8 lanes: bit-equal lanes
+    stats = [
+        torch.empty((*shape[:3], 8 * lane_stride))[..., ::lane_stride].copy_(t) if lane_stride != 1 else t
+        for t in (*signed, *ms, *ls)
+    ]
+    signed_m, plain_m, ls_ = stats[:2], stats[2:4], stats[4:]
+    got = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, signed_m, ls_, *got, lse_scale=1.0)
+    plain = outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, plain_m, ls_, *plain, lse_scale=1.0)
+    nan_row = torch.zeros(shape[:3], dtype=torch.bool)
+    nan_row[0, 0, 0] = True
+    assert bool(zero_rows[~nan_row].any()) and bool(got[0][0, 0, 0].isnan().all())
+    for g, w in zip(got, plain, strict=True):  # rows without the NaN: bitwise the +0 merge
+        assert torch.equal(g[~nan_row], w[~nan_row])
+    want = float64_merge(os_, signed_m, ls_)
+    tol = TOL[torch.float32]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, equal_nan=True)
+
+
 # --- odd sizes, strides, threads ---------------------------------------------------------------------
 
 

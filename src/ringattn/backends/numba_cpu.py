@@ -35,7 +35,16 @@ A tile runs in two phases, each walking memory in its own order:
    ``-inf`` and sum 0, or an LSE of ``+-inf``); (C) then merges that row's lanes one by one
    (``_row_lanes``) and writes lane c of the output statistics from lane c. Rows whose lanes are all equal
    (the contract: Ascend writes one value to all 8) and that have no empty part are exactly the lane rule
-   with lane 0's weights, computed once: bitwise what this kernel gave before it told lanes apart;
+   with lane 0's weights, computed once: bitwise what this kernel gave before it told lanes apart.
+   The lane check compares bits, not floats (``_bits``, ``_diff8_all``: the OR of each lane's XOR with lane
+   0, one integer compare per row): bit-equal lanes (NaNs with one payload included) give bitwise lane 0's
+   results under every lane formula, and float-equal lanes with different bits (+0 / -0) go lane by lane,
+   which is exact too. A row's flag is stored only when it is general, and the flags are read (in (C), phase
+   2, phase 3) only in a chunk / tile that has one, so the common case stores and branches on registers.
+   Time against the kernel before lanes (bench inputs, interleaved in one process on 2 shared cores, medians
+   of 15-21, two runs per size): the float compare with a flag stored per row 1.12-1.40x, this 0.99-1.29x,
+   i.e. 0.82-0.97x of it in every case; the remainder is largest on TND bfloat16 (1.14-1.29x), where the
+   check removed altogether measured no better (1.19x): the rest of the lane support, not the check;
    Strides used per row are fixed-size tuples (``_columns``), not array loads, and the output statistics
    are written in the kernel body, not in an inlined helper: numba reference-counts array arguments of
    inlined helpers per call, which cost more than the arithmetic. (The previous shape, per-row loops over
@@ -446,54 +455,66 @@ def _lanes_same(buf, base, step, lanes):
     return True
 
 
+def _bits(bufs):  # pragma: no cover - numba stub
+    """The K flat statistics buffers viewed as unsigned integers of their width (a tuple; no copy)."""
+
+
+@overload(_bits, inline="always")
+def _bits_impl(bufs):
+    # Generated per K, as _lane0. float32 -> uint32, float64 -> uint64: 1-D contiguous views of any length.
+    width = {32: "np.uint32", 64: "np.uint64"}
+    item = lambda k: f"bufs[{k}].view({width[bufs[k].dtype.bitwidth]})"  # noqa: E731
+    return _per_part_tuple("bits", "bufs", item, len(bufs), np=np)
+
+
 @numba.njit(inline="always", cache=True)
-def _same8(buf, base, step):
-    """``_lanes_same`` for Ascend's 8 lanes, straight-line (no branch, no loop: it vectorises, and an inlined loop
-    here trips a numba SSA warning)."""
-    first = buf[base]
+def _diff8(bits, base, step):
+    """0 iff Ascend's 8 lanes ``bits[base + lane * step]`` are bitwise equal to the first: the OR of their XORs
+    with it (integer ops without a branch or a float compare; Note [cpu merge kernel], lane check)."""
+    first = bits[base]
     return (
-        (buf[base + step] == first)
-        & (buf[base + np.uint64(2) * step] == first)
-        & (buf[base + np.uint64(3) * step] == first)
-        & (buf[base + np.uint64(4) * step] == first)
-        & (buf[base + np.uint64(5) * step] == first)
-        & (buf[base + np.uint64(6) * step] == first)
-        & (buf[base + np.uint64(7) * step] == first)
+        (bits[base + step] ^ first)
+        | (bits[base + np.uint64(2) * step] ^ first)
+        | (bits[base + np.uint64(3) * step] ^ first)
+        | (bits[base + np.uint64(4) * step] ^ first)
+        | (bits[base + np.uint64(5) * step] ^ first)
+        | (bits[base + np.uint64(6) * step] ^ first)
+        | (bits[base + np.uint64(7) * step] ^ first)
     )
 
 
 @numba.njit(inline="always", cache=True)
-def _same8_unit(buf, base):
-    """``_same8`` for lanes of unit stride: constant offsets, so LLVM may compare the 8 lanes as one vector."""
-    first = buf[base]
+def _diff8_unit(bits, base):
+    """``_diff8`` for lanes of unit stride: constant offsets, so LLVM may read the 8 lanes as one vector."""
+    first = bits[base]
     return (
-        (buf[base + np.uint64(1)] == first)
-        & (buf[base + np.uint64(2)] == first)
-        & (buf[base + np.uint64(3)] == first)
-        & (buf[base + np.uint64(4)] == first)
-        & (buf[base + np.uint64(5)] == first)
-        & (buf[base + np.uint64(6)] == first)
-        & (buf[base + np.uint64(7)] == first)
+        (bits[base + np.uint64(1)] ^ first)
+        | (bits[base + np.uint64(2)] ^ first)
+        | (bits[base + np.uint64(3)] ^ first)
+        | (bits[base + np.uint64(4)] ^ first)
+        | (bits[base + np.uint64(5)] ^ first)
+        | (bits[base + np.uint64(6)] ^ first)
+        | (bits[base + np.uint64(7)] ^ first)
     )
 
 
-def _same8_all(bufs, cols, p, q, n, unit):  # pragma: no cover - numba stub
-    """``_same8`` of statistics row ``(p, q, n)`` in every one of the K buffers, and-ed; ``unit`` (a literal bool):
-    the lanes have unit stride (``_same8_unit``)."""
+def _diff8_all(bits, cols, p, q, n, unit):  # pragma: no cover - numba stub
+    """``_diff8`` of statistics row ``(p, q, n)`` in every one of the K bit views, or-ed (0 iff every part's 8
+    lanes are bitwise equal); ``unit`` (a literal bool): the lanes have unit stride (``_diff8_unit``)."""
 
 
-@overload(_same8_all, inline="always")
-def _same8_all_impl(bufs, cols, p, q, n, unit):
+@overload(_diff8_all, inline="always")
+def _diff8_all_impl(bits, cols, p, q, n, unit):
     # Generated for this K, for the reason given in _weighted_sum_impl; straight-line (a branch in an inlined
     # overload trips a numba SSA warning), so the caller picks the unit-stride variant.
     if getattr(unit, "literal_value", False):
-        term = "_same8_unit(bufs[{k}], _at(cols, {k}, p, q, n))"
+        term = "_diff8_unit(bits[{k}], _at(cols, {k}, p, q, n))"
     else:
-        term = "_same8(bufs[{k}], _at(cols, {k}, p, q, n), np.uint64(cols[3][{k}]))"
-    terms = " & ".join(term.format(k=k) for k in range(len(bufs)))
-    namespace = {"_at": _at, "_same8": _same8, "_same8_unit": _same8_unit, "np": np}
-    exec(f"def same8_all(bufs, cols, p, q, n, unit):\n    return {terms}\n", namespace)  # noqa: S102 - from K only
-    return namespace["same8_all"]
+        term = "_diff8(bits[{k}], _at(cols, {k}, p, q, n), np.uint64(cols[3][{k}]))"
+    terms = " | ".join(term.format(k=k) for k in range(len(bits)))
+    namespace = {"_at": _at, "_diff8": _diff8, "_diff8_unit": _diff8_unit, "np": np}
+    exec(f"def diff8_all(bits, cols, p, q, n, unit):\n    return {terms}\n", namespace)  # noqa: S102 - from K only
+    return namespace["diff8_all"]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -616,6 +637,7 @@ def _merge_rows_kernel(
         unit_lanes = True  # every statistics input has lanes of unit stride (Ascend's layout)
         for k in range(parts):
             unit_lanes &= m_cols[3][k] == 1 and l_cols[3][k] == 1
+        m_bits, l_bits = _bits(m_bufs), _bits(l_bufs)  # the lane check compares bits (Note [cpu merge kernel])
         out_cols = _columns(out_strides, (out_m, out_l))
         step_m, step_l = np.uint64(out_cols[3][0]), np.uint64(out_cols[3][1])
         part_m = _scratch(parts * _CHUNK_ROWS, out_o)  # [k * chunk + j]: m_k, then exp(m_k - shift), then w_k / L
@@ -624,7 +646,8 @@ def _merge_rows_kernel(
         new_sum = _scratch(_CHUNK_ROWS, out_o)
         at_m = np.empty(_CHUNK_ROWS, np.uint64)  # offsets of its output statistics
         at_l = np.empty(_CHUNK_ROWS, np.uint64)
-        general = np.empty(count * num_n, np.bool_)  # in visit order: the row takes the lane-by-lane path
+        general = np.zeros(count * num_n, np.bool_)  # in visit order: the row takes the lane-by-lane path
+        tile_general = False  # any row of the tile is general: only then are the flags read
         lane_w = _scratch(parts * lanes_in, out_o)  # _row_lanes' arrays, for one general row at a time
         lane_e = np.empty(parts * lanes_in, np.bool_)
         lane_m = _scratch(3 * lanes_in, out_o)
@@ -632,6 +655,7 @@ def _merge_rows_kernel(
         for a in range(outer):
             for start in range(0, inner, _CHUNK_ROWS):
                 size = np.uint64(min(_CHUNK_ROWS, inner - start))
+                chunk_general = False
                 # A: gather lane 0 of every part.
                 for j in range(size):
                     b = start + np.int64(j)
@@ -647,13 +671,15 @@ def _merge_rows_kernel(
                     # Rows whose lanes all equal lane 0 (the contract) use lane 0; others go lane by lane.
                     same = True
                     if lanes_in == 8 and unit_lanes:
-                        same = _same8_all(m_bufs, m_cols, at[0], at[1], at[2], True)
+                        diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], True)
                         if not lse_form:
-                            same &= _same8_all(l_bufs, l_cols, at[0], at[1], at[2], True)
+                            diff |= _diff8_all(l_bits, l_cols, at[0], at[1], at[2], True)
+                        same = diff == 0
                     elif lanes_in == 8:
-                        same = _same8_all(m_bufs, m_cols, at[0], at[1], at[2], False)
+                        diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], False)
                         if not lse_form:
-                            same &= _same8_all(l_bufs, l_cols, at[0], at[1], at[2], False)
+                            diff |= _diff8_all(l_bits, l_cols, at[0], at[1], at[2], False)
+                        same = diff == 0
                     elif lanes_in != 1:
                         for k in range(parts):
                             same &= _lanes_same(m_bufs[k], _at(m_cols, k, at[0], at[1], at[2]),
@@ -661,12 +687,17 @@ def _merge_rows_kernel(
                             if not lse_form:
                                 same &= _lanes_same(l_bufs[k], _at(l_cols, k, at[0], at[1], at[2]),
                                                     np.uint64(l_cols[3][k]), lanes_in)  # fmt: skip
-                    for k in range(parts):  # an empty part must not be read: the lane-by-lane path selects
-                        e = part_m[np.uint64(k) * chunk + j] == neg_inf
-                        same &= not (e and (lse_form or part_l[np.uint64(k) * chunk + j] == zero))
-                    general[a * inner + b] = not same
+                    empty = False  # a part is empty: the lane-by-lane path must select (its output is not read)
+                    for k in range(parts):  # bitwise & and |, not and / or: no branches in the row loop
+                        empty |= (part_m[np.uint64(k) * chunk + j] == neg_inf) & (
+                            lse_form | (part_l[np.uint64(k) * chunk + j] == zero)
+                        )
+                    if empty or not same:  # rare: no store (and no flag read below) in the common case
+                        general[a * inner + b] = True
+                        chunk_general = True
                     at_m[j] = _at(out_cols, 0, at[0], at[1], at[2])
                     at_l[j] = _at(out_cols, 1, at[0], at[1], at[2])
+                tile_general |= chunk_general
                 # B: SPEC section 3 for the chunk; branch-free loops that vectorise.
                 for j in range(size):
                     top = neg_inf
@@ -696,7 +727,7 @@ def _merge_rows_kernel(
                 for j in range(size):
                     for k in range(parts):
                         weights[first_weight + j * np.uint64(parts) + np.uint64(k)] = part_m[np.uint64(k) * chunk + j]
-                    if general[a * inner + start + np.int64(j)]:
+                    if chunk_general and general[a * inner + start + np.int64(j)]:
                         continue  # phase 3 writes its statistics (reading its inputs first: they may be the outputs)
                     top = new_max[j]
                     if lse_form:
@@ -720,7 +751,7 @@ def _merge_rows_kernel(
             for n in range(num_n):
                 bases = _part_offsets(o_cols, o_bufs, p, q, n)
                 first_weight = n * lead + i * parts if heads_outer else i * lead + n * parts
-                if general[first_weight // parts]:
+                if tile_general and general[first_weight // parts]:
                     continue  # phase 3
                 out_base = np.uint64(p * out_p + q * out_q + n * out_n)
                 w = _part_values(weights, np.uint64(first_weight), o_bufs)
@@ -735,7 +766,7 @@ def _merge_rows_kernel(
                     out_o[out_base + d * out_step] = _narrow(_weighted_sum(o_bufs, bases, steps, w, d), out_o)
         # Phase 3: general rows (unequal lanes, or an empty part), lane by lane with selects; kept out of the
         # loops above, whose vectorised code a call in their body slowed down (float32 1.4-1.9x).
-        for slot in range(count * num_n):
+        for slot in range(count * num_n if tile_general else 0):
             if not general[slot]:
                 continue
             a, b = slot // inner, slot % inner
