@@ -594,3 +594,15 @@ def test_update_input_of_the_wrong_kind(gen, layout, argument, mutate, error, fr
     args[index] = mutate(args[index])
     with raises(error, argument, fragment):
         update(args, x.seq_offsets, layout)
+
+
+@pytest.mark.triton
+def test_merge_states_with_a_backend_that_cannot_run_the_device_names_the_backend(monkeypatch):
+    """``backend="triton"`` on CPU tensors without TRITON_INTERPRET: a BackendError, not Triton's driver error."""
+    triton_cuda = pytest.importorskip("ringattn.backends.triton_cuda")
+    if triton_cuda.unavailable_reason() is not None:
+        pytest.skip(f"triton backend: {triton_cuda.unavailable_reason()}")
+    monkeypatch.setattr(triton_cuda, "_INTERPRETED", False)
+    parts, lses = torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3)
+    with pytest.raises(ringattn.BackendError, match="backend: 'triton' cannot run on cpu"):
+        ringattn.merge_states(parts, lses, layout="TND", lse_layout="TN", backend="triton")

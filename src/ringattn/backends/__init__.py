@@ -154,7 +154,16 @@ def for_device(device: torch.device, name: str = "auto") -> ModuleType | _warm.A
         return load("torch")
     if name not in _MODULES or name == "reference":
         raise BackendError(expected("backend", "'auto', 'torch', 'cpu' or 'triton'", name))
-    return load(name)
+    try:
+        module = load(name)
+    except ModuleNotFoundError as exc:
+        raise BackendError(expected("backend", f"an available backend ({name!r} needs {exc.name})", name)) from exc
+    reason = module.unavailable_reason()
+    if reason is None and hasattr(module, "device_reason"):
+        reason = module.device_reason(device)
+    if reason is not None:
+        raise BackendError(f"backend: {name!r} cannot run on {device}: {reason}")
+    return module
 
 
 def wait_compiled(timeout: float | None = None) -> bool:

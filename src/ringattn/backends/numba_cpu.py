@@ -118,10 +118,15 @@ def unavailable_reason() -> str | None:
     return None  # importing this module imported numba
 
 
-def unsupported_reason(problem: UpdateProblem) -> str | None:
-    if problem.device.type != "cpu":
-        return f"the 'cpu' backend runs CPU tensors only, got device {problem.device}"
+def device_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run tensors on ``device``, or None."""
+    if device.type != "cpu":
+        return f"the 'cpu' backend runs CPU tensors only, got device {device}"
     return None
+
+
+def unsupported_reason(problem: UpdateProblem) -> str | None:
+    return device_reason(problem.device)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -57,11 +57,18 @@ def unavailable_reason() -> str | None:
     return _IMPORT_ERROR
 
 
-def unsupported_reason(problem: UpdateProblem) -> str | None:
-    """Why the fused kernel cannot run ``problem`` (device, dtype), or None."""
-    device = problem.device
+def device_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run tensors on ``device``, or None."""
     if device.type != "cuda" and not (device.type == "cpu" and _INTERPRETED):
         return f"needs a CUDA device (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
+    return None
+
+
+def unsupported_reason(problem: UpdateProblem) -> str | None:
+    """Why the fused kernel cannot run ``problem`` (device, dtype), or None."""
+    reason = device_reason(problem.device)
+    if reason is not None:
+        return reason
     if problem.dtype not in _KERNEL_DTYPES:
         return f"compiles float16, bfloat16 and float32 only (float64 runs on the 'torch' backend), got {problem.dtype}"
     return None
