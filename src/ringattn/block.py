@@ -142,9 +142,7 @@ def _square_parts(sq: int, sk: int, causal: bool) -> list[tuple[slice, slice, bo
 def _pad_last(x: torch.Tensor, pad: int, value: torch.Tensor | float | None = None) -> torch.Tensor:
     """``x`` with ``pad`` more components on the last axis: ``value`` (a scalar, or per-row) first, then zeros."""
     extra = x.new_zeros(x.shape[:-1] + (pad,))
-    if isinstance(value, torch.Tensor):
-        extra[..., 0] = value
-    elif value is not None:
+    if value is not None:
         extra[..., 0] = value
     return torch.cat([x, extra], dim=-1)
 
