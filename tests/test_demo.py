@@ -76,3 +76,12 @@ def test_python_dash_m_ringattn_is_the_command() -> None:
     result = subprocess.run([sys.executable, "-m", "ringattn", "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "--seq-len" in result.stdout and "--world-size" in result.stdout and "(default: 2)" in result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_packed_documents_part_gives_a_verdict_per_output(capsys) -> None:
+    """The packed case (issue 14): a virtual ring of 3 over random document lengths, PASS for out, dq, dk, dv."""
+    checks = demo.packed_documents(3, seed=1)
+    assert [c["name"] for c in checks] == [f"packed documents {n}" for n in ("out", "dq", "dk", "dv")]
+    assert all(c["passed"] and c["error"] <= c["limit"] for c in checks)
+    assert capsys.readouterr().out.count("  PASS  packed documents") == 4
