@@ -307,7 +307,7 @@ def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch
     elif isinstance(actual_seq_qlen, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in actual_seq_qlen):
             raise DTypeError(expected("actual_seq_qlen", "integers", actual_seq_qlen))
-        _check_offset_values(list(actual_seq_qlen), total_tokens)
+        check_offset_values(list(actual_seq_qlen), total_tokens)
         return torch.tensor(list(actual_seq_qlen), dtype=torch.int64, device=device)
     else:
         raise DTypeError(
@@ -334,11 +334,11 @@ def normalise_seq_offsets(actual_seq_qlen: Any, total_tokens: int, device: torch
             )
         )
     if _values_on_host(offsets.device):
-        _check_offset_values(offsets.tolist(), total_tokens)
+        check_offset_values(offsets.tolist(), total_tokens)
     else:
         valid = (offsets[0] == 0) & (offsets[-1] == total_tokens) & (offsets[1:] >= offsets[:-1]).all()
         if not _fetch_flag(valid):  # the one host sync of a device actual_seq_qlen
-            _check_offset_values(offsets.tolist(), total_tokens)  # raises, naming the problem
+            check_offset_values(offsets.tolist(), total_tokens)  # raises, naming the problem
             raise SeqLenError(expected("actual_seq_qlen", "a non-decreasing sequence from 0 to T", "an invalid one"))
     return offsets if offsets.device == device else offsets.to(device, non_blocking=True)
 
@@ -376,20 +376,17 @@ def _fetch_flag(flag: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def _check_offset_values(values: list[int], total_tokens: int) -> None:
+def check_offset_values(values: list[int], total_tokens: int, name: str = "actual_seq_qlen") -> None:
+    """Raise SeqLenError naming ``name`` unless ``values`` rise (non-decreasing) from 0 to ``total_tokens``."""
     if not values:
-        raise SeqLenError(expected("actual_seq_qlen", "a non-empty 1-D sequence", "an empty one"))
+        raise SeqLenError(expected(name, "a non-empty 1-D sequence", "an empty one"))
     if values[0] != 0:
-        raise SeqLenError(expected("actual_seq_qlen", "a sequence starting at 0", f"first value {values[0]}"))
+        raise SeqLenError(expected(name, "a sequence starting at 0", f"first value {values[0]}"))
     if values[-1] != total_tokens:
-        raise SeqLenError(
-            expected("actual_seq_qlen", f"a sequence ending at T = {total_tokens}", f"last value {values[-1]}")
-        )
+        raise SeqLenError(expected(name, f"a sequence ending at T = {total_tokens}", f"last value {values[-1]}"))
     for at, (a, b) in enumerate(zip(values[:-1], values[1:], strict=True)):
         if b < a:
-            raise SeqLenError(
-                expected("actual_seq_qlen", "a non-decreasing sequence", f"{a} followed by {b} at index {at}")
-            )
+            raise SeqLenError(expected(name, "a non-decreasing sequence", f"{a} followed by {b} at index {at}"))
 
 
 def _check_ascend_limits(num_heads: int, head_dim: int, dtype: torch.dtype) -> None:

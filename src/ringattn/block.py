@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ._contract import check_offset_values
 from .errors import BackendError, DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError, expected
 from .merge import lse_to_stats
 from .ring import blocks
@@ -268,13 +269,9 @@ def _offsets(name: str, value: Any, total: int) -> tuple[int, ...]:
         values = list(value)
     else:
         raise DTypeError(expected(name, "an int64 tensor, array or a list of ints", type(value).__name__))
-    if len(values) < 2 or values[0] != 0:
-        raise SeqLenError(expected(name, "a sequence [0, ..., T] of at least two values", values[:4]))
-    if values[-1] != total:
-        raise SeqLenError(expected(name, f"a sequence ending at T = {total}", f"last value {values[-1]}"))
-    for at, (a, b) in enumerate(zip(values[:-1], values[1:], strict=True)):
-        if b < a:
-            raise SeqLenError(expected(name, "a non-decreasing sequence", f"{a} followed by {b} at index {at}"))
+    if len(values) < 2:
+        raise SeqLenError(expected(name, "a sequence [0, ..., T] of at least two values", values))
+    check_offset_values(values, total, name)
     return tuple(values)
 
 
