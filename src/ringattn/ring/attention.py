@@ -50,9 +50,7 @@ _KV_TAG, _DKV_TAG = 0, 1
 class RingConfig:
     """Everything non-tensor a ring pass needs, so ``backward`` returns ``(dq, dk, dv, None)``."""
 
-    causal: bool
     scale: float
-    sharding: str  # "zigzag" | "contiguous"
     impl: str  # resolved block kernel (Note [block kernels]): "flash" | "cudnn" | "efficient" | "torch"
     backend: str  # row-merge backend name for backends.for_device
     comm: Any  # RingComm, VirtualComm (virtual.py) or a test double with the same interface
@@ -266,7 +264,7 @@ def prepare(
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_impl(options.impl, q.device, q.dtype, q.shape[-1])
     plan = DensePlan(bool(options.causal), options.sharding, q.shape[1])
-    cfg = RingConfig(bool(options.causal), float(scale), options.sharding, impl, options.backend, comm, plan)
+    cfg = RingConfig(float(scale), impl, options.backend, comm, plan)  # the plan holds causal and the sharding
     return q, k, v, cfg
 
 

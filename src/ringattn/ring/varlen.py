@@ -149,7 +149,7 @@ def prepare_varlen(
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_packed_impl(options.impl, q.device, q.dtype, q.shape[-1])
     plan = PackedPlan(lengths, bool(options.causal), impl, q.device)
-    cfg = RingConfig(bool(options.causal), float(scale), "zigzag", impl, options.backend, comm, plan)
+    cfg = RingConfig(float(scale), impl, options.backend, comm, plan)
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
 
