@@ -576,6 +576,16 @@ def check_destinations(outputs: Sequence[tuple[str, torch.Tensor]], inputs: Sequ
                 )
 
 
+def check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    """An output buffer ``t`` must have ``ref``'s shape, dtype and device (the error names ``name``)."""
+    if t.shape != ref.shape:
+        raise ShapeError(expected(name, f"shape {tuple(ref.shape)}", tuple(t.shape)))
+    if t.dtype != ref.dtype:
+        raise DTypeError(expected(name, f"dtype {ref.dtype}", t.dtype))
+    if t.device != ref.device:
+        raise DeviceError(expected(name, f"device {ref.device}", f"device {t.device}"))
+
+
 def check_outputs(
     out: Any, problem: UpdateProblem, inputs: Sequence[tuple[str, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -586,11 +596,6 @@ def check_outputs(
     refs = (problem.prev_o, problem.prev_m, problem.prev_m)
     outs = tuple(_check_tensor(n, t) for n, t in zip(names, out, strict=True))
     for name, t, ref in zip(names, outs, refs, strict=True):
-        if t.shape != ref.shape:
-            raise ShapeError(expected(name, f"shape {tuple(ref.shape)}", tuple(t.shape)))
-        if t.dtype != ref.dtype:
-            raise DTypeError(expected(name, f"dtype {ref.dtype}", t.dtype))
-        if t.device != ref.device:
-            raise DeviceError(expected(name, f"device {ref.device}", f"device {t.device}"))
+        check_like(name, t, ref)
     check_destinations(list(zip(names, outs, strict=True)), inputs)
     return outs  # type: ignore[return-value]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import _backward, _ops  # noqa: F401  (_backward registers the autograd formulas)
-from ._contract import ATTN_DTYPES, check_destinations, from_numpy
+from ._contract import ATTN_DTYPES, check_destinations, check_like, from_numpy
 from .errors import BackendError, DeviceError, DTypeError, LayoutError, ShapeError, expected
 
 __all__ = ["merge_states", "stats_to_lse", "lse_to_stats"]
@@ -145,12 +145,7 @@ def _named_parts(parts_o: list[torch.Tensor], parts_lse: list[torch.Tensor]) -> 
 def _check_out(name: str, t: Any, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DTypeError(expected(name, "a torch.Tensor", type(t).__name__))
-    if t.shape != like.shape:
-        raise ShapeError(expected(name, f"shape {tuple(like.shape)}", tuple(t.shape)))
-    if t.dtype != like.dtype:
-        raise DTypeError(expected(name, f"dtype {like.dtype}", t.dtype))
-    if t.device != like.device:
-        raise DeviceError(expected(name, f"device {like.device}", f"device {t.device}"))
+    check_like(name, t, like)
     return t
 
 
