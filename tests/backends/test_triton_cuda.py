@@ -86,6 +86,13 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(params=triton_cuda.MERGE_KERNELS)
+def merge_kernel(request, monkeypatch) -> str:
+    """Each forward merge kernel in turn, selected as a user would: RINGATTN_TRITON_MERGE (read at every launch)."""
+    monkeypatch.setenv(triton_cuda.MERGE_KERNEL_ENV, request.param)
+    return request.param
+
+
 def update_inputs(case: str, dtype: torch.dtype, seed: int, **kw) -> UpdateInputs:
     return make_update_inputs(dtype=dtype, gen=torch.Generator().manual_seed(seed), **{**LAYOUTS[case], **kw})
 
@@ -98,7 +105,7 @@ def run_update(x: UpdateInputs, backend: str = "triton", out=None):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", LAYOUTS)
-def test_layouts_and_dtypes(case, dtype):
+def test_layouts_and_dtypes(case, dtype, merge_kernel):
     """Every layout and kernel dtype against float64; mean error at most 2x the torch backend's (the maximum
     is one rounding for both, so it says nothing about the kernel's arithmetic)."""
     x = on_device(update_inputs(case, dtype, seed=1))
@@ -117,7 +124,7 @@ def test_layouts_and_dtypes(case, dtype):
 
 
 @pytest.mark.parametrize("case", ["SBH", "TND-per-batch"])
-def test_non_contiguous_every_argument(case):
+def test_non_contiguous_every_argument(case, merge_kernel):
     """Strided reads of all six inputs and strided writes of all three outputs; gaps stay untouched."""
     x = on_device(
         update_inputs(case, torch.float16, seed=2), ("gap", "transposed", "gap", "transposed", "gap", "transposed")
@@ -136,7 +143,7 @@ def test_non_contiguous_every_argument(case):
 
 @pytest.mark.parametrize("side", ["prev", "cur"])
 @pytest.mark.parametrize("case", ["SBH", "TND-per-batch"])
-def test_out_aliases_inputs_in_place(case, side):
+def test_out_aliases_inputs_in_place(case, side, merge_kernel):
     """out= exactly the prev (or cur) views accumulates in place; per-batch rows are read before written."""
     x = on_device(update_inputs(case, torch.bfloat16, seed=3), ("gap", "contiguous", "transposed") * 2)
     before = UpdateInputs(x.layout, *[t.clone() for t in x.tensors()], x.seq_offsets, x.softmax_layout)
@@ -146,7 +153,7 @@ def test_out_aliases_inputs_in_place(case, side):
     assert_update_matches(before, got, torch.bfloat16)
 
 
-def test_tnd_zero_length_batches():
+def test_tnd_zero_length_batches(merge_kernel):
     """Empty batches at the start, middle and end leave the per-batch row map a bijection."""
     x = on_device(update_inputs("TND-per-batch", torch.float32, seed=4, seq_lens=[0, 2, 0, 0, 5, 1, 0]))
     assert x.seq_offsets == [0, 0, 2, 2, 2, 7, 8, 8]
@@ -230,7 +237,7 @@ FORMS = {"stats": 1.0, "lse": 1.0, "lse-base2": math.log(2)}
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
-def test_merge_rows_k_parts(k, form):
+def test_merge_rows_k_parts(k, form, merge_kernel):
     """K = 1..5 parts, stats and LSE form (natural and base 2), strided parts, against float64."""
     dtype = torch.float32 if k != 3 else torch.float16
     lse_scale, lanes = FORMS[form], 8 if form == "stats" else 1
@@ -253,7 +260,7 @@ def test_merge_rows_k_parts(k, form):
 
 
 @pytest.mark.parametrize("form", ["stats", "lse"])
-def test_merge_rows_per_batch_row_map(form):
+def test_merge_rows_per_batch_row_map(form, merge_kernel):
     """K = 3 with per-batch TND statistics located through the device row map."""
     offsets, heads, head_dim = [0, 3, 3, 7], 3, 9
     gen = torch.Generator().manual_seed(20)
@@ -272,7 +279,7 @@ def test_merge_rows_per_batch_row_map(form):
         assert (got == got[..., :1]).all(), "every lane is written"
 
 
-def test_merge_rows_lse_in_place():
+def test_merge_rows_lse_in_place(merge_kernel):
     """LSE form accumulating into part 0 (out_o is parts_o[0], out_m is parts_m[0])."""
     gen = torch.Generator().manual_seed(21)
     parts_o, parts_m, _ = make_parts(3, (4, 1, 2), 16, torch.bfloat16, gen, "lse", 1)
@@ -282,7 +289,7 @@ def test_merge_rows_lse_in_place():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf on purpose
-def test_empty_rows_nan_and_inf():
+def test_empty_rows_nan_and_inf(merge_kernel):
     """Row by row: all parts empty, one part empty, NaN max, NaN element, +inf max (K = 3, stats form)."""
     gen = torch.Generator().manual_seed(22)
     rows_shape, head_dim = (6, 1, 1), 5
@@ -320,7 +327,7 @@ def test_tile_edges(rows_shape, head_dim, block_rows, block_d):
     gen = torch.Generator().manual_seed(30 + head_dim)
     parts_o, parts_m, parts_l = make_parts(2, rows_shape, head_dim, torch.bfloat16, gen, "stats", 8)
     out = merge_outputs(rows_shape, head_dim, torch.bfloat16, 8, "stats")
-    triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, 1.0, block_rows, block_d)
+    triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, 1.0, block_rows, block_d, kernel="tile")
     check_merge(out, merge_reference(parts_o, parts_m, parts_l), torch.bfloat16, 8)
 
 
@@ -340,7 +347,7 @@ def test_merge_rows_random(k, rows_shape, head_dim, dtype, form, block_rows, blo
     gen = torch.Generator().manual_seed(seed)
     parts_o, parts_m, parts_l = make_parts(k, rows_shape, head_dim, dtype, gen, form, lanes, lse_scale)
     out = merge_outputs(rows_shape, head_dim, dtype, lanes, form)
-    triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, lse_scale, block_rows, block_d)
+    triton_cuda._launch_merge_rows(parts_o, parts_m, parts_l, *out, None, lse_scale, block_rows, block_d, kernel="tile")
     check_merge(out, merge_reference(parts_o, parts_m, parts_l, lse_scale), dtype, lanes)
 
 
@@ -383,6 +390,233 @@ def test_supported_here():
     problem = validate_update(*x.args(), softmax_layout=None, ascend_limits=False)
     assert triton_cuda.unavailable_reason() is None
     assert triton_cuda.unsupported_reason(problem) is None
+
+
+# --- the flat forward kernel: Note [triton flat merge] ---------------------------------------------------
+
+
+def lane_merge_reference(parts_o, parts_m, parts_l, lse_scale=1.0):
+    """Note [row merge] lane by lane in float64 (statistics merged per lane, element ``d`` weighted by lane
+    ``d % lanes``; the LSE form reads lane 0), transcribed apart from the kernels; an empty part is selected out."""
+    m = torch.stack([t.double().cpu() for t in parts_m])
+    if parts_l is None:
+        m = m[..., :1] * lse_scale
+        empty = m.isinf()
+        m = m.masked_fill(empty, -INF)
+        l = torch.ones_like(m)
+    else:
+        l = torch.stack([t.double().cpu() for t in parts_l])
+        empty = (m == -INF) & (l == 0)
+    new_max = m.max(0).values  # NaN propagates
+    all_empty = new_max == -INF
+    a = l * torch.exp(m - torch.where(all_empty, 0.0, new_max))
+    new_sum = a.sum(0)
+    weights = torch.where(all_empty, 0.0, a / torch.where(all_empty, 1.0, new_sum))
+    lane_of = torch.arange(parts_o[0].shape[-1]) % m.shape[-1]
+    o = sum(
+        torch.where(e[..., lane_of], 0.0, x.double().cpu() * w[..., lane_of])
+        for x, w, e in zip(parts_o, weights, empty, strict=True)
+    )
+    if parts_l is None:
+        return o, torch.where(all_empty, -INF, (new_max + torch.log(new_sum)) / lse_scale), None
+    return o, new_max, new_sum
+
+
+def lane_parts(k, rows_shape, head_dim, dtype, gen, form, lse_scale=1.0, layout="contiguous"):
+    """K parts with independent lanes (stats form: every lane its own max and sum, about a fifth of the lanes
+    empty, half the rows with equal lanes as FlashAttention writes them), one NaN max lane, and NaN or inf
+    garbage in every element an empty part's lane covers (never to be read). LSE form: one lane of three read,
+    a fifth of the rows empty (``-inf``, or ``+inf`` as old FlashAttention writes them)."""
+    lanes = 8 if form == "stats" else 3
+    parts_o, parts_m, parts_l = [], [], []
+    lane_of = torch.arange(head_dim) % (8 if form == "stats" else 1)
+    for i in range(k):
+        o = (torch.rand((*rows_shape, head_dim), generator=gen, dtype=torch.float64) * 2 - 1).to(dtype)
+        m = torch.randn((*rows_shape, lanes), generator=gen) * 4
+        l = 1 + torch.rand((*rows_shape, lanes), generator=gen) * 63
+        if form == "stats":
+            equal = torch.rand((*rows_shape, 1), generator=gen) < 0.5
+            m, l = torch.where(equal, m[..., :1], m), torch.where(equal, l[..., :1], l)
+            empty = torch.rand((*rows_shape, lanes), generator=gen) < 0.2
+            m, l = m.masked_fill(empty, -INF), l.masked_fill(empty, 0.0)
+        else:
+            m = torch.where(l > 0, (m + torch.log(l)) / lse_scale, -INF)
+            empty = (torch.rand((*rows_shape, 1), generator=gen) < 0.2).expand(m.shape)
+            m = m.masked_fill(empty, INF if i % 2 else -INF)
+        garbage = torch.tensor(math.nan if i % 2 else -INF).to(dtype)
+        o = torch.where(empty[..., lane_of], garbage, o)
+        if i == k - 1:
+            m[(0,) * len(rows_shape) + (3 if form == "stats" else 0,)] = math.nan  # a NaN lane (read) in row 0
+        parts_o.append(strided(o, layout))
+        parts_m.append(strided(m.contiguous(), layout))
+        parts_l.append(strided(l.contiguous(), layout))
+    return parts_o, parts_m, parts_l if form == "stats" else None
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.cpu().view(ints), b.cpu().view(ints))
+
+
+def merge_both(parts, lse_scale, flat_block=None, row_map=None, lanes_out=None):
+    """The tile kernel's and the flat kernel's outputs of the same merge, into NaN-poisoned outputs."""
+    parts_o, parts_m, parts_l = parts
+    form = "stats" if parts_l is not None else "lse"
+    lanes = lanes_out or parts_m[0].shape[-1]
+    rows_shape, head_dim = parts_o[0].shape[:-1], parts_o[0].shape[-1]
+    got = {}
+    for kernel in triton_cuda.MERGE_KERNELS:
+        out = merge_outputs(rows_shape, head_dim, parts_o[0].dtype, lanes, form)
+        triton_cuda._launch_merge_rows(
+            *parts, *out, row_map, lse_scale, kernel=kernel, flat_block=flat_block if kernel == "flat" else None
+        )
+        got[kernel] = out
+    return got["tile"], got["flat"]
+
+
+def check_lane_merge(got, want, dtype):
+    out_o, out_m, out_l = got
+    want_o, want_m, want_l = want
+    assert_close(out_o, want_o, TOL[dtype], "out_o")
+    lanes = out_m.shape[-1]
+    assert_close(out_m, want_m.expand(*want_m.shape[:-1], lanes) if want_m.shape[-1] == 1 else want_m, STATS_TOL, "m")
+    if out_l is not None:
+        assert_close(out_l, want_l, STATS_TOL, "out_l")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic on purpose
+@pytest.mark.parametrize(("layout", "flat_block"), [("contiguous", None), ("gap", 32)])
+@pytest.mark.parametrize("head_dim", [5, 6, 72])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("form", FORMS)
+def test_flat_kernel_bitwise_equal_to_tile(form, dtype, k, head_dim, layout, flat_block):
+    """The flat kernel computes the tile kernel's bits (the same helpers, the same arithmetic) and matches the float64
+    lane-by-lane reference: unequal lanes, empty lanes with garbage outputs, a NaN lane, odd D (5: one element per
+    pack; 6: packs of two of the eight lanes in 16-bit types; 72: 16-byte packs that Triton's divisibility-by-16
+    specialisation cannot see), contiguous (packs) and strided (one element per pack; a 32-element block, so D = 72 rows
+    take the chunk loop)."""
+    lse_scale = FORMS[form]
+    gen = torch.Generator().manual_seed(200 + head_dim + 10 * k)
+    parts = lane_parts(k, (3, 2, 2), head_dim, dtype, gen, form, lse_scale, layout)
+    tile, flat = merge_both(parts, lse_scale, flat_block)
+    for name, a, b in zip(("out_o", "out_m", "out_l"), tile, flat, strict=True):
+        assert a is None or same_bits(a, b), f"{name}: the flat kernel's bits differ from the tile kernel's"
+    check_lane_merge(flat, lane_merge_reference(*parts, lse_scale), dtype)
+    assert flat[0][0, 0, 0].isnan().any() and not flat[0][1:].isnan().any(), "NaN stays in its row"
+
+
+@pytest.mark.parametrize("form", ["stats", "lse"])
+def test_flat_kernel_per_batch_row_map_bitwise(form):
+    """Per-batch TND statistics through the device row map (zero-length batches at both ends and inside), K = 3,
+    with the flat kernel's programs holding one row (block 8 < D) and several rows (block 64)."""
+    offsets, heads, head_dim = [0, 0, 3, 3, 7, 8, 8], 3, 16
+    gen = torch.Generator().manual_seed(210)
+    parts = lane_parts(3, (offsets[-1], 1, heads), head_dim, torch.bfloat16, gen, form)
+    row_map = per_batch_row_map(torch.tensor(offsets, device=DEVICE), offsets[-1], heads)
+    for flat_block in (8, 64):
+        tile, flat = merge_both(parts, 1.0, flat_block, row_map=row_map)
+        for a, b in zip(tile, flat, strict=True):
+            assert a is None or same_bits(a, b)
+        assert not flat[1][1:].isnan().any(), "every statistics row is written (row 0 holds the NaN lane)"
+
+
+@pytest.mark.parametrize("block", [8, 16, 1024])
+def test_flat_kernel_in_place_rows_across_programs(block):
+    """out= exactly part 0's views (stats form, K = 3, unequal lanes, D = 24), with programs of one row walked in
+    chunks of 8 or 16 elements, and of all six rows (block 1024): every row's statistics are read before written."""
+    gen = torch.Generator().manual_seed(220)
+    parts = lane_parts(3, (6, 1, 2), 24, torch.float32, gen, "stats")
+    want = lane_merge_reference(*parts)
+    tile, _ = merge_both(parts, 1.0)
+    out = (parts[0][0], parts[1][0], parts[2][0])
+    triton_cuda._launch_merge_rows(*parts, *out, None, 1.0, kernel="flat", flat_block=block)
+    check_lane_merge(out, want, torch.float32)
+    for a, b in zip(tile, out, strict=True):
+        assert same_bits(a, b)
+
+
+def test_flat_vector_width():
+    """16-byte packs only where every attention tensor allows them (unit column stride, D and strides multiples of
+    the pack): the kernel promises the compiler that alignment, so the launcher's check is what keeps it true."""
+    x = torch.empty(4, 2, 3, 64, dtype=torch.bfloat16)
+    assert triton_cuda._flat_vector([x, x], 64, 2) == 8
+    assert triton_cuda._flat_vector([x.float()], 64, 4) == 4
+    assert triton_cuda._flat_vector([torch.empty(4, 2, 3, 72, dtype=torch.bfloat16)], 72, 2) == 8
+    assert triton_cuda._flat_vector([torch.empty(4, 2, 3, 6, dtype=torch.bfloat16)], 6, 2) == 2
+    assert triton_cuda._flat_vector([torch.empty(4, 2, 3, 5)], 5, 4) == 1
+    assert triton_cuda._flat_vector([x, x.transpose(0, 3).contiguous().transpose(0, 3)], 64, 2) == 1
+    assert triton_cuda._flat_vector([x, torch.empty(4, 2, 3, 68, dtype=torch.bfloat16)[..., :64]], 64, 2) == 4
+    assert triton_cuda._flat_vector([torch.empty(4, 1, 3, 64, dtype=torch.bfloat16)[:, :, :, :]], 64, 2) == 8
+
+
+def test_merge_kernel_selection(monkeypatch):
+    """RINGATTN_TRITON_MERGE picks the forward kernel at each launch ('tile' when unset or empty, any case); the
+    launcher's keyword overrides it."""
+    calls: list[str] = []
+    flat_launch = triton_cuda._launch_merge_flat
+
+    def counted(*args, **kwargs):
+        calls.append("flat")
+        return flat_launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_cuda, "_launch_merge_flat", counted)
+    gen = torch.Generator().manual_seed(230)
+    parts = make_parts(2, (2, 1, 2), 8, torch.float32, gen, "stats", 8)
+    want = merge_reference(*parts)
+    for value, ran_flat in (("flat", True), ("FLAT", True), ("tile", False), ("", False), (None, False)):
+        if value is None:
+            monkeypatch.delenv(triton_cuda.MERGE_KERNEL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(triton_cuda.MERGE_KERNEL_ENV, value)
+        calls.clear()
+        out = merge_outputs((2, 1, 2), 8, torch.float32, 8, "stats")
+        triton_cuda.merge_rows(*parts, *out)
+        check_merge(out, want, torch.float32, 8)
+        assert bool(calls) == ran_flat, value
+        assert triton_cuda.merge_kernel() == ("flat" if ran_flat else "tile")
+    monkeypatch.setenv(triton_cuda.MERGE_KERNEL_ENV, "tile")
+    calls.clear()
+    triton_cuda._launch_merge_rows(*parts, *merge_outputs((2, 1, 2), 8, torch.float32, 8, "stats"), None, 1.0,
+                                   kernel="flat")  # fmt: skip
+    assert calls == ["flat"]
+
+
+@pytest.mark.parametrize("value", ["tiles", "Flat2", "row"])
+def test_merge_kernel_bad_value_raises(monkeypatch, value):
+    """A value of RINGATTN_TRITON_MERGE that names no kernel raises BackendError naming the variable, from the public
+    op too; a bad launcher keyword names ``kernel``."""
+    monkeypatch.setenv(triton_cuda.MERGE_KERNEL_ENV, value)
+    with pytest.raises(ringattn.BackendError, match=f"RINGATTN_TRITON_MERGE: expected 'tile' or 'flat', got '{value}'"):
+        triton_cuda.merge_kernel()
+    x = on_device(update_inputs("SBH", torch.float32, seed=231))
+    with pytest.raises(ringattn.BackendError, match="RINGATTN_TRITON_MERGE"):
+        run_update(x)
+    monkeypatch.delenv(triton_cuda.MERGE_KERNEL_ENV)
+    with pytest.raises(ringattn.BackendError, match=f"kernel: expected 'tile' or 'flat', got '{value}'"):
+        triton_cuda.merge_kernel(value)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    k=st.integers(1, 5),
+    rows_shape=st.tuples(st.integers(1, 9), st.integers(1, 2), st.integers(1, 4)),
+    head_dim=st.integers(1, 80),
+    dtype=st.sampled_from(KERNEL_DTYPES),
+    form=st.sampled_from(list(FORMS)),
+    layout=st.sampled_from(["contiguous", "gap", "transposed"]),
+    flat_block=st.sampled_from([None, 8, 32, 256]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_flat_kernel_random(k, rows_shape, head_dim, dtype, form, layout, flat_block, seed):
+    lse_scale = FORMS[form]
+    gen = torch.Generator().manual_seed(seed)
+    parts = lane_parts(k, rows_shape, head_dim, dtype, gen, form, lse_scale, layout)
+    tile, flat = merge_both(parts, lse_scale, flat_block)
+    for a, b in zip(tile, flat, strict=True):
+        assert a is None or same_bits(a, b)
+    check_lane_merge(flat, lane_merge_reference(*parts, lse_scale), dtype)
 
 
 # --- merge_rows_backward: Note [row merge backward] ----------------------------------------------------

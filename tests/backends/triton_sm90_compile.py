@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import collections
 import os
+import pathlib
 import re
+import subprocess
 import sys
+import tempfile
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
@@ -42,9 +46,28 @@ class _Sm90Driver:
 
 compiled: list[str] = []
 conversions: list[str] = []
+resources: list[str] = []
+label = ""  # the variant being compiled, named in the resource lines
 _run = JITFunction.run
 # float32 -> bfloat16 in PTX: cvt.<rounding>[.<modifiers>].bf16[x2].f32
 _CVT_BF16 = re.compile(r"\bcvt((?:\.\w+)*?)\.bf16(?:x2)?\.f32\b")
+# 128-bit global accesses: ld.global[.nc...].v4.b32 / st.global.v4.b32 (16 bytes per thread and instruction)
+_LD_V4 = re.compile(r"\bld\.global(?:\.\w+)*\.v4\.(?:b32|f32|u32)\b")
+_ST_V4 = re.compile(r"\bst\.global(?:\.\w+)*\.v4\.(?:b32|f32|u32)\b")
+_CUOBJDUMP = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _resource_usage(cubin: bytes) -> str:
+    """``REG=.. STACK=.. LOCAL=..`` of the cubin's kernel, from ``cuobjdump --dump-resource-usage`` (ptxas' register
+    count; STACK and LOCAL are nonzero when registers spill). Empty when Triton ships no cuobjdump."""
+    if not _CUOBJDUMP.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(_CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text))
+    return " ".join(f"{key}={found[key]}" for key in ("REG", "STACK", "LOCAL") if key in found)
 
 
 def _compile_only(self, *args, grid, warmup, **kwargs):
@@ -52,10 +75,14 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
     cubin = kernel.asm.get("cubin", b"")
     assert cubin, f"{self.fn.__name__}: no cubin"
     compiled.append(f"{self.fn.__name__}: {len(cubin)} bytes of sm_90a cubin")
-    modes = collections.Counter(m.group(1).lstrip(".") or "default" for m in _CVT_BF16.finditer(kernel.asm["ptx"]))
+    ptx = kernel.asm["ptx"]
+    modes = collections.Counter(m.group(1).lstrip(".") or "default" for m in _CVT_BF16.finditer(ptx))
     if modes:
         counts = " ".join(f"{mode}={n}" for mode, n in sorted(modes.items()))
         conversions.append(f"cvt-bf16 {self.fn.__name__}: {counts}")
+    usage = _resource_usage(cubin)
+    vectors = f"ld.v4={len(_LD_V4.findall(ptx))} st.v4={len(_ST_V4.findall(ptx))}"
+    resources.append(f"resources {self.fn.__name__} [{label}]: {usage} {vectors}")
     return kernel
 
 
@@ -73,6 +100,9 @@ def parts(k: int, shape: tuple[int, ...], dtype: torch.dtype, lse: bool):
 
 
 def forward_and_backward(k, shape, dtype, lse, row_map=None, backward=True):
+    global label
+    label = f"K={k} {tuple(shape)} {str(dtype).removeprefix('torch.')} {'lse' if lse else 'stats'}"
+    label += " row-map" if row_map is not None else ""
     o, m, l = parts(k, shape, dtype, lse)
     out = (torch.empty_like(o[0]), torch.empty_like(m[0]), None if lse else torch.empty_like(m[0]))
     triton_cuda.merge_rows(o, m, l, *out, row_map=row_map)
@@ -86,6 +116,23 @@ def forward_and_backward(k, shape, dtype, lse, row_map=None, backward=True):
         triton_cuda.merge_rows_backward(*grads, o, m, l, *grad_parts, row_map=row_map)
 
 
+def flat(k, shape, dtype, lse, row_map=None, block=None):
+    """The flat forward kernel (Note [triton flat merge]) through the public path: selected by its environment
+    variable, or with an explicit ``block`` through the launcher's override."""
+    global label
+    if block is not None:
+        label = f"K={k} {tuple(shape)} {str(dtype).removeprefix('torch.')} {'lse' if lse else 'stats'} block={block}"
+        o, m, l = parts(k, shape, dtype, lse)
+        out = (torch.empty_like(o[0]), torch.empty_like(m[0]), None if lse else torch.empty_like(m[0]))
+        triton_cuda._launch_merge_rows(o, m, l, *out, row_map, 1.0, kernel="flat", flat_block=block)
+        return
+    os.environ[triton_cuda.MERGE_KERNEL_ENV] = "flat"
+    try:
+        forward_and_backward(k, shape, dtype, lse, row_map=row_map, backward=False)
+    finally:
+        del os.environ[triton_cuda.MERGE_KERNEL_ENV]
+
+
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     forward_and_backward(2, (16, 2, 4, 128), dtype, lse=False)  # SBH-like rows, one chunk
 offsets = torch.tensor([0, 5, 5, 12])
@@ -94,5 +141,17 @@ forward_and_backward(2, (12, 1, 4, 64), torch.bfloat16, lse=False, row_map=_row_
 forward_and_backward(3, (16, 1, 4, 320), torch.float16, lse=True)  # LSE form, K = 3, D loops over chunks
 forward_and_backward(8, (16, 1, 2, 40), torch.float32, lse=True, backward=False)
 forward_and_backward(3, (16, 1, 4, 320), torch.bfloat16, lse=True)  # bfloat16 in the LSE form too
-print("\n".join(compiled + conversions))
+# The flat forward kernel: every dtype in both forms (16-byte packs), the per-batch map, K = 3 and 8, D = 72 (packs
+# by the launcher's check, not by Triton's divisibility-by-16 specialisation), D = 5 (one element per pack), and a
+# row longer than a program's block (the chunk loop).
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    flat(2, (16, 2, 4, 128), dtype, lse=False)
+    flat(2, (16, 1, 32, 128), dtype, lse=True)
+flat(2, (12, 1, 4, 64), torch.bfloat16, lse=False, row_map=_row_map(offsets, 12, 4))
+flat(3, (16, 1, 4, 320), torch.float16, lse=True)
+flat(8, (16, 1, 2, 40), torch.float32, lse=True)
+flat(2, (16, 1, 4, 72), torch.bfloat16, lse=False)
+flat(2, (16, 1, 4, 5), torch.float32, lse=False)
+flat(2, (16, 1, 4, 320), torch.bfloat16, lse=False, block=256)
+print("\n".join(compiled + conversions + resources))
 sys.exit(0 if compiled else 1)

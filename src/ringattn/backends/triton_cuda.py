@@ -8,8 +8,11 @@ argument (only block sizes, ``K`` and the form are compile-time), and never sync
 so it can be captured in a CUDA graph. With ``TRITON_INTERPRET=1`` set before Triton is imported it runs
 on CPU tensors (that is how the tests run without a GPU).
 
-The kernels and their design notes (Note [triton row tiles], Note [triton row merge backward]) are in
-``triton_kernels.py``; this module holds the interface of ``backends/__init__.py`` and the launchers.
+The kernels and their design notes (Note [triton row tiles], Note [triton flat merge], Note [triton row merge
+backward]) are in ``triton_kernels.py``; this module holds the interface of ``backends/__init__.py`` and the
+launchers. The forward runs the row-tile kernel unless the environment variable ``RINGATTN_TRITON_MERGE=flat``
+(read at every launch, see :func:`merge_kernel`) picks the flat kernel, which computes the same bits but has not
+yet been measured on a GPU.
 
 float64 is not compiled here (float64 ``exp`` is slow on most NVIDIA parts and the exactness checks it
 serves do not need speed): :func:`unsupported_reason` says so, ``auto`` then picks ``torch``, and
@@ -26,12 +29,18 @@ from collections.abc import Sequence
 import torch
 
 from .._contract import UpdateProblem
+from ..errors import BackendError, expected
 from . import heads_outer, torch_eager
 
 try:
     import triton
 
-    from .triton_kernels import _merge_rows_backward_kernel, _merge_rows_kernel, _per_batch_row_map_kernel
+    from .triton_kernels import (
+        _merge_flat_kernel,
+        _merge_rows_backward_kernel,
+        _merge_rows_kernel,
+        _per_batch_row_map_kernel,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     triton = None
     _IMPORT_ERROR: str | None = f"triton is not importable ({exc})"
@@ -46,6 +55,13 @@ MIXED_PART_DTYPES = True
 _MAX_BLOCK_D = 256
 _MAX_BLOCK_ROWS = 32
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Which forward merge kernel runs (Note [triton flat merge] in triton_kernels.py): read at every launch, so a
+# benchmark or a user can switch without editing code. 'tile' (Note [triton row tiles]) until the flat kernel has
+# been measured on a GPU.
+MERGE_KERNEL_ENV = "RINGATTN_TRITON_MERGE"
+MERGE_KERNELS = ("tile", "flat")
+_DEFAULT_MERGE_KERNEL = "tile"
+_FLAT_MAX_ROWS = 128  # rows per flat program when D is tiny (the statistics tile is rows x lanes)
 
 
 # Triton decides at @triton.jit time (module import) whether kernels are interpreted on CPU tensors.
@@ -83,6 +99,22 @@ def _block_sizes(head_dim: int, live_tiles: int, element_size: int) -> tuple[int
     tile = 2048 if live_tiles <= 2 and head_dim <= _MAX_BLOCK_D else 1024 if live_tiles <= 4 else 512
     tile = max(tile * 2 // max(element_size, 2), 64)
     return max(1, min(tile // block_d, _MAX_BLOCK_ROWS)), block_d
+
+
+def merge_kernel(name: str | None = None) -> str:
+    """The forward merge kernel to launch: ``name`` when given, else the environment variable
+    ``RINGATTN_TRITON_MERGE`` (``tile`` when unset or empty), read at each call: ``'tile'`` (row tiles, Note
+    [triton row tiles]) or ``'flat'`` (a flat grid of 16-byte packs, Note [triton flat merge]); both compute the
+    same bits. Raises BackendError naming the variable (or ``kernel``) for any other value."""
+    if name is None:
+        value = os.environ.get(MERGE_KERNEL_ENV, "").strip().lower() or _DEFAULT_MERGE_KERNEL
+        if value not in MERGE_KERNELS:
+            got = os.environ[MERGE_KERNEL_ENV]
+            raise BackendError(expected(MERGE_KERNEL_ENV, " or ".join(map(repr, MERGE_KERNELS)), repr(got)))
+        return value
+    if name not in MERGE_KERNELS:
+        raise BackendError(expected("kernel", " or ".join(map(repr, MERGE_KERNELS)), repr(name)))
+    return name
 
 
 def _row_map_args(row_map: tuple[torch.Tensor, torch.Tensor] | None, Q: int) -> tuple:
@@ -131,12 +163,20 @@ def _launch_merge_rows(
     lse_scale: float,
     block_rows: int | None = None,
     block_d: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    *,
+    kernel: str | None = None,
+    flat_block: int | None = None,
 ) -> None:
-    """Launch :func:`_merge_rows_kernel` on already valid views; ``block_*`` and ``num_warps`` override the
-    tile (tests, ``benchmarks/triton_tune.py``)."""
+    """Launch the forward merge on already valid views: :func:`_merge_rows_kernel`, or :func:`_merge_flat_kernel`
+    when ``kernel`` (default: :func:`merge_kernel`'s environment variable) is ``'flat'``. ``block_*`` override the
+    tile, ``flat_block`` the flat kernel's elements per program, ``num_warps`` either's warps (tests,
+    ``benchmarks/triton_tune.py``)."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
+    if merge_kernel(kernel) == "flat":
+        _launch_merge_flat(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, flat_block, num_warps)
+        return
     if num_rows == 0:
         return
     default_rows, default_d = _block_sizes(D, len(parts_o), out_o.element_size())
@@ -178,9 +218,96 @@ def _launch_merge_rows(
             BLOCK_LANES=triton.next_power_of_2(lanes),
             LANES_IN=lanes_in,
             ONE_CHUNK=D <= block_d,
-            num_warps=num_warps,
+            num_warps=num_warps or 4,
             # SPEC section 3 rounds two products, then adds: no fused multiply-add.
             enable_fp_fusion=False,
+        )
+
+
+def _flat_vector(tensors: Sequence[torch.Tensor], head_dim: int, element_size: int) -> int:
+    """Elements per pack of the flat kernel: 16 bytes of ``element_size``-byte elements, halved until every
+    attention tensor has unit column stride and ``D`` and its other strides (of dimensions longer than 1) are
+    multiples of it. The kernel promises the compiler that much contiguity and alignment (``tl.multiple_of``), so
+    this check is what makes the promise true; 1 (scalar accesses) always is."""
+    vec = max(16 // element_size, 1)
+    while vec > 1:
+        fits = (
+            head_dim % vec == 0
+            and all(t.stride(3) == 1 or t.shape[3] == 1 for t in tensors)
+            and all(s % vec == 0 for t in tensors for s, n in zip(t.stride()[:3], t.shape[:3], strict=True) if n > 1)
+        )
+        if fits:
+            break
+        vec //= 2
+    return vec
+
+
+def _launch_merge_flat(
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    out_o: torch.Tensor,
+    out_m: torch.Tensor,
+    out_l: torch.Tensor | None,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None,
+    lse_scale: float,
+    block: int | None = None,
+    num_warps: int | None = None,
+) -> None:
+    """Launch :func:`_merge_flat_kernel` (Note [triton flat merge]) on already valid views: ``block`` elements per
+    chunk (a power of 2; default 2 KiB of the output's elements), ``num_warps`` (default one warp per 32 packs, at
+    most 8). Any strides: a column stride other than 1, or strides and ``D`` that are not multiples of the 16-byte
+    pack, only make the packs narrower (``_flat_vector``); outputs may be exactly the inputs' views."""
+    P, Q, N, D = out_o.shape
+    num_rows = P * Q * N
+    if num_rows == 0:
+        return
+    vec = _flat_vector([*parts_o, out_o], D, out_o.element_size())
+    block = block or max(2048 // out_o.element_size(), vec)
+    assert block >= vec and block & (block - 1) == 0, "flat_block: a power of 2 of at least one pack"
+    rows_per_program = max(1, min(block // D, _FLAT_MAX_ROWS))
+    lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
+    lanes = out_m.shape[-1]
+    is_lse = parts_l is None
+    assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
+    assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
+    row_base, row_step = _row_map_args(row_map, Q)
+    with _device_guard(out_o):
+        _merge_flat_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+            tuple(parts_o),
+            tuple(o.stride() for o in parts_o),
+            tuple(parts_m),
+            tuple(m.stride() for m in parts_m),
+            None if is_lse else tuple(parts_l),
+            None if is_lse else tuple(s.stride() for s in parts_l),
+            out_o,
+            out_o.stride(),
+            out_m,
+            out_m.stride(),
+            out_l,
+            None if is_lse else out_l.stride(),
+            row_base,
+            row_step,
+            num_rows,
+            Q,
+            N,
+            D,
+            lanes,
+            float(lse_scale),
+            rows_per_program,
+            K=len(parts_o),
+            IS_LSE=is_lse,
+            HAS_ROW_MAP=row_map is not None,
+            # The attention tensors' memory order, so a program's run is contiguous memory.
+            HEADS_OUTER=abs(out_o.stride(2)) > abs(out_o.stride(0)),
+            BLOCK=block,
+            VEC=vec,
+            ROWS=triton.next_power_of_2(rows_per_program),
+            BLOCK_LANES=triton.next_power_of_2(lanes),
+            LANES_IN=lanes_in,
+            ONE_CHUNK=D <= block,
+            num_warps=num_warps or max(1, min(8, block // vec // 32)),
+            enable_fp_fusion=False,  # the tile kernel's arithmetic exactly: no fused multiply-add
         )
 
 
@@ -302,7 +429,9 @@ def merge_rows(
     never NaN; NaN inputs propagate. Outputs may be exactly the same views as inputs; partial overlaps
     are undefined (callers validate with ``_contract.check_outputs``). Arguments are not validated.
     float64 or more than ``MAX_PARTS`` parts run on the ``torch`` backend. Asynchronous on CUDA: no host
-    synchronisation, capturable in a CUDA graph.
+    synchronisation, capturable in a CUDA graph. The kernel is the row-tile one, or the flat one (the same bits)
+    when the environment variable ``RINGATTN_TRITON_MERGE`` is ``flat`` (:func:`merge_kernel`; another value raises
+    BackendError).
     """
     if (
         out_o.dtype not in _KERNEL_DTYPES

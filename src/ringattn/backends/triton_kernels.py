@@ -1,5 +1,6 @@
-"""Triton kernels of the CUDA backend: the row merge (Note [row merge]) and its backward (Note [row merge
-backward]), with the small @triton.jit helpers both share. Launchers: ``triton_cuda.py``.
+"""Triton kernels of the CUDA backend: the row merge (Note [row merge]) as row tiles and as a flat grid of packs,
+and its backward (Note [row merge backward]), with the small @triton.jit helpers they share. Launchers:
+``triton_cuda.py``.
 
 Note [triton row tiles]
 -----------------------
@@ -84,6 +85,54 @@ no GPU). Each chunk holds ``K + 1`` D-tiles (``g`` and the ``o_k``), so the tile
 ``_block_sizes(D, K + 1)``; compiled for sm_90a without a GPU (ptxas through Triton 3.9), every dtype, both
 forms, ``K`` in 1, 2, 3, 4, 8 and ``D`` in 64, 128, 256, 320 take 40-128 registers and no spills (fp16
 ``K = 2``, ``D = 128``: 54).
+
+Note [triton flat merge]
+------------------------
+A second forward design, :func:`_merge_flat_kernel`, selected without editing code by ``RINGATTN_TRITON_MERGE=flat``
+(or the launcher's ``kernel="flat"``). **It has not yet run on a GPU**: it is checked bitwise against the tile
+kernel and against float64 under the interpreter, and compiled for sm_90a, but never timed, so ``tile`` stays the
+default until ``benchmarks/triton_tune.py --kernel tile,flat`` has measured both (issue 12). It follows vLLM's CUDA
+merge: the output is a flat array of *packs*, ``VEC`` consecutive elements of one row (16 bytes: 8 fp16/bf16 or 4
+fp32), one pack per thread; each pack finds its row (``x // D`` in int32 within its program, the row number in
+int64), reads that row's statistics for its lanes from every part (L1/L2 hits after the row's first pack), forms
+the weights and writes its rounded elements with one 16-byte store.
+
+Why it might beat the row tiles: the weights are formed in the packs' own layout, so there is no shared-memory
+layout conversion between a ``[rows, lanes]`` statistics tile and a ``[rows, D]`` tile (the tile kernel's sm_90a code
+for bf16, ``K = 2``, ``D = 128`` has 7 ``bar.sync``, this one 1); no program waits on a row's statistics arithmetic
+before its other rows' loads; and the LSE form takes 32 registers (tile: 56-60), so more programs are in flight per
+SM. Why it might not: every pack recomputes its lanes' weights. In the LSE form that is ``K`` exps and ``K``
+divisions per pack, as vLLM does; in the stats form a bf16 pack covers all 8 lanes, so per element ``K`` exps and
+``K`` IEEE divisions (sm_90a, ``K = 2``: 18 ``ex2`` and 16 ``div.rn`` per thread, against 2 and 2 in the tile
+kernel), which at the copy floor's element rate is a large share of an H100's special-function throughput (an
+estimate, not a measurement). The measurement decides.
+
+Whole rows per program, for in-place merges. Program ``i`` owns the rows ``[i R, (i + 1) R)``, ``R = max(1, BLOCK //
+D)`` (at most 128): the contiguous run of ``R D`` elements when rows are contiguous, walked in ``BLOCK``-element
+chunks when ``D > BLOCK``. Rows never straddle programs: outputs may be exactly the inputs' views, every pack of a
+row reads the row's statistics, and programs are not ordered, so a program writing a row's merged statistics could
+not know that another program holding part of the row had read them. After its packs, a program merges its rows'
+statistics again as an ``[R, lanes]`` tile (the same helpers; L1 hits), and one ``bar.sync`` (``tl.debug_barrier``)
+separates every read of its statistics, by any of its threads, from the first write of them. Each output element is
+computed from loads of that same element only, so the attention outputs need no barrier. The per-batch map is a
+bijection, so each statistics row belongs to the one program holding its attention row. The price: when ``D`` does
+not divide ``BLOCK``, ``BLOCK - R D < D`` elements of the chunk idle.
+
+Packs and strides. ``VEC`` comes from the launcher (``_flat_vector``): 16 bytes of the output's elements, halved until
+``D`` and the strides of every attention tensor (dimensions longer than 1) are multiples of it and the column stride
+is 1. The kernel passes that promise to the compiler (``tl.multiple_of`` / ``tl.max_contiguous``), so ``D = 72`` gets
+16-byte packs although Triton's specialisation only sees divisibility by 16; anything else gets ``VEC = 1`` (one
+element per pack) and runs correctly with any strides, so no input falls back to the tile kernel. Lanes: a pack of
+``VEC >= LANES_IN`` columns holds whole groups of lanes (element ``j`` takes lane ``j % LANES_IN``), a narrower one the
+``VEC`` lanes from ``d0 % LANES_IN``. Rows are numbered in the attention tensors' memory order (``HEADS_OUTER`` from
+their strides), so a program's run is one block of memory.
+
+Arithmetic: exactly the tile kernel's, through the same helpers (``_rows_at``, ``_merged_stats``, ``_part_scale``,
+``_spread``, ``_store_merged``): the same max and sum order, ``w_k / L`` by ``div_rn``, no FMA contraction, -0.0
+selected for an empty part, one rounding to nearest even; the tests compare the two kernels' bits, and the tune
+script compares them on the GPU before timing. sm_90a (Triton 3.9's ptxas, ``K = 2``, ``D = 128``, no spills):
+stats form fp32 52 registers, fp16/bf16 92; LSE form 32; LSE ``K = 8`` fp32 78. The tile kernel: fp32 88, bf16
+60, fp16 62.
 """
 
 import triton
@@ -106,6 +155,16 @@ def _tile_rows(
     # int64 before any multiplication: offsets pass 2**31 near a million tokens.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < num_rows
+    p, q, n, sp, sq, sn = _rows_at(rows, row_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER)
+    return row_mask, p, q, n, sp, sq, sn
+
+
+@triton.jit
+def _rows_at(rows, row_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP: tl.constexpr, HEADS_OUTER: tl.constexpr):
+    """Row numbers (int64, in the order of Note [triton row tiles]) -> ``(p, q, n, sp, sq, sn)``: attention view
+    indices and statistics view indices (through the per-batch row map where there is one). Shared by the tile
+    kernels and the flat kernel (Note [triton flat merge]), so they cannot disagree about which statistics row a
+    row has."""
     if HEADS_OUTER:  # r = (q * N + n) * P + p: consecutive rows are consecutive statistics rows
         P = num_rows // (Q * N)
         p = rows % P
@@ -125,7 +184,7 @@ def _tile_rows(
         sp = p
         sq = q
         sn = n
-    return row_mask, p, q, n, sp, sq, sn
+    return p, q, n, sp, sq, sn
 
 
 @triton.jit
@@ -149,17 +208,14 @@ def _fold(values, LANES: tl.constexpr):
 
 @triton.jit
 def _part_stats(
-    parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale,
-    LANES_IN: tl.constexpr,
+    parts_m, m_strides, parts_l, l_strides, k: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale, lanes,
 ):  # fmt: skip
-    """``(max, sum, empty)`` of part ``k`` at stats rows (sp, sq, sn), ``[rows, LANES_IN]`` tiles (every lane on its
-    own). LSE form (one lane): ``(lse * lse_scale, 1)``; ``+inf`` and ``-inf`` are empty. Stats form: empty where
-    max is ``-inf`` and sum 0."""
-    lanes = tl.arange(0, LANES_IN)
-    tile_mask = mask[:, None] & (lanes < LANES_IN)[None, :]
-    m_off = (sp * m_strides[k][0] + sq * m_strides[k][1] + sn * m_strides[k][2])[:, None] + lanes[None, :] * m_strides[
-        k
-    ][3]
+    """``(max, sum, empty)`` of part ``k`` at stats rows (sp, sq, sn) and lanes ``lanes`` (int, ``[1, LANES_IN]``
+    for a whole row's lanes, or ``[rows, W]`` per row: the flat kernel's pack of elements), ``[rows, W]`` tiles,
+    every lane on its own. LSE form (one lane): ``(lse * lse_scale, 1)``; ``+inf`` and ``-inf`` are empty. Stats
+    form: empty where max is ``-inf`` and sum 0."""
+    m_off = (sp * m_strides[k][0] + sq * m_strides[k][1] + sn * m_strides[k][2])[:, None] + lanes * m_strides[k][3]
+    tile_mask = tl.broadcast_to(mask[:, None], m_off.shape)
     m = tl.load(parts_m[k] + m_off, mask=tile_mask, other=float("-inf")).to(tl.float32)
     if IS_LSE:
         m = m * lse_scale
@@ -168,7 +224,7 @@ def _part_stats(
         l = tl.full(m.shape, 1.0, tl.float32)
     else:
         l_off = (sp * l_strides[k][0] + sq * l_strides[k][1] + sn * l_strides[k][2])[:, None]
-        l = tl.load(parts_l[k] + l_off + lanes[None, :] * l_strides[k][3], mask=tile_mask, other=0.0).to(tl.float32)
+        l = tl.load(parts_l[k] + l_off + lanes * l_strides[k][3], mask=tile_mask, other=0.0).to(tl.float32)
         empty = (m == float("-inf")) & (l == 0.0)
     return m, l, empty
 
@@ -186,33 +242,32 @@ def _part_scale(
     mask,
     IS_LSE: tl.constexpr,
     lse_scale,
-    LANES_IN: tl.constexpr,
+    lanes,
     shift,
 ):
     """``(m_k, exp(m_k - shift), a_k = l_k exp(m_k - shift), empty_k)`` of part ``k`` per lane; 0, 0 for an empty
     part."""
-    m, l, empty = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, LANES_IN)
+    m, l, empty = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, lanes)
     decay = tl.exp(m - shift)
     return m, decay, l * decay, empty
 
 
 @triton.jit
 def _merged_stats(
-    parts_m, m_strides, parts_l, l_strides, K: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale,
-    LANES_IN: tl.constexpr,
+    parts_m, m_strides, parts_l, l_strides, K: tl.constexpr, sp, sq, sn, mask, IS_LSE: tl.constexpr, lse_scale, lanes,
 ):  # fmt: skip
-    """``(M, all_empty, shift, L)`` of the K parts per lane, ``[rows, LANES_IN]`` (Note [row merge]): ``shift`` is
-    ``M``, or 0 where every part is empty, so that the weights of such lanes are 0 instead of NaN."""
-    new_max = tl.full((sp.shape[0], LANES_IN), float("-inf"), tl.float32)
+    """``(M, all_empty, shift, L)`` of the K parts per lane, ``[rows, W]`` (Note [row merge]): ``shift`` is ``M``,
+    or 0 where every part is empty, so that the weights of such lanes are 0 instead of NaN."""
+    new_max = tl.full((sp.shape[0], lanes.shape[1]), float("-inf"), tl.float32)
     for k in tl.static_range(K):
-        m, _, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, LANES_IN)
+        m, _, _ = _part_stats(parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, lanes)
         new_max = tl.maximum(new_max, m, propagate_nan=tl.PropagateNan.ALL)
     all_empty = new_max == float("-inf")
     shift = tl.where(all_empty, 0.0, new_max)
-    new_sum = tl.zeros((sp.shape[0], LANES_IN), tl.float32)
+    new_sum = tl.zeros((sp.shape[0], lanes.shape[1]), tl.float32)
     for k in tl.static_range(K):
         _, _, a, _ = _part_scale(
-            parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, LANES_IN, shift
+            parts_m, m_strides, parts_l, l_strides, k, sp, sq, sn, mask, IS_LSE, lse_scale, lanes, shift
         )
         new_sum += a
     return new_max, all_empty, shift, new_sum
@@ -228,6 +283,25 @@ def _store_lanes(ptr, strides, sp, sq, sn, lanes, value, mask, LANE0_ONLY: tl.co
     if LANE0_ONLY:
         tile = tl.where(lanes[None, :] == 0, tile, 0.0)
     tl.store(ptr + dst, tile.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_merged(
+    out_m, out_m_strides, out_l, out_l_strides, sp, sq, sn, row_mask, merged, LANES, lse_scale, IS_LSE: tl.constexpr,
+    BLOCK_LANES: tl.constexpr,
+):  # fmt: skip
+    """Write the merged statistics of the rows (sp, sq, sn) to every output lane: ``merged`` is ``(M, all_empty, L,
+    safe_L)`` from :func:`_merged_stats`, ``[rows, LANES_IN]``; the LSE form writes ``(M + ln L) / lse_scale``
+    (``-inf`` where every part is empty), the stats form ``M`` and ``L``."""
+    new_max, all_empty, new_sum, safe_sum = merged
+    lanes = tl.arange(0, BLOCK_LANES)
+    lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
+    if IS_LSE:
+        lse = tl.where(all_empty, float("-inf"), tl.div_rn(new_max + tl.log(safe_sum), lse_scale))
+        _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, lse, lane_mask, False)
+    else:
+        _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, new_max, lane_mask, False)
+        _store_lanes(out_l, out_l_strides, sp, sq, sn, lanes, new_sum, lane_mask, False)
 
 
 @triton.jit
@@ -266,9 +340,10 @@ def _merge_chunk(
     cols = d0 + tl.arange(0, BLOCK_D)
     tile_mask = row_mask[:, None] & (cols < D)[None, :]
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+    in_lanes = tl.arange(0, LANES_IN)[None, :]
     for k in tl.static_range(K):
         # Recomputed per chunk (statistics are L1 hits) rather than carried: K is a compile-time count.
-        _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+        _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes, shift)
         weight = _spread(tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum)), BLOCK_D)
         o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
         o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
@@ -313,7 +388,8 @@ def _merge_rows_kernel(
     # Note [triton row tiles].
     row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
     stats = (parts_m, m_strides, parts_l, l_strides)
-    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN)
+    in_lanes = tl.arange(0, LANES_IN)[None, :]
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes)
     safe_sum = tl.where(all_empty, 1.0, new_sum)  # the weights of empty lanes are 0: no 0 / 0 on the way
 
     rows = (p, q, n, sp, sq, sn, row_mask)
@@ -326,14 +402,130 @@ def _merge_rows_kernel(
             _merge_chunk(d0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
                          LANES_IN, BLOCK_ROWS, BLOCK_D)  # fmt: skip
 
-    lanes = tl.arange(0, BLOCK_LANES)
-    lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
-    if IS_LSE:
-        lse = tl.where(all_empty, float("-inf"), tl.div_rn(new_max + tl.log(safe_sum), lse_scale))
-        _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, lse, lane_mask, False)
+    merged = (new_max, all_empty, new_sum, safe_sum)
+    _store_merged(out_m, out_m_strides, out_l, out_l_strides, sp, sq, sn, row_mask, merged, LANES, lse_scale, IS_LSE,
+                  BLOCK_LANES)  # fmt: skip
+
+
+@triton.jit
+def _flat_chunk(
+    x0,
+    span,
+    first_row,
+    parts_o,
+    o_strides,
+    stats,  # (parts_m, m_strides, parts_l, l_strides)
+    out_o,
+    out_o_strides,
+    row_args,  # (num_rows, Q, N, row_base, row_step)
+    D,
+    lse_scale,
+    K: tl.constexpr,
+    IS_LSE: tl.constexpr,
+    HAS_ROW_MAP: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    LANES_IN: tl.constexpr,
+):
+    """Elements ``[x0, x0 + BLOCK)`` of this program's run (counted from column 0 of ``first_row``; ``span``
+    elements in all) as ``BLOCK // VEC`` packs of ``VEC`` consecutive elements of one row (Note [triton flat
+    merge]): each pack finds its row, reads its lanes' statistics of every part and writes
+    ``sum_k o_k * (a_k / L)``, rounded once; an empty part's ``o_k`` is selected out (-0.0, the identity of +)."""
+    num_rows, Q, N, row_base, row_step = row_args
+    PACKS: tl.constexpr = BLOCK // VEC
+    W: tl.constexpr = VEC if VEC < LANES_IN else LANES_IN  # lanes per pack
+    # int32 inside a program's run (at most max(BLOCK, D) elements); the row number is int64.
+    x = x0 + tl.arange(0, PACKS) * VEC
+    pack_mask = x < span
+    local_row = x // D
+    d0 = x - local_row * D  # column of the pack's first element: a multiple of VEC (D and VEC: the launcher's)
+    rows = first_row + local_row
+    p, q, n, sp, sq, sn = _rows_at(rows, pack_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER)
+    if LANES_IN <= VEC:  # a pack holds whole groups of LANES_IN columns: element j takes lane j % LANES_IN
+        lanes = tl.arange(0, W)[None, :]
+    else:  # a pack holds the VEC consecutive lanes from d0 % LANES_IN
+        lanes = (d0 % LANES_IN)[:, None] + tl.arange(0, W)[None, :]
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes)
+    safe_sum = tl.where(all_empty, 1.0, new_sum)
+    cols = d0[:, None] + tl.arange(0, VEC)[None, :]
+    mask = tl.broadcast_to(pack_mask[:, None], (PACKS, VEC))  # a pack is wholly inside or outside the run
+    acc = tl.zeros([PACKS, VEC], tl.float32)
+    for k in tl.static_range(K):
+        _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, shift)
+        weight = _spread(tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum)), VEC)
+        o_off = (p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2])[:, None] + cols * o_strides[k][3]
+        if VEC > 1:  # the launcher checked unit column strides and strides, D multiples of VEC: 16-byte vectors
+            o_off = tl.max_contiguous(tl.multiple_of(o_off, [1, VEC]), [1, VEC])
+        o = tl.load(parts_o[k] + o_off, mask=mask, other=0.0)
+        acc += tl.where(_spread(empty, VEC), -0.0, o.to(tl.float32) * weight)
+    dst = (p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2])[:, None] + cols * out_o_strides[3]
+    if VEC > 1:
+        dst = tl.max_contiguous(tl.multiple_of(dst, [1, VEC]), [1, VEC])
+    tl.store(out_o + dst, acc.to(out_o.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_rows", "Q", "N", "rows_per_program"])
+def _merge_flat_kernel(
+    parts_o,  # K pointers to [P, Q, N, D]
+    o_strides,  # K tuples of (P, Q, N, D) strides
+    parts_m,  # K pointers to [P, Q, N, LANES_IN] (raw [T, 1, N, LANES_IN] with a row map)
+    m_strides,  # K tuples of (P, Q, N, lane) strides
+    parts_l,  # like parts_m; None in the LSE form
+    l_strides,
+    out_o,  # [P, Q, N, D]
+    out_o_strides,
+    out_m,  # [P, Q, N, LANES]: max, or LSE divided by lse_scale
+    out_m_strides,  # (P, Q, N, lane)
+    out_l,  # [P, Q, N, LANES]: sum; None in the LSE form
+    out_l_strides,
+    row_base,  # [T] int64, with HAS_ROW_MAP
+    row_step,  # [T] int64, with HAS_ROW_MAP
+    num_rows,
+    Q,
+    N,
+    D,
+    LANES,
+    lse_scale,
+    rows_per_program,  # whole rows per program: max(1, BLOCK // D), capped
+    K: tl.constexpr,
+    IS_LSE: tl.constexpr,
+    HAS_ROW_MAP: tl.constexpr,
+    HEADS_OUTER: tl.constexpr,  # row order: the attention tensors' memory order
+    BLOCK: tl.constexpr,  # elements per chunk, a power of 2
+    VEC: tl.constexpr,  # elements per pack (16 bytes, or fewer: the launcher's conditions)
+    ROWS: tl.constexpr,  # next_pow2(rows_per_program): the statistics tile
+    BLOCK_LANES: tl.constexpr,
+    LANES_IN: tl.constexpr,  # lanes of the parts' statistics: 1 (LSE) or 8 (Ascend), a power of 2
+    ONE_CHUNK: tl.constexpr,  # D <= BLOCK: the run is one straight-line chunk
+):
+    # Note [triton flat merge].
+    first_row = tl.program_id(0).to(tl.int64) * rows_per_program
+    span = (tl.minimum(num_rows - first_row, rows_per_program) * D).to(tl.int32)
+    stats = (parts_m, m_strides, parts_l, l_strides)
+    row_args = (num_rows, Q, N, row_base, row_step)
+    if ONE_CHUNK:
+        _flat_chunk(0, span, first_row, parts_o, o_strides, stats, out_o, out_o_strides, row_args, D, lse_scale, K,
+                    IS_LSE, HAS_ROW_MAP, HEADS_OUTER, BLOCK, VEC, LANES_IN)  # fmt: skip
     else:
-        _store_lanes(out_m, out_m_strides, sp, sq, sn, lanes, new_max, lane_mask, False)
-        _store_lanes(out_l, out_l_strides, sp, sq, sn, lanes, new_sum, lane_mask, False)
+        for x0 in range(0, span, BLOCK):
+            _flat_chunk(x0, span, first_row, parts_o, o_strides, stats, out_o, out_o_strides, row_args, D,
+                        lse_scale, K, IS_LSE, HAS_ROW_MAP, HEADS_OUTER, BLOCK, VEC, LANES_IN)  # fmt: skip
+
+    # The merged statistics of this program's rows, every lane, from the parts (L1/L2 hits).
+    local = tl.arange(0, ROWS)
+    rows = first_row + local
+    row_mask = (local < rows_per_program) & (rows < num_rows)
+    p, q, n, sp, sq, sn = _rows_at(rows, row_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER)
+    in_lanes = tl.arange(0, LANES_IN)[None, :]
+    new_max, all_empty, _, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes)
+    safe_sum = tl.where(all_empty, 1.0, new_sum)
+    # Every read of this program's statistics (by any of its threads, above) happens before any is overwritten:
+    # outputs may be the inputs' views (Note [triton flat merge], in place).
+    tl.debug_barrier()
+    merged = (new_max, all_empty, new_sum, safe_sum)
+    _store_merged(out_m, out_m_strides, out_l, out_l_strides, sp, sq, sn, row_mask, merged, LANES, lse_scale, IS_LSE,
+                  BLOCK_LANES)  # fmt: skip
 
 
 @triton.jit
@@ -386,7 +578,8 @@ def _merge_rows_backward_kernel(
     # lane by lane: lane j of the statistics meets the elements d with d % LANES_IN == j.
     row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
     stats = (parts_m, m_strides, parts_l, l_strides)
-    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN)
+    in_lanes = tl.arange(0, LANES_IN)[None, :]
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes)
     # All parts empty: weights 0, never 0 / 0 (the torch backend's rule, mirrored term by term).
     safe_sum = tl.where(all_empty, 1.0, new_sum)
     inv_sum = tl.where(all_empty, 0.0, tl.div_rn(tl.full(new_sum.shape, 1.0, tl.float32), safe_sum))
@@ -402,7 +595,7 @@ def _merge_rows_backward_kernel(
         g = tl.load(grad_o + g_row[:, None] + cols[None, :] * grad_o_strides[3], mask=tile_mask, other=0.0)
         g = g.to(tl.float32)
         for k in tl.static_range(K):
-            _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+            _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes, shift)
             skip = _spread(empty, BLOCK_D)  # an empty part's o_k is not read; its gradient is 0
             o_off = p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2]
             o = tl.load(parts_o[k] + o_off[:, None] + cols[None, :] * o_strides[k][3], mask=tile_mask, other=0.0)
@@ -415,14 +608,14 @@ def _merge_rows_backward_kernel(
 
     mean_dot = tl.zeros([BLOCK_ROWS, LANES_IN], tl.float32)  # <g, o> = sum_k w_k d_k, from the parts
     for k in tl.static_range(K):
-        _, _, a, _ = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+        _, _, a, _ = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes, shift)
         mean_dot += (a * inv_sum) * _column(dots, k)
     g_m = _lane_grads(grad_m, grad_m_strides, sp, sq, sn, row_mask, GRAD_LANES, BLOCK_GRAD_LANES, LANES_IN)
     lanes = tl.arange(0, BLOCK_LANES)
     lane_mask = row_mask[:, None] & (lanes < LANES)[None, :]
     if IS_LSE:
         for k in tl.static_range(K):
-            _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+            _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes, shift)
             centred = _column(dots, k) - mean_dot
             dx = tl.where(empty, 0.0, (a * inv_sum) * (lse_scale * centred + g_m))
             _store_lanes(grad_parts_m[k], grad_parts_m_strides[k], sp, sq, sn, lanes, dx, lane_mask, True)
@@ -431,12 +624,12 @@ def _merge_rows_backward_kernel(
         # The max is shared equally by tied non-empty parts (torch.maximum's rule and the central difference's).
         tie_count = tl.zeros([BLOCK_ROWS, LANES_IN], tl.float32)
         for k in tl.static_range(K):
-            m, _, empty = _part_stats(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN)
+            m, _, empty = _part_stats(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes)
             tie_count += tl.where((m == new_max) & (~empty), 1.0, 0.0)
         tie_count = tl.maximum(tie_count, 1.0)
         max_grad = g_m - new_sum * g_l
         for k in tl.static_range(K):
-            m, decay, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, LANES_IN, shift)
+            m, decay, a, empty = _part_scale(*stats, k, sp, sq, sn, row_mask, IS_LSE, lse_scale, in_lanes, shift)
             centred = _column(dots, k) - mean_dot
             dl = tl.where(empty, 0.0, (centred * inv_sum + g_l) * decay)
             tie = tl.where((m == new_max) & (~empty), 1.0, 0.0) / tie_count
