@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Everything a session with a CUDA GPU should run, in one command (the lent device machines are short-lived):
-#   bash benchmarks/cuda_session.sh [tests|bench|ring|all]      (default all)
+#   bash benchmarks/cuda_session.sh [tests|bench|ring|tune|all]      (default all)
 #     tests: the GPU's share of the suite (merge kernels, CUDA-only tests, ring blocks and virtual rings on CUDA)
 #     bench: `ringattn bench --device cuda` (the merge)
 #     ring:  the ring tests on CUDA, `ringattn bench ring --virtual` on the issue-11 cases, and where the
 #            virtual ring's time goes (benchmarks/ring_profile.py)
+#     tune:  (not in all) issue 12: the tile and flat Triton merges (Note [triton flat merge]) at the --sweep-t
+#            sizes, both forms, against the copy floor and torch.compile (benchmarks/triton_tune.py)
 # Logs and JSON go to $OUT (the device tool's output folder) or ./cuda-out. Uses the machine's python3 with
 # torch, triton and numba already installed, and this checkout through PYTHONPATH (nothing to install).
 set -uo pipefail
@@ -55,6 +57,11 @@ fi
 if [[ $stage == bench || $stage == all ]]; then
     timeout 300 python3 -m ringattn.bench --device cuda --backend auto,torch --repeats 30 --warmup 3 \
         --json "$OUT/bench-cuda.json" --no-progress 2>&1 | tee "$OUT/bench-cuda.txt"
+    status=$((status | PIPESTATUS[0]))
+fi
+if [[ $stage == tune ]]; then
+    timeout 540 python3 benchmarks/triton_tune.py --kernel tile,flat --flat-block 256,512,1024,2048 --compiled \
+        --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.txt"
     status=$((status | PIPESTATUS[0]))
 fi
 exit "$status"
