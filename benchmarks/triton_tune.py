@@ -1,20 +1,22 @@
 """Compare the Triton forward merges (row tiles, flat packs) and their block sizes with the copy floor; needs a GPU.
 
     PYTHONPATH=src python3 benchmarks/triton_tune.py [--kernel tile,flat] [--flat-block 256,512,1024,2048]
-        [--flat-warps 0,4] [--rows 8,16,32] [--warps 4] [--sizes 256,1024,4096,16384,65536] [--op update,merge]
-        [--layout SBH,TND] [--dtype float32,bfloat16] [--compiled] [--repeats 20] [--json PATH]
+        [--flat-warps 0,4] [--flat-lanes check,each] [--rows 8,16,32] [--warps 4] [--compiled]
+        [--sizes 256,1024,4096,16384,65536] [--op update,merge] [--layout SBH,TND] [--dtype float32,bfloat16]
+        [--repeats 20] [--json PATH]
 
 Issue 12's question in one run: per bench case (``ringattn.bench.merge.cases``: ``ring_attention_update`` SBH and
 per-batch TND with Ascend's 8-lane statistics, ``merge_states`` in the LSE form in vLLM's layout, the sizes of
 ``ringattn bench --sweep-t`` by default), the default tile kernel (Note [triton row tiles]), every flat configuration
-(Note [triton flat merge]: elements per program x warps, 0 = the launcher's choice), optional tile overrides
-(``--rows``: rows per program at ``--warps``), optionally ``torch.compile`` of the naive formula, and the copy floor of
-the same bytes. Each configuration runs the public op into preallocated outputs (``out=``) with the launcher's kernel
-and blocks overridden, is checked bitwise against the default tile kernel (the two kernels compute the same bits) and
-timed from CUDA graph replays, interleaved with the floor, in one process (Note [bench timing]). Prints one block per
-case (microseconds per call, % of the copy floor) and a summary against issue 12's targets (>= 97 % of the floor
-from 50 MB moved, >= 90 % from 6 MB, and with ``--compiled`` at least torch.compile's speed). ``--device cpu`` with
-``TRITON_INTERPRET=1`` runs tiny shapes through the interpreter: a smoke test of this script, not a measurement.
+(Note [triton flat merge]: elements per program x warps, 0 = the launcher's choice, and in the stats form with and
+without the equal-lanes shortcut), optional tile overrides (``--rows``: rows per program at ``--warps``), optionally
+``torch.compile`` of the naive formula, and the copy floor of the same bytes. Each configuration runs the public op
+into preallocated outputs (``out=``) with the launcher's kernel and blocks overridden, is checked bitwise against the
+default tile kernel (the two kernels compute the same bits) and timed from CUDA graph replays, interleaved with the
+floor, in one process (Note [bench timing]). Prints one block per case (microseconds per call, % of the copy floor)
+and a summary against issue 12's targets (>= 97 % of the floor from 50 MB moved, >= 90 % from 6 MB, and with
+``--compiled`` at least torch.compile's speed). ``--device cpu`` with ``TRITON_INTERPRET=1`` runs tiny shapes through
+the interpreter: a smoke test of this script, not a measurement.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def _with_launch(call, **override):
     return run
 
 
-def configurations(args: argparse.Namespace, call) -> dict[str, object]:
-    """Name -> callable on the case's inputs: the default tile kernel first, then the requested variants."""
+def configurations(args: argparse.Namespace, call, stats_form: bool) -> dict[str, object]:
+    """Name -> callable on the case's inputs: the default tile kernel first, then the requested variants (the flat
+    kernel's equal-lanes shortcut on and off in the stats form; the LSE form has one lane)."""
     configs = {TILE: _with_launch(call, kernel="tile")}
     if "tile" in args.kernel:
         for rows in args.rows:
@@ -62,10 +65,13 @@ def configurations(args: argparse.Namespace, call) -> dict[str, object]:
                 call, kernel="tile", block_rows=rows, num_warps=args.warps
             )
     if "flat" in args.kernel:
-        for block in args.flat_block:
-            for warps in args.flat_warps:
-                name = f"flat block={block} warps={warps or 'auto'}"
-                configs[name] = _with_launch(call, kernel="flat", flat_block=block, num_warps=warps or None)
+        for lanes in args.flat_lanes if stats_form else ["check"]:
+            for block in args.flat_block:
+                for warps in args.flat_warps:
+                    name = f"flat block={block} warps={warps or 'auto'}" + (" each-lane" if lanes == "each" else "")
+                    configs[name] = _with_launch(
+                        call, kernel="flat", flat_block=block, num_warps=warps or None, flat_lane_check=lanes == "check"
+                    )
     return configs
 
 
@@ -76,7 +82,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def run_case(case, args: argparse.Namespace, device: torch.device) -> dict:
     inputs = make_inputs(case, device)
     call = providers(["triton"], kinds=("ringattn",), op=case.op)["ringattn[triton] out="]
-    configs = configurations(args, call)
+    configs = configurations(args, call, stats_form=case.op == UPDATE)
     want = [t.clone() for t in configs[TILE](inputs)]
     for name, fn in configs.items():
         for t in inputs.out:
@@ -102,7 +108,7 @@ def run_case(case, args: argparse.Namespace, device: torch.device) -> dict:
     for name, secs in times.items():
         mark = "  <- fastest merge" if name == best else ""
         extra = f"  (compile {compile_s:.1f} s)" if name == COMPILED and compile_s is not None else ""
-        print(f"  {name:<28} {secs * 1e6:9.1f} us  {100 * floor / secs:6.1f}% floor{mark}{extra}")
+        print(f"  {name:<38} {secs * 1e6:9.1f} us  {100 * floor / secs:6.1f}% floor{mark}{extra}")
     if eager:
         print(f"  timed eagerly (not capturable): {eager}")
     del inputs, timed
@@ -137,7 +143,7 @@ def summary(results: list[dict]) -> None:
     timed) torch.compile."""
     print("\nsummary (% of the copy floor; 'ok': meets issue 12's target for the bytes moved and, with --compiled, is "
           "at least as fast as torch.compile)")  # fmt: skip
-    print(f"  {'case':<52} {'MB':>8} {'target':>6} {'tile':>7} {'best flat':>9}  {'config':<26} {'compiled':>8}")
+    print(f"  {'case':<52} {'MB':>8} {'target':>6} {'tile':>7} {'best flat':>9}  {'config':<36} {'compiled':>8}")
     for r in results:
         pct = r["pct_floor"]
         target = _targets(r["bytes"])
@@ -147,7 +153,7 @@ def summary(results: list[dict]) -> None:
         print(
             f"  {r['case']:<52} {r['bytes'] / 1e6:8.1f} {'' if target is None else f'{target:.0f}%':>6} "
             f"{_verdict(pct, TILE, target, compiled):>7} {_verdict(pct, best, target, compiled):>9}  "
-            f"{(best or '-').removeprefix('flat '):<26} {'-' if compiled is None else f'{compiled:.1f}':>8}"
+            f"{(best or '-').removeprefix('flat '):<36} {'-' if compiled is None else f'{compiled:.1f}':>8}"
         )
 
 
@@ -170,6 +176,10 @@ def main() -> None:
     parser.add_argument("--kernel", type=names(triton_cuda.MERGE_KERNELS), default=list(triton_cuda.MERGE_KERNELS))
     parser.add_argument("--flat-block", type=ints, default=[256, 512, 1024, 2048], help="flat: elements per program")
     parser.add_argument("--flat-warps", type=ints, default=[0], help="flat: warps per program (0: the launcher's)")
+    parser.add_argument(
+        "--flat-lanes", type=names(("check", "each")), default=["check", "each"],
+        help="flat, stats form: with the equal-lanes shortcut (check) and/or every lane's own weights (each)",
+    )  # fmt: skip
     parser.add_argument("--rows", type=ints, default=[], help="tile: extra configurations with these rows/program")
     parser.add_argument("--warps", type=int, default=4, help="tile: warps of the --rows configurations")
     parser.add_argument("--sizes", type=ints, default=list(SWEEP_T), help="first dimension: S (SBH) or T (TND)")

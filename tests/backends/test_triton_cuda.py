@@ -458,18 +458,16 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.cpu().view(ints), b.cpu().view(ints))
 
 
-def merge_both(parts, lse_scale, flat_block=None, row_map=None, lanes_out=None):
+def merge_both(parts, lse_scale, flat_block=None, row_map=None, lane_check=True):
     """The tile kernel's and the flat kernel's outputs of the same merge, into NaN-poisoned outputs."""
     parts_o, parts_m, parts_l = parts
     form = "stats" if parts_l is not None else "lse"
-    lanes = lanes_out or parts_m[0].shape[-1]
     rows_shape, head_dim = parts_o[0].shape[:-1], parts_o[0].shape[-1]
     got = {}
     for kernel in triton_cuda.MERGE_KERNELS:
-        out = merge_outputs(rows_shape, head_dim, parts_o[0].dtype, lanes, form)
-        triton_cuda._launch_merge_rows(
-            *parts, *out, row_map, lse_scale, kernel=kernel, flat_block=flat_block if kernel == "flat" else None
-        )
+        out = merge_outputs(rows_shape, head_dim, parts_o[0].dtype, parts_m[0].shape[-1], form)
+        flat = dict(flat_block=flat_block, flat_lane_check=lane_check) if kernel == "flat" else {}
+        triton_cuda._launch_merge_rows(*parts, *out, row_map, lse_scale, kernel=kernel, **flat)
         got[kernel] = out
     return got["tile"], got["flat"]
 
@@ -534,6 +532,55 @@ def test_flat_kernel_in_place_rows_across_programs(block):
     check_lane_merge(out, want, torch.float32)
     for a, b in zip(tile, out, strict=True):
         assert same_bits(a, b)
+
+
+def lanes_seen(monkeypatch) -> list[int]:
+    """Under the interpreter, the lane count of every weight tile the flat kernel forms (1: one lane per pack, the
+    equal-lanes shortcut); jit helpers are looked up in the module at each interpreted call."""
+    from ringattn.backends import triton_kernels
+
+    seen: list[int] = []
+    flat_sum = triton_kernels._flat_sum
+
+    def recorded(o_tiles, stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, VEC):
+        seen.append(lanes.shape[1])
+        return flat_sum(o_tiles, stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, VEC)
+
+    monkeypatch.setattr(triton_kernels, "_flat_sum", recorded)
+    return seen
+
+
+@pytest.mark.parametrize("head_dim", [6, 72])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_flat_kernel_equal_lanes_shortcut(dtype, head_dim, monkeypatch):
+    """Stats form: where every pack's lanes are equal bit for bit (NaN and empty rows included) the weights come from
+    one lane per pack, and a single differing lane (one bit of one sum) sends the program back to every lane's own
+    weights; both give the tile kernel's bits and those of the flat kernel without the check."""
+    seen = lanes_seen(monkeypatch) if triton_cuda._INTERPRETED else None
+    gen = torch.Generator().manual_seed(240 + head_dim)
+    parts = make_parts(2, (4, 1, 3), head_dim, dtype, gen, "stats", 8)  # equal lanes, a fifth of the rows empty
+    parts = tuple([t.contiguous() for t in ts] for ts in parts)  # packs of several lanes need unit strides
+    parts[1][1][0, 0, 1] = math.nan  # a NaN max in every lane of one row
+    for unequal in (False, True):
+        if unequal:
+            lane = 2 if head_dim > 2 else 0
+            parts[2][0][3, 0, 2, lane] = torch.nextafter(parts[2][0][3, 0, 2, lane], torch.tensor(INF))
+        results, lane_counts = [], []
+        for check in (True, False):
+            results.append(merge_both(parts, 1.0, lane_check=check))
+            if seen is not None:  # one entry per program (chunk)
+                lane_counts.append({int(v) for v in seen})
+                seen.clear()
+        (tile, flat), (_, flat_each) = results
+        for a, b, c in zip(tile, flat, flat_each, strict=True):
+            assert same_bits(a, b) and same_bits(a, c)
+        check_lane_merge(flat, lane_merge_reference(*parts), dtype)
+        if seen is not None:
+            pack_lanes = min(16 // dtype.itemsize, 8) if head_dim == 72 else 2
+            # Checked: every program takes the shortcut, but the one holding the differing lane.
+            want = pack_lanes in lane_counts[0] <= {1, pack_lanes} if unequal else lane_counts[0] == {1}
+            assert want, lane_counts
+            assert lane_counts[1] == {pack_lanes}, lane_counts  # unchecked: every lane of the pack
 
 
 def test_flat_vector_width():

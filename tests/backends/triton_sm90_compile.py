@@ -81,7 +81,7 @@ def _compile_only(self, *args, grid, warmup, **kwargs):
         counts = " ".join(f"{mode}={n}" for mode, n in sorted(modes.items()))
         conversions.append(f"cvt-bf16 {self.fn.__name__}: {counts}")
     usage = _resource_usage(cubin)
-    vectors = f"ld.v4={len(_LD_V4.findall(ptx))} st.v4={len(_ST_V4.findall(ptx))}"
+    vectors = f"ld.v4={len(_LD_V4.findall(ptx))} st.v4={len(_ST_V4.findall(ptx))} bar.sync={ptx.count('bar.sync')}"
     resources.append(f"resources {self.fn.__name__} [{label}]: {usage} {vectors}")
     return kernel
 
@@ -116,15 +116,18 @@ def forward_and_backward(k, shape, dtype, lse, row_map=None, backward=True):
         triton_cuda.merge_rows_backward(*grads, o, m, l, *grad_parts, row_map=row_map)
 
 
-def flat(k, shape, dtype, lse, row_map=None, block=None):
+def flat(k, shape, dtype, lse, row_map=None, block=None, lane_check=True):
     """The flat forward kernel (Note [triton flat merge]) through the public path: selected by its environment
-    variable, or with an explicit ``block`` through the launcher's override."""
+    variable, or with an explicit ``block`` or ``lane_check`` through the launcher's overrides."""
     global label
-    if block is not None:
+    if block is not None or not lane_check:
         label = f"K={k} {tuple(shape)} {str(dtype).removeprefix('torch.')} {'lse' if lse else 'stats'} block={block}"
+        label += "" if lane_check else " no-lane-check"
         o, m, l = parts(k, shape, dtype, lse)
         out = (torch.empty_like(o[0]), torch.empty_like(m[0]), None if lse else torch.empty_like(m[0]))
-        triton_cuda._launch_merge_rows(o, m, l, *out, row_map, 1.0, kernel="flat", flat_block=block)
+        triton_cuda._launch_merge_rows(
+            o, m, l, *out, row_map, 1.0, kernel="flat", flat_block=block, flat_lane_check=lane_check
+        )
         return
     os.environ[triton_cuda.MERGE_KERNEL_ENV] = "flat"
     try:
@@ -153,5 +156,7 @@ flat(8, (16, 1, 2, 40), torch.float32, lse=True)
 flat(2, (16, 1, 4, 72), torch.bfloat16, lse=False)
 flat(2, (16, 1, 4, 5), torch.float32, lse=False)
 flat(2, (16, 1, 4, 320), torch.bfloat16, lse=False, block=256)
+for dtype in (torch.float32, torch.bfloat16):  # every pack's own lane weights, without the equal-lanes shortcut
+    flat(2, (16, 2, 4, 128), dtype, lse=False, lane_check=False)
 print("\n".join(compiled + conversions + resources))
 sys.exit(0 if compiled else 1)

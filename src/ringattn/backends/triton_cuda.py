@@ -167,15 +167,18 @@ def _launch_merge_rows(
     *,
     kernel: str | None = None,
     flat_block: int | None = None,
+    flat_lane_check: bool = True,
 ) -> None:
     """Launch the forward merge on already valid views: :func:`_merge_rows_kernel`, or :func:`_merge_flat_kernel`
     when ``kernel`` (default: :func:`merge_kernel`'s environment variable) is ``'flat'``. ``block_*`` override the
-    tile, ``flat_block`` the flat kernel's elements per program, ``num_warps`` either's warps (tests,
-    ``benchmarks/triton_tune.py``)."""
+    tile, ``flat_block`` the flat kernel's elements per program, ``flat_lane_check`` its equal-lanes shortcut,
+    ``num_warps`` either's warps (tests, ``benchmarks/triton_tune.py``)."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
     if merge_kernel(kernel) == "flat":
-        _launch_merge_flat(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, flat_block, num_warps)
+        _launch_merge_flat(
+            parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, flat_block, num_warps, flat_lane_check
+        )
         return
     if num_rows == 0:
         return
@@ -253,11 +256,14 @@ def _launch_merge_flat(
     lse_scale: float,
     block: int | None = None,
     num_warps: int | None = None,
+    lane_check: bool = True,
 ) -> None:
     """Launch :func:`_merge_flat_kernel` (Note [triton flat merge]) on already valid views: ``block`` elements per
     chunk (a power of 2; default 2 KiB of the output's elements), ``num_warps`` (default one warp per 32 packs, at
-    most 8). Any strides: a column stride other than 1, or strides and ``D`` that are not multiples of the 16-byte
-    pack, only make the packs narrower (``_flat_vector``); outputs may be exactly the inputs' views."""
+    most 8), ``lane_check``: in the stats form, test each chunk's lanes for equality and then form the weights once
+    per pack (the same bits either way). Any strides: a column stride other than 1, or strides and ``D`` that are not
+    multiples of the 16-byte pack, only make the packs narrower (``_flat_vector``); outputs may be exactly the
+    inputs' views."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
     if num_rows == 0:
@@ -306,6 +312,7 @@ def _launch_merge_flat(
             BLOCK_LANES=triton.next_power_of_2(lanes),
             LANES_IN=lanes_in,
             ONE_CHUNK=D <= block,
+            LANE_CHECK=lane_check and not is_lse and min(vec, lanes_in) > 1,
             num_warps=num_warps or max(1, min(8, block // vec // 32)),
             enable_fp_fusion=False,  # the tile kernel's arithmetic exactly: no fused multiply-add
         )

@@ -99,13 +99,18 @@ the weights and writes its rounded elements with one 16-byte store.
 
 Why it might beat the row tiles: the weights are formed in the packs' own layout, so there is no shared-memory
 layout conversion between a ``[rows, lanes]`` statistics tile and a ``[rows, D]`` tile (the tile kernel's sm_90a code
-for bf16, ``K = 2``, ``D = 128`` has 7 ``bar.sync``, this one 1); no program waits on a row's statistics arithmetic
-before its other rows' loads; and the LSE form takes 32 registers (tile: 56-60), so more programs are in flight per
-SM. Why it might not: every pack recomputes its lanes' weights. In the LSE form that is ``K`` exps and ``K``
-divisions per pack, as vLLM does; in the stats form a bf16 pack covers all 8 lanes, so per element ``K`` exps and
-``K`` IEEE divisions (sm_90a, ``K = 2``: 18 ``ex2`` and 16 ``div.rn`` per thread, against 2 and 2 in the tile
-kernel), which at the copy floor's element rate is a large share of an H100's special-function throughput (an
-estimate, not a measurement). The measurement decides.
+for bf16, ``K = 2``, ``D = 128`` has 7 ``bar.sync``, this one 2); every part's elements are loaded before any
+statistics arithmetic; and the LSE form takes 34-37 registers (tile: 56-62), so more programs are in flight per SM.
+Why it might not: every pack recomputes its lanes' weights. In the LSE form that is ``K`` exps and ``K`` divisions per
+pack, as vLLM does. In the stats form a bf16 pack covers all 8 lanes, so per element ``K`` exps and ``K`` IEEE
+divisions (sm_90a, ``K = 2``: 18 ``ex2`` and 16 ``div.rn`` per thread, against 2 and 2 in the tile kernel), at the
+copy floor's element rate about half of an H100's special-function throughput (an estimate, not a measurement).
+Hence the *equal-lanes shortcut* (``LANE_CHECK``, on by default, ``flat_lane_check=False`` turns it off): the stats
+form compares each pack's lanes with its first lane, bit for bit, and when every pack of the chunk agrees (the
+contract's equal lanes, as FlashAttention writes them) forms the weights once per pack from that lane, as in the LSE
+form; equal bits in give equal bits out, so the output is the same either way, NaN included. The price is one
+reduction over the program (a ``bar.sync``) before the weights; the elements' loads are already in flight. The
+measurement decides between the three (tile, flat, flat without the shortcut).
 
 Whole rows per program, for in-place merges. Program ``i`` owns the rows ``[i R, (i + 1) R)``, ``R = max(1, BLOCK //
 D)`` (at most 128): the contiguous run of ``R D`` elements when rows are contiguous, walked in ``BLOCK``-element
@@ -130,9 +135,9 @@ their strides), so a program's run is one block of memory.
 Arithmetic: exactly the tile kernel's, through the same helpers (``_rows_at``, ``_merged_stats``, ``_part_scale``,
 ``_spread``, ``_store_merged``): the same max and sum order, ``w_k / L`` by ``div_rn``, no FMA contraction, -0.0
 selected for an empty part, one rounding to nearest even; the tests compare the two kernels' bits, and the tune
-script compares them on the GPU before timing. sm_90a (Triton 3.9's ptxas, ``K = 2``, ``D = 128``, no spills):
-stats form fp32 52 registers, fp16/bf16 92; LSE form 32; LSE ``K = 8`` fp32 78. The tile kernel: fp32 88, bf16
-60, fp16 62.
+script compares them on the GPU before timing. sm_90a (Triton 3.9's ptxas, ``K = 2``, ``D = 128``, no spills,
+``tests/backends/test_triton_compile.py``): stats form fp32 63 registers, bf16 99, fp16 100 (without the shortcut 59
+and 92); LSE form fp32 36, bf16 34, fp16 37; LSE ``K = 8`` fp32 78. The tile kernel: fp32 88, bf16 60, fp16 62.
 """
 
 import triton
@@ -408,6 +413,47 @@ def _merge_rows_kernel(
 
 
 @triton.jit
+def _widen(per_lane, VEC: tl.constexpr):
+    """``[packs, W]`` -> ``[packs, VEC]``: element ``j`` of a pack takes column ``j % W`` (:func:`_spread`), or the one
+    column of a ``[packs, 1]`` tile (one lane per pack) by a plain broadcast."""
+    if per_lane.shape[1] == 1:
+        return tl.broadcast_to(per_lane, (per_lane.shape[0], VEC))
+    return _spread(per_lane, VEC)
+
+
+@triton.jit
+def _flat_sum(o_tiles, stats, K: tl.constexpr, sp, sq, sn, pack_mask, IS_LSE: tl.constexpr, lse_scale, lanes,
+              VEC: tl.constexpr):  # fmt: skip
+    """``sum_k o_k * (a_k / L)`` in float32 over the packs, ``[packs, VEC]``, with the weights of ``lanes`` (``[packs,
+    W]`` or ``[1, W]``: element ``j`` takes column ``j % W``); an empty part's ``o_k`` is selected out (-0.0, the
+    identity of +). The arithmetic of :func:`_merge_chunk`, term for term."""
+    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes)
+    safe_sum = tl.where(all_empty, 1.0, new_sum)
+    acc = tl.zeros([sp.shape[0], VEC], tl.float32)
+    for k in tl.static_range(K):
+        _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, shift)
+        weight = _widen(tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum)), VEC)
+        acc += tl.where(_widen(empty, VEC), -0.0, o_tiles[k].to(tl.float32) * weight)
+    return acc
+
+
+@triton.jit
+def _lanes_equal(stats, K: tl.constexpr, sp, sq, sn, pack_mask, lanes, lane0):
+    """Whether, in every pack of the program and every part, the statistics of all of the pack's ``lanes`` have the
+    bits of the pack's first lane ``lane0`` (a scalar: one reduction over the program). Then the weights of the first
+    lane are every lane's, bit for bit, NaN included."""
+    same = tl.full((sp.shape[0], lanes.shape[1]), 1, tl.int32)
+    for k in tl.static_range(K):
+        m, l, _ = _part_stats(*stats, k, sp, sq, sn, pack_mask, False, 1.0, lanes)
+        m0, l0, _ = _part_stats(*stats, k, sp, sq, sn, pack_mask, False, 1.0, lane0)
+        equal = (m.to(tl.int32, bitcast=True) == m0.to(tl.int32, bitcast=True)) & (
+            l.to(tl.int32, bitcast=True) == l0.to(tl.int32, bitcast=True)
+        )
+        same = same & equal.to(tl.int32)
+    return tl.min(same) == 1
+
+
+@triton.jit
 def _flat_chunk(
     x0,
     span,
@@ -427,11 +473,13 @@ def _flat_chunk(
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
     LANES_IN: tl.constexpr,
+    LANE_CHECK: tl.constexpr,
 ):
     """Elements ``[x0, x0 + BLOCK)`` of this program's run (counted from column 0 of ``first_row``; ``span``
     elements in all) as ``BLOCK // VEC`` packs of ``VEC`` consecutive elements of one row (Note [triton flat
     merge]): each pack finds its row, reads its lanes' statistics of every part and writes
-    ``sum_k o_k * (a_k / L)``, rounded once; an empty part's ``o_k`` is selected out (-0.0, the identity of +)."""
+    ``sum_k o_k * (a_k / L)``, rounded once. ``LANE_CHECK``: when every pack's lanes hold equal statistics (the
+    contract's case), the weights are formed once per pack from its first lane."""
     num_rows, Q, N, row_base, row_step = row_args
     PACKS: tl.constexpr = BLOCK // VEC
     W: tl.constexpr = VEC if VEC < LANES_IN else LANES_IN  # lanes per pack
@@ -442,23 +490,28 @@ def _flat_chunk(
     d0 = x - local_row * D  # column of the pack's first element: a multiple of VEC (D and VEC: the launcher's)
     rows = first_row + local_row
     p, q, n, sp, sq, sn = _rows_at(rows, pack_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER)
-    if LANES_IN <= VEC:  # a pack holds whole groups of LANES_IN columns: element j takes lane j % LANES_IN
-        lanes = tl.arange(0, W)[None, :]
-    else:  # a pack holds the VEC consecutive lanes from d0 % LANES_IN
-        lanes = (d0 % LANES_IN)[:, None] + tl.arange(0, W)[None, :]
-    new_max, all_empty, shift, new_sum = _merged_stats(*stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes)
-    safe_sum = tl.where(all_empty, 1.0, new_sum)
     cols = d0[:, None] + tl.arange(0, VEC)[None, :]
     mask = tl.broadcast_to(pack_mask[:, None], (PACKS, VEC))  # a pack is wholly inside or outside the run
-    acc = tl.zeros([PACKS, VEC], tl.float32)
+    # Every part's elements are loaded first, so they are in flight during the statistics' loads and arithmetic.
+    o_tiles = ()
     for k in tl.static_range(K):
-        _, _, a, empty = _part_scale(*stats, k, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, shift)
-        weight = _spread(tl.where(all_empty, 0.0, tl.div_rn(a, safe_sum)), VEC)
         o_off = (p * o_strides[k][0] + q * o_strides[k][1] + n * o_strides[k][2])[:, None] + cols * o_strides[k][3]
         if VEC > 1:  # the launcher checked unit column strides and strides, D multiples of VEC: 16-byte vectors
             o_off = tl.max_contiguous(tl.multiple_of(o_off, [1, VEC]), [1, VEC])
-        o = tl.load(parts_o[k] + o_off, mask=mask, other=0.0)
-        acc += tl.where(_spread(empty, VEC), -0.0, o.to(tl.float32) * weight)
+        o_tiles = o_tiles + (tl.load(parts_o[k] + o_off, mask=mask, other=0.0),)
+    if LANES_IN <= VEC:  # a pack holds whole groups of LANES_IN columns: element j takes lane j % LANES_IN
+        lanes = tl.arange(0, W)[None, :]
+        lane0 = tl.zeros((1, 1), tl.int32)
+    else:  # a pack holds the VEC consecutive lanes from d0 % LANES_IN
+        lane0 = (d0 % LANES_IN)[:, None]
+        lanes = lane0 + tl.arange(0, W)[None, :]
+    if LANE_CHECK:  # the stats form with W > 1 lanes per pack (the launcher's)
+        if _lanes_equal(stats, K, sp, sq, sn, pack_mask, lanes, lane0):
+            acc = _flat_sum(o_tiles, stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lane0, VEC)
+        else:
+            acc = _flat_sum(o_tiles, stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, VEC)
+    else:
+        acc = _flat_sum(o_tiles, stats, K, sp, sq, sn, pack_mask, IS_LSE, lse_scale, lanes, VEC)
     dst = (p * out_o_strides[0] + q * out_o_strides[1] + n * out_o_strides[2])[:, None] + cols * out_o_strides[3]
     if VEC > 1:
         dst = tl.max_contiguous(tl.multiple_of(dst, [1, VEC]), [1, VEC])
@@ -498,6 +551,7 @@ def _merge_flat_kernel(
     BLOCK_LANES: tl.constexpr,
     LANES_IN: tl.constexpr,  # lanes of the parts' statistics: 1 (LSE) or 8 (Ascend), a power of 2
     ONE_CHUNK: tl.constexpr,  # D <= BLOCK: the run is one straight-line chunk
+    LANE_CHECK: tl.constexpr,  # stats form, several lanes per pack: weights once per pack where lanes are equal
 ):
     # Note [triton flat merge].
     first_row = tl.program_id(0).to(tl.int64) * rows_per_program
@@ -506,11 +560,12 @@ def _merge_flat_kernel(
     row_args = (num_rows, Q, N, row_base, row_step)
     if ONE_CHUNK:
         _flat_chunk(0, span, first_row, parts_o, o_strides, stats, out_o, out_o_strides, row_args, D, lse_scale, K,
-                    IS_LSE, HAS_ROW_MAP, HEADS_OUTER, BLOCK, VEC, LANES_IN)  # fmt: skip
+                    IS_LSE, HAS_ROW_MAP, HEADS_OUTER, BLOCK, VEC, LANES_IN, LANE_CHECK)  # fmt: skip
     else:
         for x0 in range(0, span, BLOCK):
             _flat_chunk(x0, span, first_row, parts_o, o_strides, stats, out_o, out_o_strides, row_args, D,
-                        lse_scale, K, IS_LSE, HAS_ROW_MAP, HEADS_OUTER, BLOCK, VEC, LANES_IN)  # fmt: skip
+                        lse_scale, K, IS_LSE, HAS_ROW_MAP, HEADS_OUTER, BLOCK, VEC, LANES_IN,
+                        LANE_CHECK)  # fmt: skip
 
     # The merged statistics of this program's rows, every lane, from the parts (L1/L2 hits).
     local = tl.arange(0, ROWS)
