@@ -583,6 +583,45 @@ def test_flat_kernel_equal_lanes_shortcut(dtype, head_dim, monkeypatch):
             assert lane_counts[1] == {pack_lanes}, lane_counts  # unchecked: every lane of the pack
 
 
+@pytest.mark.parametrize("block", [None, 64])
+def test_flat_kernel_ring_accumulate_in_place(block):
+    """Ring attention's merge: a float32 accumulator (a slice of a larger buffer) takes a bfloat16 block output in
+    place, LSE form with (N, T)-ordered LSEs; the flat kernel gives the tile kernel's bits."""
+    gen = torch.Generator().manual_seed(250)
+    tokens, heads, head_dim = 9, 4, 64
+    acc_o = (torch.rand(tokens + 3, 1, heads, head_dim, generator=gen) * 2 - 1).to(DEVICE)[2 : 2 + tokens]
+    acc_lse = (torch.randn(heads, tokens + 3, generator=gen) * 3).to(DEVICE)[:, 2 : 2 + tokens]
+    acc_lse[1, 4] = -INF  # no key reached this row yet
+    acc_o[4, 0, 1] = math.nan  # ... so its accumulator is garbage
+    block_o = (torch.rand(tokens, 1, heads, head_dim, generator=gen) * 2 - 1).to(torch.bfloat16).to(DEVICE)
+    block_lse = (torch.randn(heads, tokens, generator=gen) * 3).to(DEVICE)
+
+    def lse_rows(t):  # (N, T) -> (T, 1, N, 1) view, as ring/attention.py reads it
+        return t.t().unsqueeze(1).unsqueeze(-1)
+
+    results = []
+    for kernel in triton_cuda.MERGE_KERNELS:
+        o, lse = acc_o.clone(), acc_lse.clone()
+        parts = ([o, block_o], [lse_rows(lse), lse_rows(block_lse)], None)
+        want = lane_merge_reference(*parts)
+        triton_cuda._launch_merge_rows(*parts, o, lse_rows(lse), None, None, 1.0, kernel=kernel, flat_block=block)
+        check_lane_merge((o, lse_rows(lse), None), want, torch.float32)
+        results.append((o, lse))
+    assert all(same_bits(a, b) for a, b in zip(*results, strict=True))
+    assert results[1][0][4, 0, 1].isfinite().all(), "the empty accumulator's garbage is not read"
+
+
+@pytest.mark.parametrize("form", ["stats", "lse"])
+def test_flat_kernel_zero_head_dim(form):
+    """D = 0: no elements, but every row's statistics are still merged and written (the tile kernel's bits)."""
+    gen = torch.Generator().manual_seed(260)
+    parts = lane_parts(2, (3, 1, 2), 0, torch.float16, gen, form, layout="contiguous")
+    tile, flat = merge_both(parts, 1.0)
+    assert flat[0].numel() == 0 and not flat[1][1:].isnan().any()
+    for a, b in zip(tile, flat, strict=True):
+        assert a is None or same_bits(a, b)
+
+
 def test_flat_vector_width():
     """16-byte packs only where every attention tensor allows them (unit column stride, D and strides multiples of
     the pack): the kernel promises the compiler that alignment, so the launcher's check is what keeps it true."""

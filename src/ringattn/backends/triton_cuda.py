@@ -271,7 +271,7 @@ def _launch_merge_flat(
     vec = _flat_vector([*parts_o, out_o], D, out_o.element_size())
     block = block or max(2048 // out_o.element_size(), vec)
     assert block >= vec and block & (block - 1) == 0, "flat_block: a power of 2 of at least one pack"
-    rows_per_program = max(1, min(block // D, _FLAT_MAX_ROWS))
+    rows_per_program = max(1, min(block // max(D, 1), _FLAT_MAX_ROWS))
     lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
     lanes = out_m.shape[-1]
     is_lse = parts_l is None
@@ -311,7 +311,7 @@ def _launch_merge_flat(
             ROWS=triton.next_power_of_2(rows_per_program),
             BLOCK_LANES=triton.next_power_of_2(lanes),
             LANES_IN=lanes_in,
-            ONE_CHUNK=D <= block,
+            ONE_CHUNK=0 < D <= block,  # D = 0: no chunk (the loop runs 0 times), the statistics are still merged
             LANE_CHECK=lane_check and not is_lse and min(vec, lanes_in) > 1,
             num_warps=num_warps or max(1, min(8, block // vec // 32)),
             enable_fp_fusion=False,  # the tile kernel's arithmetic exactly: no fused multiply-add
