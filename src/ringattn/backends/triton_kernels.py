@@ -138,6 +138,9 @@ selected for an empty part, one rounding to nearest even; the tests compare the 
 script compares them on the GPU before timing. sm_90a (Triton 3.9's ptxas, ``K = 2``, ``D = 128``, no spills,
 ``tests/backends/test_triton_compile.py``): stats form fp32 63 registers, bf16 99, fp16 100 (without the shortcut 59
 and 92); LSE form fp32 36, bf16 34, fp16 37; LSE ``K = 8`` fp32 78. The tile kernel: fp32 88, bf16 60, fp16 62.
+What to watch on the GPU: at 99 registers a 4-warp program of the bf16 stats form leaves room for ~4 programs per SM
+(~16 KB of the parts' 16-byte loads in flight per SM, about what HBM latency needs at 3.35 TB/s, so bigger
+``flat_block`` may help), while the LSE form's 34 leave room for ~12.
 """
 
 import triton
@@ -490,7 +493,8 @@ def _flat_chunk(
     d0 = x - local_row * D  # column of the pack's first element: a multiple of VEC (D and VEC: the launcher's)
     rows = first_row + local_row
     p, q, n, sp, sq, sn = _rows_at(rows, pack_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER)
-    cols = d0[:, None] + tl.arange(0, VEC)[None, :]
+    # int64 columns: a column stride other than 1 (a transposed view) times D may pass 2**31.
+    cols = d0.to(tl.int64)[:, None] + tl.arange(0, VEC)[None, :]
     mask = tl.broadcast_to(pack_mask[:, None], (PACKS, VEC))  # a pack is wholly inside or outside the run
     # Every part's elements are loaded first, so they are in flight during the statistics' loads and arithmetic.
     o_tiles = ()
