@@ -75,6 +75,22 @@ def configurations(args: argparse.Namespace, call, stats_form: bool) -> dict[str
     return configs
 
 
+def _flat_launches(fn, inputs) -> tuple[tuple[torch.Tensor, ...], list]:
+    """``fn(inputs)`` and the plan (``triton_cuda.FlatPlan``) of each flat kernel launch it made: a configuration must
+    run the kernel it names, and the plan says what it ran (pack width, rows per program, programs, warps)."""
+    launch, plans = triton_cuda._launch_merge_flat, []
+
+    def recorded(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, *overrides):
+        plans.append(triton_cuda._flat_plan(parts_o, parts_m, parts_l, out_o, *overrides))
+        return launch(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, *overrides)
+
+    triton_cuda._launch_merge_flat = recorded
+    try:
+        return fn(inputs), plans
+    finally:
+        triton_cuda._launch_merge_flat = launch
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
@@ -84,10 +100,18 @@ def run_case(case, args: argparse.Namespace, device: torch.device) -> dict:
     call = providers(["triton"], kinds=("ringattn",), op=case.op)["ringattn[triton] out="]
     configs = configurations(args, call, stats_form=case.op == UPDATE)
     want = [t.clone() for t in configs[TILE](inputs)]
+    plans: dict[str, str] = {}
     for name, fn in configs.items():
         for t in inputs.out:
             t.fill_(float("nan"))
-        got = fn(inputs)
+        got, flat = _flat_launches(fn, inputs)
+        assert bool(flat) == name.startswith("flat"), f"{case.name} {name}: {len(flat)} flat launches"
+        if flat:
+            p = flat[0]
+            check = ", lane check" if p.lane_check else ""
+            plans[name] = (
+                f"[{p.vec}/pack, {p.rows_per_program} rows x {p.programs} programs, {p.num_warps} warps{check}]"
+            )
         same = all(torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want, strict=True))
         assert same, f"{case.name} {name}: not bitwise equal to the tile kernel"
     timed = {name: functools.partial(fn, inputs) for name, fn in configs.items()}
@@ -108,6 +132,7 @@ def run_case(case, args: argparse.Namespace, device: torch.device) -> dict:
     for name, secs in times.items():
         mark = "  <- fastest merge" if name == best else ""
         extra = f"  (compile {compile_s:.1f} s)" if name == COMPILED and compile_s is not None else ""
+        extra += f"  {plans[name]}" if name in plans else ""
         print(f"  {name:<38} {secs * 1e6:9.1f} us  {100 * floor / secs:6.1f}% floor{mark}{extra}")
     if eager:
         print(f"  timed eagerly (not capturable): {eager}")
@@ -124,6 +149,7 @@ def run_case(case, args: argparse.Namespace, device: torch.device) -> dict:
         "us": {name: secs * 1e6 for name, secs in times.items()},
         "pct_floor": {name: 100 * floor / secs for name, secs in times.items()},
         "compile_s": compile_s,
+        "flat_plans": plans,
         "eager_timed": [name for name, _ in eager],
     }
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -245,6 +246,43 @@ def _flat_vector(tensors: Sequence[torch.Tensor], head_dim: int, element_size: i
     return vec
 
 
+class FlatPlan(NamedTuple):
+    """How :func:`_launch_merge_flat` launches a merge (``benchmarks/triton_tune.py`` prints it)."""
+
+    vec: int  # elements per pack
+    block: int  # elements per chunk
+    rows_per_program: int
+    programs: int
+    num_warps: int
+    lane_check: bool  # the equal-lanes shortcut compiled in
+
+
+def _flat_plan(
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    out_o: torch.Tensor,
+    block: int | None = None,
+    num_warps: int | None = None,
+    lane_check: bool = True,
+) -> FlatPlan:
+    """The flat kernel's launch for these views and overrides (Note [triton flat merge])."""
+    P, Q, N, D = out_o.shape
+    vec = _flat_vector([*parts_o, out_o], D, out_o.element_size())
+    block = block or max(2048 // out_o.element_size(), vec)
+    assert block >= vec and block & (block - 1) == 0, "flat_block: a power of 2 of at least one pack"
+    rows_per_program = max(1, min(block // max(D, 1), _FLAT_MAX_ROWS))
+    lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
+    return FlatPlan(
+        vec=vec,
+        block=block,
+        rows_per_program=rows_per_program,
+        programs=-(-P * Q * N // rows_per_program),
+        num_warps=num_warps or max(1, min(8, block // vec // 32)),
+        lane_check=lane_check and parts_l is not None and min(vec, lanes_in) > 1,
+    )
+
+
 def _launch_merge_flat(
     parts_o: Sequence[torch.Tensor],
     parts_m: Sequence[torch.Tensor],
@@ -268,10 +306,7 @@ def _launch_merge_flat(
     num_rows = P * Q * N
     if num_rows == 0:
         return
-    vec = _flat_vector([*parts_o, out_o], D, out_o.element_size())
-    block = block or max(2048 // out_o.element_size(), vec)
-    assert block >= vec and block & (block - 1) == 0, "flat_block: a power of 2 of at least one pack"
-    rows_per_program = max(1, min(block // max(D, 1), _FLAT_MAX_ROWS))
+    plan = _flat_plan(parts_o, parts_m, parts_l, out_o, block, num_warps, lane_check)
     lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
     lanes = out_m.shape[-1]
     is_lse = parts_l is None
@@ -279,7 +314,7 @@ def _launch_merge_flat(
     assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
     row_base, row_step = _row_map_args(row_map, Q)
     with _device_guard(out_o):
-        _merge_flat_kernel[(triton.cdiv(num_rows, rows_per_program),)](
+        _merge_flat_kernel[(plan.programs,)](
             tuple(parts_o),
             tuple(o.stride() for o in parts_o),
             tuple(parts_m),
@@ -300,20 +335,20 @@ def _launch_merge_flat(
             D,
             lanes,
             float(lse_scale),
-            rows_per_program,
+            plan.rows_per_program,
             K=len(parts_o),
             IS_LSE=is_lse,
             HAS_ROW_MAP=row_map is not None,
             # The attention tensors' memory order, so a program's run is contiguous memory.
             HEADS_OUTER=abs(out_o.stride(2)) > abs(out_o.stride(0)),
-            BLOCK=block,
-            VEC=vec,
-            ROWS=triton.next_power_of_2(rows_per_program),
+            BLOCK=plan.block,
+            VEC=plan.vec,
+            ROWS=triton.next_power_of_2(plan.rows_per_program),
             BLOCK_LANES=triton.next_power_of_2(lanes),
             LANES_IN=lanes_in,
-            ONE_CHUNK=0 < D <= block,  # D = 0: no chunk (the loop runs 0 times), the statistics are still merged
-            LANE_CHECK=lane_check and not is_lse and min(vec, lanes_in) > 1,
-            num_warps=num_warps or max(1, min(8, block // vec // 32)),
+            ONE_CHUNK=0 < D <= plan.block,  # D = 0: no chunk (the loop runs 0 times), the statistics are still merged
+            LANE_CHECK=plan.lane_check,
+            num_warps=plan.num_warps,
             enable_fp_fusion=False,  # the tile kernel's arithmetic exactly: no fused multiply-add
         )
 
