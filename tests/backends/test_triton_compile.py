@@ -84,10 +84,12 @@ def test_no_register_spills(compiled_lines):
 def test_flat_kernel_moves_16_byte_packs(compiled_lines):
     """The flat kernel's unit-stride variants load each part and store the output with 128-bit accesses
     (``ld.global.v4`` / ``st.global.v4``: one 16-byte pack per thread), D = 72 included (the launcher's alignment
-    promise, not Triton's divisibility-by-16 specialisation); D = 5 falls back to scalar accesses."""
+    promise, not Triton's divisibility-by-16 specialisation); D = 5 falls back to scalar accesses. Every variant
+    keeps its ``bar.sync`` between the statistics reads and writes (Note [triton flat merge])."""
     flat = {variant: counts for kernel, variant, counts in resource_lines(compiled_lines) if kernel == KERNELS[2]}
     assert len(flat) >= 10, compiled_lines
     for variant, counts in flat.items():
+        assert counts["bar.sync"] >= 1, (variant, "the barrier before the statistics writes (in-place merges)")
         parts = int(variant.split()[0].removeprefix("K="))
         if ", 5)" in variant:
             assert counts["ld.v4"] == 0 and counts["st.v4"] == 0, (variant, counts)

@@ -6,6 +6,10 @@ Triton is first imported; the interpreter is ~1000x slower than compiled code, s
 chosen to cross tile edges (rows not a multiple of BLOCK_ROWS, D not a power of two, D = 1, D looping
 over several BLOCK_D chunks). Tolerances: ``inputs.TOL`` (SPEC section 6, atol = rtol), statistics at the
 float32 entry.
+
+Both forward kernels (Note [triton row tiles], Note [triton flat merge]) run the public-path tests through the
+``merge_kernel`` fixture (``RINGATTN_TRITON_MERGE``); the flat kernel's own tests compare its bits with the tile
+kernel's (the same arithmetic) and with a float64 lane-by-lane reference.
 """
 
 from __future__ import annotations
