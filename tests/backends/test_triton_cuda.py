@@ -462,7 +462,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(a.cpu().view(ints), b.cpu().view(ints))
 
 
-def merge_both(parts, lse_scale, flat_block=None, row_map=None, lane_check=True):
+def merge_both(parts, lse_scale, flat_block=None, row_map=None, lane_check=True, int64_index=False):
     """The tile kernel's and the flat kernel's outputs of the same merge, into NaN-poisoned outputs."""
     parts_o, parts_m, parts_l = parts
     form = "stats" if parts_l is not None else "lse"
@@ -470,7 +470,8 @@ def merge_both(parts, lse_scale, flat_block=None, row_map=None, lane_check=True)
     got = {}
     for kernel in triton_cuda.MERGE_KERNELS:
         out = merge_outputs(rows_shape, head_dim, parts_o[0].dtype, parts_m[0].shape[-1], form)
-        flat = dict(flat_block=flat_block, flat_lane_check=lane_check) if kernel == "flat" else {}
+        flat = dict(flat_block=flat_block, flat_lane_check=lane_check, flat_int64_index=int64_index)
+        flat = flat if kernel == "flat" else {}
         triton_cuda._launch_merge_rows(*parts, *out, row_map, lse_scale, kernel=kernel, **flat)
         got[kernel] = out
     return got["tile"], got["flat"]
@@ -488,10 +489,9 @@ def check_lane_merge(got, want, dtype):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic on purpose
 @pytest.mark.parametrize(("layout", "flat_block"), [("contiguous", None), ("gap", 32)])
-@pytest.mark.parametrize("head_dim", [5, 6, 72])
-@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize(("k", "head_dim"), [(2, 5), (3, 6), (2, 72), (3, 72)])
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ["stats", "lse"])  # base-2 LSEs: test_flat_kernel_int64_index
 def test_flat_kernel_bitwise_equal_to_tile(form, dtype, k, head_dim, layout, flat_block):
     """The flat kernel computes the tile kernel's bits (the same helpers, the same arithmetic) and matches the float64
     lane-by-lane reference: unequal lanes, empty lanes with garbage outputs, a NaN lane, odd D (5: one element per
@@ -508,23 +508,24 @@ def test_flat_kernel_bitwise_equal_to_tile(form, dtype, k, head_dim, layout, fla
     assert flat[0][0, 0, 0].isnan().any() and not flat[0][1:].isnan().any(), "NaN stays in its row"
 
 
+@pytest.mark.parametrize("int64_index", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("form", ["stats", "lse"])
-def test_flat_kernel_per_batch_row_map_bitwise(form):
+def test_flat_kernel_per_batch_row_map_bitwise(form, int64_index):
     """Per-batch TND statistics through the device row map (zero-length batches at both ends and inside), K = 3,
     with the flat kernel's programs holding one row (block 8 < D) and several rows (block 64)."""
     offsets, heads, head_dim = [0, 0, 3, 3, 7, 8, 8], 3, 16
     gen = torch.Generator().manual_seed(210)
     parts = lane_parts(3, (offsets[-1], 1, heads), head_dim, torch.bfloat16, gen, form)
     row_map = per_batch_row_map(torch.tensor(offsets, device=DEVICE), offsets[-1], heads)
-    for flat_block in (8, 64):
-        tile, flat = merge_both(parts, 1.0, flat_block, row_map=row_map)
+    for flat_block in (8,) if int64_index else (8, 64):
+        tile, flat = merge_both(parts, 1.0, flat_block, row_map=row_map, int64_index=int64_index)
         for a, b in zip(tile, flat, strict=True):
             assert a is None or same_bits(a, b)
         assert not flat[1][1:].isnan().any(), "every statistics row is written (row 0 holds the NaN lane)"
 
 
-@pytest.mark.parametrize("block", [8, 16, 1024])
-def test_flat_kernel_in_place_rows_across_programs(block):
+@pytest.mark.parametrize(("block", "int64_index"), [(8, False), (16, True), (1024, False)])
+def test_flat_kernel_in_place_rows_across_programs(block, int64_index):
     """out= exactly part 0's views (stats form, K = 3, unequal lanes, D = 24), with programs of one row walked in
     chunks of 8 or 16 elements, and of all six rows (block 1024): every row's statistics are read before written."""
     gen = torch.Generator().manual_seed(220)
@@ -532,7 +533,9 @@ def test_flat_kernel_in_place_rows_across_programs(block):
     want = lane_merge_reference(*parts)
     tile, _ = merge_both(parts, 1.0)
     out = (parts[0][0], parts[1][0], parts[2][0])
-    triton_cuda._launch_merge_rows(*parts, *out, None, 1.0, kernel="flat", flat_block=block)
+    triton_cuda._launch_merge_rows(
+        *parts, *out, None, 1.0, kernel="flat", flat_block=block, flat_int64_index=int64_index
+    )
     check_lane_merge(out, want, torch.float32)
     for a, b in zip(tile, out, strict=True):
         assert same_bits(a, b)
@@ -624,6 +627,43 @@ def test_flat_kernel_zero_head_dim(form):
     assert flat[0].numel() == 0 and not flat[1][1:].isnan().any()
     for a, b in zip(tile, flat, strict=True):
         assert a is None or same_bits(a, b)
+
+
+@pytest.mark.parametrize(
+    ("form", "layout", "dtype"),
+    [
+        ("stats", "contiguous", torch.bfloat16),
+        ("lse", "contiguous", torch.float16),
+        ("stats", "transposed", torch.float32),
+        ("lse-base2", "gap", torch.bfloat16),
+    ],
+    ids=str,
+)
+def test_flat_kernel_int64_index(form, layout, dtype):
+    """The 64-bit index path (taken where an offset passes 2**31; forced here) gives the 32-bit path's bits."""
+    lse_scale = FORMS[form]
+    gen = torch.Generator().manual_seed(270)
+    parts = lane_parts(3, (3, 2, 2), 24, dtype, gen, form, lse_scale, layout)
+    tile, flat32 = merge_both(parts, lse_scale, flat_block=32)
+    _, flat64 = merge_both(parts, lse_scale, flat_block=32, int64_index=True)
+    for a, b, c in zip(tile, flat32, flat64, strict=True):
+        assert a is None or (same_bits(a, b) and same_bits(a, c))
+
+
+def test_flat_plan_index_width():
+    """32-bit indices only where every row number and every element offset of every tensor fits (meta tensors: the
+    plan reads shapes and strides only)."""
+
+    def plan(o_strides=None, m_strides=None, int64_index=False):
+        o = torch.empty_strided((4, 1, 2, 64), o_strides or (128, 128, 64, 1), dtype=torch.bfloat16, device="meta")
+        m = torch.empty_strided((4, 1, 2, 8), m_strides or (16, 16, 8, 1), device="meta")
+        return triton_cuda._flat_plan([o, o], [m, m], [m, m], o, int64_index=int64_index, stats=[m])
+
+    assert plan().int32_index
+    assert not plan(int64_index=True).int32_index
+    assert not plan(o_strides=(2**30, 128, 64, 1)).int32_index  # 3 * 2**30 + ... > 2**31
+    assert plan(o_strides=(2**28, 128, 64, 1)).int32_index
+    assert not plan(m_strides=(2**30, 16, 8, 1)).int32_index
 
 
 def test_flat_vector_width():

@@ -169,16 +169,28 @@ def _launch_merge_rows(
     kernel: str | None = None,
     flat_block: int | None = None,
     flat_lane_check: bool = True,
+    flat_int64_index: bool = False,
 ) -> None:
     """Launch the forward merge on already valid views: :func:`_merge_rows_kernel`, or :func:`_merge_flat_kernel`
     when ``kernel`` (default: :func:`merge_kernel`'s environment variable) is ``'flat'``. ``block_*`` override the
     tile, ``flat_block`` the flat kernel's elements per program, ``flat_lane_check`` its equal-lanes shortcut,
-    ``num_warps`` either's warps (tests, ``benchmarks/triton_tune.py``)."""
+    ``flat_int64_index`` its 64-bit indices, ``num_warps`` either's warps (tests, ``benchmarks/triton_tune.py``)."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
     if merge_kernel(kernel) == "flat":
         _launch_merge_flat(
-            parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, flat_block, num_warps, flat_lane_check
+            parts_o,
+            parts_m,
+            parts_l,
+            out_o,
+            out_m,
+            out_l,
+            row_map,
+            lse_scale,
+            flat_block,
+            num_warps,
+            flat_lane_check,
+            flat_int64_index,
         )
         return
     if num_rows == 0:
@@ -255,6 +267,7 @@ class FlatPlan(NamedTuple):
     programs: int
     num_warps: int
     lane_check: bool  # the equal-lanes shortcut compiled in
+    int32_index: bool  # 32-bit row numbers and offsets
 
 
 def _flat_plan(
@@ -265,22 +278,38 @@ def _flat_plan(
     block: int | None = None,
     num_warps: int | None = None,
     lane_check: bool = True,
+    int64_index: bool = False,
+    stats: Sequence[torch.Tensor] = (),
 ) -> FlatPlan:
-    """The flat kernel's launch for these views and overrides (Note [triton flat merge])."""
+    """The flat kernel's launch for these views and overrides (Note [triton flat merge]); ``stats``: the output
+    statistics, whose offsets must fit the index type too."""
     P, Q, N, D = out_o.shape
     vec = _flat_vector([*parts_o, out_o], D, out_o.element_size())
     block = block or max(2048 // out_o.element_size(), vec)
     assert block >= vec and block & (block - 1) == 0, "flat_block: a power of 2 of at least one pack"
     rows_per_program = max(1, min(block // max(D, 1), _FLAT_MAX_ROWS))
     lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
+    programs = -(-P * Q * N // rows_per_program)
+    tensors = [*parts_o, *parts_m, *(parts_l or ()), out_o, *stats]
+    int32_index = (
+        not int64_index
+        and max(programs * rows_per_program, max(D, 1) * block) < 2**31
+        and all(_max_offset(t) < 2**31 for t in tensors)
+    )
     return FlatPlan(
         vec=vec,
         block=block,
         rows_per_program=rows_per_program,
-        programs=-(-P * Q * N // rows_per_program),
+        programs=programs,
         num_warps=num_warps or max(1, min(8, block // vec // 32)),
         lane_check=lane_check and parts_l is not None and min(vec, lanes_in) > 1,
+        int32_index=int32_index,
     )
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset a kernel computes for ``t`` (strides are non-negative in torch)."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
 
 
 def _launch_merge_flat(
@@ -295,18 +324,21 @@ def _launch_merge_flat(
     block: int | None = None,
     num_warps: int | None = None,
     lane_check: bool = True,
+    int64_index: bool = False,
 ) -> None:
     """Launch :func:`_merge_flat_kernel` (Note [triton flat merge]) on already valid views: ``block`` elements per
     chunk (a power of 2; default 2 KiB of the output's elements), ``num_warps`` (default one warp per 32 packs, at
     most 8), ``lane_check``: in the stats form, test each chunk's lanes for equality and then form the weights once
-    per pack (the same bits either way). Any strides: a column stride other than 1, or strides and ``D`` that are not
-    multiples of the 16-byte pack, only make the packs narrower (``_flat_vector``); outputs may be exactly the
-    inputs' views."""
+    per pack (the same bits either way); ``int64_index`` forces 64-bit indices where 32 would do (tests). Indices
+    are 32-bit when every row number and element offset fits. Any strides: a column stride other than 1, or strides
+    and ``D`` that are not multiples of the 16-byte pack, only make the packs narrower (``_flat_vector``); outputs
+    may be exactly the inputs' views."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
     if num_rows == 0:
         return
-    plan = _flat_plan(parts_o, parts_m, parts_l, out_o, block, num_warps, lane_check)
+    outs = [out_m] if out_l is None else [out_m, out_l]
+    plan = _flat_plan(parts_o, parts_m, parts_l, out_o, block, num_warps, lane_check, int64_index, outs)
     lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
     lanes = out_m.shape[-1]
     is_lse = parts_l is None
@@ -348,6 +380,7 @@ def _launch_merge_flat(
             LANES_IN=lanes_in,
             ONE_CHUNK=0 < D <= plan.block,  # D = 0: no chunk (the loop runs 0 times), the statistics are still merged
             LANE_CHECK=plan.lane_check,
+            INT32_INDEX=plan.int32_index,
             num_warps=plan.num_warps,
             enable_fp_fusion=False,  # the tile kernel's arithmetic exactly: no fused multiply-add
         )

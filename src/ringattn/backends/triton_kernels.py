@@ -100,7 +100,7 @@ the weights and writes its rounded elements with one 16-byte store.
 Why it might beat the row tiles: the weights are formed in the packs' own layout, so there is no shared-memory
 layout conversion between a ``[rows, lanes]`` statistics tile and a ``[rows, D]`` tile (the tile kernel's sm_90a code
 for bf16, ``K = 2``, ``D = 128`` has 7 ``bar.sync``, this one 2); every part's elements are loaded before any
-statistics arithmetic; and the LSE form takes 34-37 registers (tile: 56-62), so more programs are in flight per SM.
+statistics arithmetic; and the LSE form takes 31-32 registers (tile: 56-62), so more programs are in flight per SM.
 Why it might not: every pack recomputes its lanes' weights. In the LSE form that is ``K`` exps and ``K`` divisions per
 pack, as vLLM does. In the stats form a bf16 pack covers all 8 lanes, so per element ``K`` exps and ``K`` IEEE
 divisions (sm_90a, ``K = 2``: 18 ``ex2`` and 16 ``div.rn`` per thread, against 2 and 2 in the tile kernel), at the
@@ -132,15 +132,22 @@ element per pack) and runs correctly with any strides, so no input falls back to
 ``VEC`` lanes from ``d0 % LANES_IN``. Rows are numbered in the attention tensors' memory order (``HEADS_OUTER`` from
 their strides), so a program's run is one block of memory.
 
+Index arithmetic is per pack here (the tile kernel's is per row), so its width matters: when every row number and
+every element offset of every tensor fits int32 (the launcher checks shapes and strides: all the bench's sizes),
+``INT32_INDEX`` runs it in 32 bits (one ``IMAD`` per multiply-add, not three or four); otherwise int64, as the tile
+kernel always does. On sm_90a that takes the bf16 ``K = 2``, ``D = 128`` kernel from 920 to 568 instructions (LSE
+form) and from 1848 to 1416 (stats form); the tile kernel's are 1224 and 1184 (static counts: the tile kernel's
+thread holds two packs of a row, the flat kernel's one).
+
 Arithmetic: exactly the tile kernel's, through the same helpers (``_rows_at``, ``_merged_stats``, ``_part_scale``,
 ``_spread``, ``_store_merged``): the same max and sum order, ``w_k / L`` by ``div_rn``, no FMA contraction, -0.0
 selected for an empty part, one rounding to nearest even; the tests compare the two kernels' bits, and the tune
 script compares them on the GPU before timing. sm_90a (Triton 3.9's ptxas, ``K = 2``, ``D = 128``, no spills,
-``tests/backends/test_triton_compile.py``): stats form fp32 63 registers, bf16 99, fp16 100 (without the shortcut 59
-and 92); LSE form fp32 36, bf16 34, fp16 37; LSE ``K = 8`` fp32 78. The tile kernel: fp32 88, bf16 60, fp16 62.
-What to watch on the GPU: at 99 registers a 4-warp program of the bf16 stats form leaves room for ~4 programs per SM
-(~16 KB of the parts' 16-byte loads in flight per SM, about what HBM latency needs at 3.35 TB/s, so bigger
-``flat_block`` may help), while the LSE form's 34 leave room for ~12.
+``tests/backends/test_triton_compile.py``, 32-bit indices): stats form fp32 56 registers, fp16/bf16 93 (without the
+shortcut 56 and 91); LSE form fp32 31, fp16/bf16 32; LSE ``K = 8`` fp32 75. The tile kernel: fp32 88, bf16 60, fp16
+62. What to watch on the GPU: at 93 registers a 4-warp program of the bf16 stats form leaves room for ~5 programs per
+SM (~20 KB of the parts' 16-byte loads in flight per SM, about what HBM latency needs at 3.35 TB/s, so a bigger
+``flat_block`` may help), while the LSE form's 32 leave room for ~16.
 """
 
 import triton
@@ -493,8 +500,9 @@ def _flat_chunk(
     d0 = x - local_row * D  # column of the pack's first element: a multiple of VEC (D and VEC: the launcher's)
     rows = first_row + local_row
     p, q, n, sp, sq, sn = _rows_at(rows, pack_mask, num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER)
-    # int64 columns: a column stride other than 1 (a transposed view) times D may pass 2**31.
-    cols = d0.to(tl.int64)[:, None] + tl.arange(0, VEC)[None, :]
+    # Columns in the index type (int64 unless every offset fits int32): a column stride other than 1 (a transposed
+    # view) times D may pass 2**31.
+    cols = d0.to(first_row.dtype)[:, None] + tl.arange(0, VEC)[None, :]
     mask = tl.broadcast_to(pack_mask[:, None], (PACKS, VEC))  # a pack is wholly inside or outside the run
     # Every part's elements are loaded first, so they are in flight during the statistics' loads and arithmetic.
     o_tiles = ()
@@ -556,9 +564,13 @@ def _merge_flat_kernel(
     LANES_IN: tl.constexpr,  # lanes of the parts' statistics: 1 (LSE) or 8 (Ascend), a power of 2
     ONE_CHUNK: tl.constexpr,  # D <= BLOCK: the run is one straight-line chunk
     LANE_CHECK: tl.constexpr,  # stats form, several lanes per pack: weights once per pack where lanes are equal
+    INT32_INDEX: tl.constexpr,  # every row number and element offset of every tensor fits int32 (the launcher's)
 ):
     # Note [triton flat merge].
-    first_row = tl.program_id(0).to(tl.int64) * rows_per_program
+    if INT32_INDEX:  # 32-bit index arithmetic: one instruction per multiply-add instead of three or four
+        first_row = tl.program_id(0) * rows_per_program
+    else:  # int64 before any multiplication: offsets pass 2**31 near a million tokens
+        first_row = tl.program_id(0).to(tl.int64) * rows_per_program
     span = (tl.minimum(num_rows - first_row, rows_per_program) * D).to(tl.int32)
     stats = (parts_m, m_strides, parts_l, l_strides)
     row_args = (num_rows, Q, N, row_base, row_step)
