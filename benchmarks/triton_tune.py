@@ -81,7 +81,8 @@ def _flat_launches(fn, inputs) -> tuple[tuple[torch.Tensor, ...], list]:
     launch, plans = triton_cuda._launch_merge_flat, []
 
     def recorded(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, *overrides):
-        plans.append(triton_cuda._flat_plan(parts_o, parts_m, parts_l, out_o, *overrides))
+        stats = [out_m] if out_l is None else [out_m, out_l]
+        plans.append(triton_cuda._flat_plan(parts_o, parts_m, parts_l, out_o, *overrides, stats=stats))
         return launch(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale, *overrides)
 
     triton_cuda._launch_merge_flat = recorded
@@ -109,9 +110,8 @@ def run_case(case, args: argparse.Namespace, device: torch.device) -> dict:
         if flat:
             p = flat[0]
             check = ", lane check" if p.lane_check else ""
-            plans[name] = (
-                f"[{p.vec}/pack, {p.rows_per_program} rows x {p.programs} programs, {p.num_warps} warps{check}]"
-            )
+            shape = f"{p.vec}/pack, {p.rows_per_program} rows x {p.programs} programs, {p.num_warps} warps"
+            plans[name] = f"[{shape}, {'int32' if p.int32_index else 'int64'}{check}]"
         same = all(torch.equal(_bits(g), _bits(w)) for g, w in zip(got, want, strict=True))
         assert same, f"{case.name} {name}: not bitwise equal to the tile kernel"
     timed = {name: functools.partial(fn, inputs) for name, fn in configs.items()}
