@@ -728,7 +728,7 @@ def test_merge_kernel_bad_value_raises(monkeypatch, value):
 
 
 @pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     k=st.integers(1, 5),
     rows_shape=st.tuples(st.integers(1, 9), st.integers(1, 2), st.integers(1, 4)),
