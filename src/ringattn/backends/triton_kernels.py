@@ -493,7 +493,7 @@ def _flat_chunk(
     num_rows, Q, N, row_base, row_step = row_args
     PACKS: tl.constexpr = BLOCK // VEC
     W: tl.constexpr = VEC if VEC < LANES_IN else LANES_IN  # lanes per pack
-    # int32 inside a program's run (at most max(BLOCK, D) elements); the row number is int64.
+    # int32 inside a program's run (at most max(BLOCK, D) elements); row numbers in first_row's index type.
     x = x0 + tl.arange(0, PACKS) * VEC
     pack_mask = x < span
     local_row = x // D
