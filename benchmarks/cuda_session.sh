@@ -6,7 +6,8 @@
 #     ring:  the ring tests on CUDA, `ringattn bench ring --virtual` on the issue-11 cases, and where the
 #            virtual ring's time goes (benchmarks/ring_profile.py)
 #     tune:  (not in all) issue 12: the tile and flat Triton merges (Note [triton flat merge]) at the --sweep-t
-#            sizes, both forms, against the copy floor and torch.compile (benchmarks/triton_tune.py)
+#            sizes, both forms, against the copy floor and torch.compile (benchmarks/triton_tune.py; TUNE_ARGS
+#            appends options, e.g. TUNE_ARGS="--sizes 4096,65536 --flat-block 1024,2048" for a shorter run)
 # Logs and JSON go to $OUT (the device tool's output folder) or ./cuda-out. Uses the machine's python3 with
 # torch, triton and numba already installed, and this checkout through PYTHONPATH (nothing to install).
 set -uo pipefail
@@ -60,8 +61,9 @@ if [[ $stage == bench || $stage == all ]]; then
     status=$((status | PIPESTATUS[0]))
 fi
 if [[ $stage == tune ]]; then
+    # shellcheck disable=SC2086  # TUNE_ARGS: words on purpose
     timeout 540 python3 benchmarks/triton_tune.py --kernel tile,flat --flat-block 256,512,1024,2048 --compiled \
-        --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.txt"
+        --json "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.txt"
     status=$((status | PIPESTATUS[0]))
 fi
 exit "$status"
