@@ -90,9 +90,9 @@ def layout_base_k_case(pair, base, dtype, k, b, s, n, d, seed, backend):
 # backend, so the full grid runs on the portable backend, which compiles nothing. numba compiles the fused kernel
 # once per (dtype, K), 8-30 s each on 2 cores (more under load): 21 compiles for K = 2..8 x 3 dtypes. The default
 # run takes the fused kernel through every layout and base with the (dtype, K) pairs tests/backends compiles
-# anyway (float32 for K = 2, 3, 16-bit formats for K = 2 and bfloat16 for K = 3), so it adds no compile; the
-# `slow` run (CI's second step) covers every pair.
-FUSED_PAIRS = [(torch.float32, 2), (torch.float32, 3), (torch.float16, 2), (torch.bfloat16, 2), (torch.bfloat16, 3)]
+# anyway (float32 for K = 2, 3, 16-bit formats for K = 2), so it adds no compile; the `slow` run (CI's second
+# step) covers every pair.
+FUSED_PAIRS = [(torch.float32, 2), (torch.float32, 3), (torch.float16, 2), (torch.bfloat16, 2)]
 CASE = dict(
     pair=st.sampled_from(PAIRS),
     base=st.sampled_from(list(BASES)),

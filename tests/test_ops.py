@@ -265,7 +265,8 @@ def test_update_direct_and_op_paths_are_bitwise_equal(monkeypatch, dtype, case, 
 @pytest.mark.parametrize("case", list(MERGE_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_direct_and_op_paths_are_bitwise_equal(monkeypatch, dtype, case, out_mode):
-    parts = merge_inputs(case, dtype, seed=zlib.crc32(f"{case} {out_mode} {dtype}".encode()))
+    k = 3 if dtype == torch.float32 else 2  # the (dtype, K) kernels tests/backends compiles anyway
+    parts = merge_inputs(case, dtype, seed=zlib.crc32(f"{case} {out_mode} {dtype}".encode()), k=k)
     direct = bitwise_equal_on_both_paths(monkeypatch, lambda: call_merge(parts, out_mode))
     assert direct[0].dtype == dtype and direct[1].dtype == torch.float32
     # The merged LSE is logsumexp over the parts (float32 both ways).

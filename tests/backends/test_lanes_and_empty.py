@@ -174,7 +174,9 @@ def finite(outs):
     return tuple(torch.where(torch.isneginf(t), torch.zeros_like(t), t) for t in outs)
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+# The fused CPU kernels in float64 (a forward and a backward of their own, ~40 s to compile): in the `slow` run; the
+# default run checks their backward in float32 against float64 autograd (test_numba_cpu_backward.py).
+@pytest.mark.parametrize("backend", ["reference", "torch", pytest.param("cpu", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("layout", ["SBH", "TND", "TND-token-major"])
 def test_independent_lanes_gradcheck(backend, layout):
     """float64 gradcheck (the Triton kernels compile no float64; their backward is checked in float32 below)."""
@@ -293,13 +295,13 @@ def from_layout(o, lse, layout, lse_layout, shape):
 @pytest.mark.parametrize("backend", MERGE_BACKENDS)
 @pytest.mark.parametrize(("layout", "lse_layout"), LAYOUTS)
 # K = 4..8 compile five more fused kernels (15-45 s each on 2 cores): in the `slow` run (issue 15: the test command
-# under 4 minutes); K = 2 (float32) and 3 (bfloat16) use kernels the default run compiles anyway.
+# under 4 minutes); K = 2 (bfloat16) and 3 (float32) use kernels the default run compiles anyway.
 @pytest.mark.parametrize("k", [2, 3, *(pytest.param(k, marks=pytest.mark.slow) for k in range(4, 9))])
 def test_merge_states_empty_parts_are_never_read(backend, layout, lse_layout, k):
     """Parts ``E`` empty on rows ``R`` (LSE ``-inf`` or ``+inf``, outputs NaN / inf / huge): those rows are bitwise
     the merge of the other parts; rows empty in every part are ``(0, -inf)``; float32, bfloat16, base e and 2."""
     gen = torch.Generator().manual_seed(100 + k)
-    dtype = (torch.float32, torch.bfloat16)[k % 2]
+    dtype = torch.bfloat16 if k % 2 == 0 else torch.float32  # K = 2, 3: kernels tests/backends compiles anyway
     shape = (1 if layout == "TND" else 2, 5, 3, 24)
     o, lse = canonical_parts(gen, k, dtype, shape)
     rows = torch.rand(shape[:-1], generator=gen) < 0.5
@@ -334,7 +336,7 @@ def test_merge_states_empty_parts_are_never_read(backend, layout, lse_layout, k)
     torch.testing.assert_close(all_lse.double() * scale, want_lse, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.slow)])  # float64: see above
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("garbage", GARBAGE)
 def test_merge_states_empty_parts_gradcheck(backend, k, garbage):

@@ -80,8 +80,9 @@ def float64_merge(parts_o, parts_m, parts_l, lse_scale=1.0):
 # --- merge_rows: K parts, both forms ----------------------------------------------------------------
 
 
-# numba compiles one kernel per K (10-20 s each on 2 cores, longer for larger K): the default run covers K = 1, 2
-# and 3, the `slow` run K = 4 to 8 (issue 15: the test command under 4 minutes).
+# numba compiles one kernel per K (10-30 s each on 2 cores, longer for larger K): the default run covers K = 1 (which
+# runs the torch backend, Note [one part]), 2 and 3, the `slow` run K = 4 to 8 (issue 15: the test command under 4
+# minutes).
 @pytest.mark.parametrize("k", [1, 2, 3, *(pytest.param(k, marks=pytest.mark.slow) for k in range(4, 9))])
 @pytest.mark.parametrize("form", ["stats", "lse"])
 def test_merge_rows_k_parts(k: int, form: str) -> None:
@@ -147,7 +148,10 @@ def test_lane_check_compares_bits_signed_zeros_and_nans_stay_exact(lane_stride: 
 # --- odd sizes, strides, threads ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+# float64 compiles a kernel of its own (~20 s): in the `slow` run.
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, pytest.param(torch.float64, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize(("layout", "heads", "head_dim"), [("SBH", 3, 1), ("SBH", 70, 7), ("TND", 5, 130)])
 def test_odd_sizes(dtype: torch.dtype, layout: str, heads: int, head_dim: int) -> None:
     gen = torch.Generator().manual_seed(heads)
@@ -250,7 +254,29 @@ def test_statistics_chunks_with_special_values(k: int, form: str, shape, heads_o
             torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol, equal_nan=True)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+def test_one_part_is_the_torch_backends_merge_and_compiles_nothing() -> None:
+    """K = 1 has nothing to merge: both fused kernels hand it to the torch backend (Note [one part]) instead of
+    compiling a specialisation for a copy; forward and backward are that backend's, bitwise."""
+    from ringattn.backends.numba_cpu_backward import _merge_rows_backward_kernel, merge_rows_backward
+
+    gen = torch.Generator().manual_seed(21)
+    os_, ms, ls = parts(1, (5, 2, 3, 16), gen, dtype=torch.bfloat16)
+    compiled = (len(numba_cpu._merge_rows_kernel.overloads), len(_merge_rows_backward_kernel.overloads))
+    got, want = outputs_like(os_[0], ms[0], False), outputs_like(os_[0], ms[0], False)
+    numba_cpu.merge_rows(os_, ms, ls, *got)
+    torch_eager.merge_rows(os_, ms, ls, *want)
+    grads = [torch.randn(t.shape, generator=gen).to(t.dtype) for t in want]
+    got_grads = [[torch.full_like(t, math.nan)] for t in (os_[0], ms[0], ls[0])]
+    want_grads = [[torch.full_like(t, math.nan)] for t in (os_[0], ms[0], ls[0])]
+    merge_rows_backward(*grads, os_, ms, ls, *got_grads)
+    torch_eager.merge_rows_backward(*grads, os_, ms, ls, *want_grads)
+    for g, w in zip([*got, *sum(got_grads, [])], [*want, *sum(want_grads, [])], strict=True):
+        assert torch.equal(g, w)
+    assert (len(numba_cpu._merge_rows_kernel.overloads), len(_merge_rows_backward_kernel.overloads)) == compiled
+
+
+# K = 1 never reaches the kernel (Note [one part]); K = 3 compiles one more bfloat16 kernel (~30 s): `slow` run.
+@pytest.mark.parametrize("k", [2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("head_dim", [16, 37, 128])
 @pytest.mark.parametrize("stream", [False, True])
 def test_bf16_chunks_match_the_scalar_loop_bitwise(k: int, head_dim: int, stream: bool, monkeypatch) -> None:
@@ -306,7 +332,9 @@ def _output_rows(parts_o: list[torch.Tensor], placement: str) -> torch.Tensor:
     return torch.full((*like.shape[:3], 64), math.nan, dtype=like.dtype)[..., : like.shape[3]]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize(  # float64: a kernel of its own (~20 s to compile), in the `slow` run
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, pytest.param(torch.float64, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize(("head_dim", "placement"), [(16, "fresh"), (64, "fresh"), (16, "shifted"), (36, "padded")])
 def test_streaming_stores_match_plain_stores(dtype, head_dim, placement, monkeypatch) -> None:
     gen = torch.Generator().manual_seed(head_dim)

@@ -90,7 +90,13 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(params=triton_cuda.MERGE_KERNELS)
+# The flat kernel (not the default) runs the shared tests in the `slow` run; its own tests below run by default.
+@pytest.fixture(
+    params=[
+        k if k == triton_cuda.MERGE_KERNELS[0] else pytest.param(k, marks=pytest.mark.slow)
+        for k in triton_cuda.MERGE_KERNELS
+    ]
+)
 def merge_kernel(request, monkeypatch) -> str:
     """Each forward merge kernel in turn, selected as a user would: RINGATTN_TRITON_MERGE (read at every launch)."""
     monkeypatch.setenv(triton_cuda.MERGE_KERNEL_ENV, request.param)
@@ -490,7 +496,9 @@ def check_lane_merge(got, want, dtype):
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN arithmetic on purpose
 @pytest.mark.parametrize(("layout", "flat_block"), [("contiguous", None), ("gap", 32)])
 @pytest.mark.parametrize(("k", "head_dim"), [(2, 5), (3, 6), (2, 72), (3, 72)])
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize(  # float16 packs as bfloat16 does: its share of the grid in the `slow` run
+    "dtype", [pytest.param(d, marks=pytest.mark.slow) if d == torch.float16 else d for d in KERNEL_DTYPES], ids=str
+)
 @pytest.mark.parametrize("form", ["stats", "lse"])  # base-2 LSEs: test_flat_kernel_int64_index
 def test_flat_kernel_bitwise_equal_to_tile(form, dtype, k, head_dim, layout, flat_block):
     """The flat kernel computes the tile kernel's bits (the same helpers, the same arithmetic) and matches the float64

@@ -48,7 +48,7 @@ import numba
 import numpy as np
 import torch
 
-from . import heads_outer
+from . import heads_outer, torch_eager
 from .numba_cpu import (
     _at,
     _columns,
@@ -313,6 +313,12 @@ def merge_rows_backward(
     get zero gradients; rows empty in every part give finite gradients (``dm_k = g_m / K``); NaN inputs give NaN.
     Threads follow ``torch.get_num_threads()``, whose value is left unchanged.
     """
+    if len(parts_o) == 1:  # nothing to merge (Note [one part] in numba_cpu.py)
+        torch_eager.merge_rows_backward(
+            grad_o, grad_m, grad_l, parts_o, parts_m, parts_l, grad_parts_o, grad_parts_m, grad_parts_l,
+            row_map=row_map, lse_scale=lse_scale,
+        )  # fmt: skip
+        return
     lse_form = parts_l is None
     row_base, row_step = (_NO_ROW_MAP, _NO_ROW_MAP) if row_map is None else (t.numpy() for t in row_map)
     (num_p, num_q, num_n, dim), lanes_in, lanes_out = grad_o.shape, grad_m.shape[-1], parts_m[0].shape[-1]
