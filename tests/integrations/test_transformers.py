@@ -230,9 +230,16 @@ def _traps(rank: int, world_size: int, ref, model) -> None:
     if world_size > 1:
         # ranks holding different batches (a data sampler per context-parallel rank)
         _raises(ConfigError, "input_ids", lambda: shard_inputs(ids + rank % 2, labels))
-        # DDP over the context-parallel ranks: gradients summed by the hooks first, so averaging changes nothing
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        _compare("DDP over the same ranks", ref, model, *_batch(7, 2, 4 * world_size), step=ddp)
+        # gradient accumulation: two backwards without zero_grad sum both steps' global gradients
+        _compare_accumulated(ref, model, _batch(9, 2, 4 * world_size), _batch(10, 2, 4 * world_size))
+        # DDP on top of the hooks would rewrite the sum: refused, naming the argument
+        hooked = apply_ring_attention(copy.deepcopy(ref))
+        ddp = torch.nn.parallel.DistributedDataParallel(hooked)
+        ids, labels = _batch(7, 2, 4 * world_size)
+        _raises(ConfigError, "reduce_gradients", lambda: ddp(**shard_inputs(ids, labels)).loss.backward())
+        # DDP over the (flattened dp x) cp group with reduce_gradients=False and the loss times the cp size: exact
+        plain = apply_ring_attention(copy.deepcopy(ref), reduce_gradients=False)
+        _compare_ddp(ref, plain, torch.nn.parallel.DistributedDataParallel(plain), ids, labels, world_size)
         # reduce_gradients=False + all_reduce_gradients: the same gradients
         manual = apply_ring_attention(copy.deepcopy(ref), reduce_gradients=False)
         _compare_manual(ref, manual, *_batch(8, 2, 4 * world_size))
@@ -244,6 +251,24 @@ def _with_cache(model, batch):
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x / 4.x
     out = model(**{**batch, "use_cache": True})
     return model(**{**batch, "use_cache": True, name: out.past_key_values})
+
+
+def _compare_accumulated(ref, model, first, second) -> None:
+    ref.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+    for ids, labels in (first, second):
+        ref(input_ids=ids, labels=labels).loss.backward()
+        model(**shard_inputs(ids, labels)).loss.backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert _rel(q.grad, p.grad) < TOL, f"accumulated d{name} rel. L2 error {_rel(q.grad, p.grad):.2e}"
+
+
+def _compare_ddp(ref, model, ddp, ids, labels, world_size: int) -> None:
+    ref.zero_grad(set_to_none=True)
+    ref(input_ids=ids, labels=labels).loss.backward()
+    (ddp(**shard_inputs(ids, labels)).loss * world_size).backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters(), strict=True):
+        assert _rel(q.grad, p.grad) < TOL, f"DDP d{name} rel. L2 error {_rel(q.grad, p.grad):.2e}"
 
 
 def _compare_manual(ref, model, ids, labels) -> None:

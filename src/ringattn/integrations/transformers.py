@@ -55,11 +55,13 @@ when a mask is passed (to refuse padding). A custom op around the ring would rem
 
 Composition with DDP / FSDP
 ---------------------------
-With data parallelism on top (a mesh of ``dp x cp`` ranks), pass the context-parallel group here and the
-data-parallel group to DDP (``DDP(model, process_group=dp_group)``): the hooks sum over cp before DDP averages
-over dp. With FSDP, or to reduce in one message instead of one per parameter, pass ``reduce_gradients=False`` and
-either call :func:`all_reduce_gradients` after ``backward``, or let FSDP reduce over the flattened ``dp x cp``
-group (it averages over ``dp * cp`` ranks: multiply the loss by the cp size, as torchtitan does).
+The default ``reduce_gradients=True`` sums the gradients over the context-parallel group when each backward ends
+(Note [gradient sum over the group]). DDP and FSDP reduce the gradients themselves, so on top of them pass
+``reduce_gradients=False`` and give DDP / FSDP the flattened ``dp x cp`` group, multiplying the loss by the cp size:
+they average over ``dp * cp`` ranks, and ``cp`` times that average is the sum over cp averaged over dp (torchtitan
+does the same). Left at True under DDP / FSDP, the first backward raises ConfigError naming ``reduce_gradients``.
+Without data parallelism, ``reduce_gradients=False`` and :func:`all_reduce_gradients` after ``backward`` give the
+same gradients in one message per call.
 
 ``ringattn.gather_sequence`` (to collect full logits, say) is NOT differentiable: use it for evaluation only.
 """
@@ -69,6 +71,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import itertools
 import weakref
 from typing import Any
 
@@ -287,10 +290,98 @@ def _guard_loss(loss_function: Any) -> Any:
     return guarded
 
 
-def _sum_over_group(grad: torch.Tensor, group: Any) -> torch.Tensor:
-    total = grad.contiguous().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total
+# Bytes of gradients per all-reduce message (DDP's default bucket is 25 MB).
+_BUCKET_BYTES = 32 << 20
+
+
+class _GroupGradientSum:
+    """Sums every backward's parameter gradients over ``group``, once the backward has finished.
+
+    Note [gradient sum over the group]
+    ----------------------------------
+    Each rank's loss is its share of the global mean, so the gradient of the global loss is the SUM over the ranks of
+    each rank's gradient. A hook on each parameter records the gradient this backward brings (``mine``; returned
+    unchanged, so autograd accumulates it as usual) and, on the first one, queues a callback that runs when the
+    backward ends: it all-reduces the recorded gradients in a few flat messages (per device and dtype, up to
+    ``_BUCKET_BYTES``) and makes ``.grad = previous + sum`` (``.grad`` holds ``previous + mine`` by then, so gradient
+    accumulation over several backwards stays right). A parameter with no gradient on a rank sends zeros and a flag
+    (the flags travel in the same message), so every rank runs the same collectives, and it gets ``.grad = sum`` only
+    if some rank had a gradient for it: a parameter no rank used keeps ``None``, as in one process.
+
+    One all-reduce per parameter, inside the backward (the previous design, exact too), cost 2.1-2.25x the
+    single-process step at W=2 on gloo (2 cores): each of the 21 all-reduces waited for the slower rank; one message
+    after the backward, 1.36-1.41x (``examples/transformers_ring.py --bench``, see benchmarks/RESULTS.md).
+
+    DDP or FSDP on top would read the gradients before this callback runs, and write theirs after it: that
+    combination is refused, not silently wrong. A second callback, queued behind every callback of the backward,
+    checks that nothing replaced or rewrote a gradient after the sum and raises ConfigError naming
+    ``reduce_gradients`` if something did (compose with ``reduce_gradients=False`` instead: module docstring).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], group: Any) -> None:
+        self.params = params
+        self.group = group
+        self.mine: dict[int, tuple[torch.Tensor, bool]] = {}  # index -> (gradient of this backward, had no .grad)
+        self.queued = False
+
+    def hook(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        self.mine[index] = (grad, self.params[index].grad is None)
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.sum)
+        return grad
+
+    def sum(self) -> None:
+        self.queued = False
+        mine, self.mine = self.mine, {}
+        written = []
+        for bucket in self._buckets():
+            sizes = [self.params[i].numel() for i in bucket]
+            like = self.params[bucket[0]]
+            flat = torch.zeros(sum(sizes) + len(bucket), dtype=like.dtype, device=like.device)
+            offsets = [0, *itertools.accumulate(sizes)]
+            for j, i in enumerate(bucket):
+                if i in mine:
+                    flat[offsets[j] : offsets[j + 1]].copy_(mine[i][0].reshape(-1))
+                    flat[offsets[-1] + j] = 1  # this rank has a gradient for parameter i
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            for j, i in enumerate(bucket):
+                param, total = self.params[i], flat[offsets[j] : offsets[j + 1]].view_as(self.params[i])
+                if i in mine and not mine[i][1]:
+                    param.grad.add_(total - mine[i][0])  # previous + mine + (sum - mine)
+                elif i in mine:
+                    param.grad.copy_(total)
+                elif flat[offsets[-1] + j] > 0:  # only other ranks had a gradient for it
+                    param.grad = total.clone() if param.grad is None else param.grad.add_(total)
+                else:
+                    continue
+                written.append((param, param.grad, param.grad._version))
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._untouched, written))
+
+    def _buckets(self) -> list[list[int]]:
+        """Parameter indices grouped by (device, dtype), in messages of at most ``_BUCKET_BYTES``."""
+        groups: dict[tuple, list[list[int]]] = {}
+        for i, param in enumerate(self.params):
+            buckets = groups.setdefault((param.device, param.dtype), [[]])
+            size = sum(self.params[k].numel() for k in buckets[-1]) * param.element_size()
+            if buckets[-1] and size + param.numel() * param.element_size() > _BUCKET_BYTES:
+                buckets.append([])
+            buckets[-1].append(i)
+        return [bucket for buckets in groups.values() for bucket in buckets if bucket]
+
+    @staticmethod
+    def _untouched(written: list) -> None:
+        for param, grad, version in written:
+            if param.grad is not grad or grad._version != version:
+                raise ConfigError(
+                    expected(
+                        "reduce_gradients",
+                        "False when DDP or FSDP also reduces the gradients (they rewrote the sum over the "
+                        "context-parallel group): give them the flattened dp x cp group and scale the loss by the cp "
+                        "size instead",
+                        True,
+                    )
+                )
 
 
 def _check_capabilities() -> None:
@@ -312,8 +403,9 @@ def apply_ring_attention(
     Registers ringattn's attention and mask functions with transformers' ``AttentionInterface`` and
     ``AttentionMaskInterface`` under the name ``"ringattn"`` and switches the model to it; wraps the model's loss
     function so that only batches from :func:`shard_inputs` are scored; and, with ``reduce_gradients``, installs
-    hooks that all-reduce (SUM) every parameter gradient over ``group`` before it is accumulated, so each rank
-    ends ``backward`` with the gradient of the global loss. Calling it again replaces the previous hooks.
+    hooks that SUM every backward's parameter gradients over ``group`` when the backward ends (Note [gradient sum
+    over the group]), so each rank ends ``backward`` with the gradient of the global loss (gradient accumulation
+    over several backwards included). Calling it again replaces the previous hooks.
 
     Parameters
     ----------
@@ -323,7 +415,8 @@ def apply_ring_attention(
         The context-parallel ranks (default: the default group; without an initialised process group, a ring of
         one: plain attention).
     reduce_gradients : bool
-        Install the gradient hooks (see the module docstring for DDP / FSDP).
+        Install the gradient hooks. Pass False under DDP / FSDP (module docstring: they then reduce over the
+        flattened ``dp x cp`` group, the loss scaled by the cp size); left True there, ``backward`` raises.
 
     Raises
     ------
@@ -372,9 +465,10 @@ def apply_ring_attention(
     model.loss_function = _guard_loss(model.loss_function)
     _, world = _rank_world(group)
     if reduce_gradients and world > 1:
-        for param in model.parameters():
-            if param.requires_grad:
-                state.handles.append(param.register_hook(functools.partial(_sum_over_group, group=group)))
+        params = [param for param in model.parameters() if param.requires_grad]
+        summed = _GroupGradientSum(params, group)
+        for index, param in enumerate(params):
+            state.handles.append(param.register_hook(functools.partial(summed.hook, index)))
     return model
 
 
