@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import types
 
 import pytest
 import torch
@@ -1055,3 +1056,44 @@ def test_autograd_merge_states_end_to_end(monkeypatch):
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.isfinite().all(), i
         assert_close(g, w, TOL[torch.float32] if i < 3 else STATS_TOL, f"gradient {i}")
+
+
+# --- 64-bit column offsets of the tile kernels --------------------------------------------------------------------
+
+
+def test_wide_columns_are_chosen_where_a_column_offset_passes_2_31():
+    """``d * stride(3)`` in int32 wraps for a transposed view of a large tensor: the launchers switch the tile
+    kernels to int64 column offsets exactly where some ``(D - 1) * |stride(3)|`` reaches 2**31."""
+
+    def view(stride: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(stride=lambda dim: stride if dim == 3 else 1)
+
+    assert not triton_cuda._wide_columns([view(1), view(2**24)], 128)  # 127 * 2**24 < 2**31
+    assert triton_cuda._wide_columns([view(1), view(2**24 + 2**20)], 128)
+    assert triton_cuda._wide_columns([view(-(2**31))], 2)  # negative strides count by magnitude
+    assert not triton_cuda._wide_columns([view(2**40)], 1)  # D = 1: only column 0
+
+
+@pytest.mark.parametrize(("head_dim", "block_d"), [(24, None), (40, 16)])  # one chunk; three chunks
+def test_tile_kernels_with_wide_columns_give_the_same_bits(head_dim, block_d):
+    """The int64 column path (forced: a real one needs a tensor of over 2**31 elements) writes the int32 path's bits,
+    forward and backward, one chunk and a chunk loop."""
+    gen = torch.Generator().manual_seed(140 + head_dim)
+    parts = make_parts(3, (5, 1, 3), head_dim, torch.bfloat16, gen, "stats", 8)
+    got = []
+    for wide in (False, True):
+        out = merge_outputs((5, 1, 3), head_dim, torch.bfloat16, 8, "stats")
+        triton_cuda._launch_merge_rows(*parts, *out, None, 1.0, None, block_d, kernel="tile", wide_cols=wide)
+        got.append(out)
+    for a, b in zip(*got, strict=True):
+        assert same_bits(a, b)
+    grads = make_grads((5, 1, 3), head_dim, torch.bfloat16, gen, "stats", 8)
+    back = []
+    for wide in (False, True):
+        out = poisoned_grads(parts)
+        triton_cuda._launch_merge_rows_backward(*grads, *parts, *out, None, 1.0, None, block_d, wide_cols=wide)
+        back.append(out)
+    for a, b in zip(*back, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert same_bits(x, y)
+    check_backward(back[1], backward_reference(grads, parts), torch.bfloat16, "int64 columns vs float64 autograd")

@@ -158,5 +158,14 @@ flat(2, (16, 1, 4, 5), torch.float32, lse=False)
 flat(2, (16, 1, 4, 320), torch.bfloat16, lse=False, block=256)
 for dtype in (torch.float32, torch.bfloat16):  # every pack's own lane weights, without the equal-lanes shortcut
     flat(2, (16, 2, 4, 128), dtype, lse=False, lane_check=False)
+# The tile kernels with 64-bit column offsets (chosen for huge column strides; forced here), one chunk and a loop.
+for head_dim in (128, 320):
+    label = f"K=2 (16, 1, 4, {head_dim}) bfloat16 stats wide-columns"
+    o, m, l = parts(2, (16, 1, 4, head_dim), torch.bfloat16, False)
+    out = (torch.empty_like(o[0]), torch.empty_like(m[0]), torch.empty_like(m[0]))
+    triton_cuda._launch_merge_rows(o, m, l, *out, None, 1.0, kernel="tile", wide_cols=True)
+    grads = (torch.randn_like(o[0]), torch.randn_like(m[0]), torch.randn_like(m[0]))
+    grad_parts = ([torch.empty_like(t) for t in o], [torch.empty_like(t) for t in m], [torch.empty_like(t) for t in l])
+    triton_cuda._launch_merge_rows_backward(*grads, o, m, l, *grad_parts, None, 1.0, wide_cols=True)
 print("\n".join(compiled + conversions + resources))
 sys.exit(0 if compiled else 1)

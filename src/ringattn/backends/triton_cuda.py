@@ -118,6 +118,12 @@ def merge_kernel(name: str | None = None) -> str:
     return name
 
 
+def _wide_columns(tensors: Sequence[torch.Tensor], head_dim: int) -> bool:
+    """Whether a column offset ``d * stride(3)`` of one of ``tensors`` can pass 2**31 (a transposed view of a large
+    tensor, say): the tile kernels then compute column offsets in int64 instead of int32, which would wrap around."""
+    return any(abs(t.stride(3)) * max(head_dim - 1, 0) >= 2**31 for t in tensors)
+
+
 def _row_map_args(row_map: tuple[torch.Tensor, torch.Tensor] | None, Q: int) -> tuple:
     """``(row_base, row_step)`` kernel arguments: the tensors, or ``(None, None)`` without a row map."""
     if row_map is None:
@@ -170,11 +176,13 @@ def _launch_merge_rows(
     flat_block: int | None = None,
     flat_lane_check: bool = True,
     flat_int64_index: bool = False,
+    wide_cols: bool | None = None,
 ) -> None:
     """Launch the forward merge on already valid views: :func:`_merge_rows_kernel`, or :func:`_merge_flat_kernel`
     when ``kernel`` (default: :func:`merge_kernel`'s environment variable) is ``'flat'``. ``block_*`` override the
     tile, ``flat_block`` the flat kernel's elements per program, ``flat_lane_check`` its equal-lanes shortcut,
-    ``flat_int64_index`` its 64-bit indices, ``num_warps`` either's warps (tests, ``benchmarks/triton_tune.py``)."""
+    ``flat_int64_index`` its 64-bit indices, ``num_warps`` either's warps, ``wide_cols`` the tile kernel's 64-bit
+    column offsets (default: where :func:`_wide_columns` finds them needed) (tests, ``benchmarks/triton_tune.py``)."""
     P, Q, N, D = out_o.shape
     num_rows = P * Q * N
     if merge_kernel(kernel) == "flat":
@@ -234,6 +242,7 @@ def _launch_merge_rows(
             BLOCK_LANES=triton.next_power_of_2(lanes),
             LANES_IN=lanes_in,
             ONE_CHUNK=D <= block_d,
+            WIDE_COLS=_wide_columns((*parts_o, out_o), D) if wide_cols is None else wide_cols,
             num_warps=num_warps or 4,
             # SPEC section 3 rounds two products, then adds: no fused multiply-add.
             enable_fp_fusion=False,
@@ -400,8 +409,10 @@ def _launch_merge_rows_backward(
     lse_scale: float,
     block_rows: int | None = None,
     block_d: int | None = None,
+    wide_cols: bool | None = None,
 ) -> None:
-    """Launch :func:`_merge_rows_backward_kernel` on already valid views; ``block_*`` override the tile (tests)."""
+    """Launch :func:`_merge_rows_backward_kernel` on already valid views; ``block_*`` override the tile and
+    ``wide_cols`` the choice of 64-bit column offsets (tests)."""
     P, Q, N, D = grad_o.shape
     num_rows = P * Q * N
     if num_rows == 0:
@@ -455,6 +466,7 @@ def _launch_merge_rows_backward(
             BLOCK_GRAD_LANES=triton.next_power_of_2(grad_lanes),
             BLOCK_LANES=triton.next_power_of_2(lanes),
             LANES_IN=lanes_in,
+            WIDE_COLS=_wide_columns((grad_o, *parts_o, *grad_parts_o), D) if wide_cols is None else wide_cols,
             num_warps=4,
             enable_fp_fusion=False,  # the same products and sums as the torch backend, no contraction
         )

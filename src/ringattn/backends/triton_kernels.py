@@ -331,6 +331,16 @@ def _lane_grads(ptr, strides, sp, sq, sn, row_mask, LANES, BLOCK_LANES: tl.const
 
 
 @triton.jit
+def _columns(d0, BLOCK_D: tl.constexpr, WIDE_COLS: tl.constexpr):
+    """Column indices ``[d0, d0 + BLOCK_D)``: int32, or int64 where a column offset (``d * stride``) may pass 2**31
+    (``WIDE_COLS``: the launcher checks the strides), so that it cannot wrap around."""
+    cols = d0 + tl.arange(0, BLOCK_D)
+    if WIDE_COLS:
+        cols = cols.to(tl.int64)
+    return cols
+
+
+@triton.jit
 def _merge_chunk(
     d0,
     parts_o,
@@ -347,12 +357,13 @@ def _merge_chunk(
     LANES_IN: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     """Columns ``[d0, d0 + BLOCK_D)`` of the tile's merged rows: ``sum_k o_k * (a_k / L)`` with the weights of lane
     ``d % LANES_IN``, rounded once; an empty part's ``o_k`` is not read (a select of -0.0, the identity of +)."""
     p, q, n, sp, sq, sn, row_mask = rows
     all_empty, shift, safe_sum = merged
-    cols = d0 + tl.arange(0, BLOCK_D)
+    cols = _columns(d0, BLOCK_D, WIDE_COLS)
     tile_mask = row_mask[:, None] & (cols < D)[None, :]
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
     in_lanes = tl.arange(0, LANES_IN)[None, :]
@@ -399,6 +410,7 @@ def _merge_rows_kernel(
     BLOCK_LANES: tl.constexpr,
     LANES_IN: tl.constexpr,  # lanes of the parts' statistics: 1 (LSE) or 8 (Ascend), a power of 2 <= BLOCK_D
     ONE_CHUNK: tl.constexpr,  # D <= BLOCK_D
+    WIDE_COLS: tl.constexpr,  # some (D - 1) * column stride passes 2**31: int64 column offsets
 ):
     # Note [triton row tiles].
     row_mask, p, q, n, sp, sq, sn = _tile_rows(num_rows, Q, N, row_base, row_step, HAS_ROW_MAP, HEADS_OUTER, BLOCK_ROWS)
@@ -411,11 +423,11 @@ def _merge_rows_kernel(
     merged = (all_empty, shift, safe_sum)
     if ONE_CHUNK:  # straight-line code: the compiler can issue the o_k loads before the statistics' arithmetic
         _merge_chunk(0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
-                     LANES_IN, BLOCK_ROWS, BLOCK_D)  # fmt: skip
+                     LANES_IN, BLOCK_ROWS, BLOCK_D, WIDE_COLS)  # fmt: skip
     else:
         for d0 in range(0, D, BLOCK_D):
             _merge_chunk(d0, parts_o, o_strides, stats, out_o, out_o_strides, rows, merged, D, lse_scale, K, IS_LSE,
-                         LANES_IN, BLOCK_ROWS, BLOCK_D)  # fmt: skip
+                         LANES_IN, BLOCK_ROWS, BLOCK_D, WIDE_COLS)  # fmt: skip
 
     merged = (new_max, all_empty, new_sum, safe_sum)
     _store_merged(out_m, out_m_strides, out_l, out_l_strides, sp, sq, sn, row_mask, merged, LANES, lse_scale, IS_LSE,
@@ -644,6 +656,7 @@ def _merge_rows_backward_kernel(
     BLOCK_GRAD_LANES: tl.constexpr,
     BLOCK_LANES: tl.constexpr,
     LANES_IN: tl.constexpr,  # lanes merged: the stats form's (== LANES), 1 in the LSE form (lane 0)
+    WIDE_COLS: tl.constexpr,  # some (D - 1) * column stride passes 2**31: int64 column offsets
 ):
     # Note [triton row tiles] and Note [triton row merge backward]; the formulas are Note [row merge backward],
     # lane by lane: lane j of the statistics meets the elements d with d % LANES_IN == j.
@@ -661,7 +674,7 @@ def _merge_rows_backward_kernel(
     dots = tl.zeros([BLOCK_ROWS, BLOCK_K, LANES_IN], tl.float32)
     g_row = p * grad_o_strides[0] + q * grad_o_strides[1] + n * grad_o_strides[2]
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
+        cols = _columns(d0, BLOCK_D, WIDE_COLS)
         tile_mask = row_mask[:, None] & (cols < D)[None, :]
         g = tl.load(grad_o + g_row[:, None] + cols[None, :] * grad_o_strides[3], mask=tile_mask, other=0.0)
         g = g.to(tl.float32)
