@@ -13,6 +13,7 @@ bfloat16 (no worse than bf16 SDPA), DDP over the same ranks; then each trap of i
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -422,3 +423,91 @@ def test_shard_inputs_bad_packing_arguments():
     for kw in ({"cu_seqlens": [0, 8]}, {"position_ids": torch.arange(8).unsqueeze(0)}):
         got = shard_inputs(ids, **kw)
         assert got.keys() == dense.keys() and torch.equal(got["input_ids"], dense["input_ids"])
+
+
+# --- the gradient sum over the group, without processes (Note [gradient sum over the group]) ----------------------
+
+
+class _TwoRanks:
+    """``dist.all_reduce`` as if a second rank sent ``other(flat)``: counts the messages."""
+
+    def __init__(self, other):
+        self.other, self.calls = other, 0
+
+    def __call__(self, flat, op=None, group=None):
+        self.calls += 1
+        flat.add_(self.other(flat.clone()))
+
+
+def _summed(monkeypatch, params, other, bucket_bytes=None):
+    from ringattn.integrations import transformers as integration
+
+    fake = _TwoRanks(other)
+    monkeypatch.setattr(integration.dist, "all_reduce", fake)
+    if bucket_bytes is not None:
+        monkeypatch.setattr(integration, "_BUCKET_BYTES", bucket_bytes)
+    summed = integration._GroupGradientSum(params, group=None)
+    for i, p in enumerate(params):
+        p.register_hook(functools.partial(summed.hook, i))
+    return fake
+
+
+def _params(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((3, 4), (5,), (2, 2))]
+
+
+def test_gradients_are_summed_once_per_backward_and_accumulate(monkeypatch):
+    """A rank identical to this one: every gradient doubles, in one message per backward; a second backward without
+    zero_grad adds its own doubled gradient (accumulation); a parameter no rank used keeps ``None``."""
+    used, also, unused = _params(1)
+    fake = _summed(monkeypatch, [used, also, unused], other=lambda flat: flat)
+    gen = torch.Generator().manual_seed(2)
+    total = {id(used): 0, id(also): 0}
+    for _ in range(2):
+        up = torch.randn(3, 4, generator=gen)
+        ((used * up).sum() + also.pow(2).sum()).backward()
+        total[id(used)] = total[id(used)] + 2 * up
+        total[id(also)] = total[id(also)] + 2 * 2 * also.detach()
+    assert fake.calls == 2
+    torch.testing.assert_close(used.grad, total[id(used)], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(also.grad, total[id(also)], rtol=1e-6, atol=1e-6)
+    assert unused.grad is None
+
+
+def test_a_parameter_only_other_ranks_used_gets_their_sum(monkeypatch):
+    """The other rank has a gradient (all 7.0) for a parameter this rank never used: this rank receives it, as the
+    sum over the ranks; the flags travel in the same message, so both ranks ran one identical collective."""
+    used, lonely, _ = _params(3)
+    sizes = [used.numel(), lonely.numel()]
+
+    def other(flat):
+        sent = torch.zeros_like(flat)
+        sent[sizes[0] : sum(sizes)] = 7.0  # lonely's gradient on the other rank
+        sent[sum(sizes) + 1] = 1  # and its flag
+        return sent
+
+    fake = _summed(monkeypatch, [used, lonely], other)
+    up = torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
+    (used * up).sum().backward()
+    assert fake.calls == 1
+    torch.testing.assert_close(used.grad, up)
+    torch.testing.assert_close(lonely.grad, torch.full((5,), 7.0))
+
+
+def test_gradients_travel_in_buckets_of_bounded_size(monkeypatch):
+    a, b, c = _params(5)
+    fake = _summed(monkeypatch, [a, b, c], other=lambda flat: flat, bucket_bytes=4 * 12)  # a alone fills a bucket
+    (a.sum() + b.sum() + c.sum()).backward()
+    assert fake.calls == 2  # [a], [b, c]
+    for p in (a, b, c):
+        torch.testing.assert_close(p.grad, torch.full_like(p, 2.0))
+
+
+def test_a_gradient_rewritten_after_the_sum_raises_naming_reduce_gradients(monkeypatch):
+    """What DDP or FSDP on top would do (write their own reduction over the sum): refused, not silently wrong."""
+    a, b, _ = _params(6)
+    _summed(monkeypatch, [a, b], other=lambda flat: flat)
+    queue = torch.autograd.Variable._execution_engine.queue_callback
+    a.register_hook(lambda g: queue(lambda: a.grad.mul_(0.5)) or g)  # like DDP's averaging, after our sum
+    _raises(ConfigError, "reduce_gradients", lambda: (a.sum() + b.sum()).backward())
