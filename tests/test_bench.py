@@ -360,3 +360,44 @@ def test_backend_that_fails_inside_merge_states_is_an_argument_error(monkeypatch
     err = capsys.readouterr().err
     assert "usage: ringattn bench" in err
     assert "--backend: backend: expected a backend that runs merge_states on cpu, got 'torch' (0 active drivers" in err
+
+
+def test_auto_is_timed_only_once_the_fused_kernel_answers(monkeypatch):
+    """``auto`` on CPU answers with torch while the fused module imports, then while its kernel compiles, each
+    queued by a call (Note [cold start]): the bench must call and wait until the fused kernel answers, or it times
+    torch under the name ``auto`` (it did: one call and one wait only reached the import)."""
+    from ringattn import backends
+
+    state = {"queued": None, "imported": False, "compiled": False, "last": None}
+
+    def call(inputs):  # auto's behaviour, one background job queued per call at most
+        if state["imported"] and state["compiled"]:
+            state["last"] = "cpu"
+            return
+        state["queued"] = "compile" if state["imported"] else "import"
+        state["last"] = "torch"
+
+    def wait_compiled(timeout=None):
+        if state["queued"] == "import":
+            state["imported"] = True
+        elif state["queued"] == "compile":
+            state["compiled"] = True
+        state["queued"] = None
+        return True
+
+    monkeypatch.setattr(merge, "providers", lambda *a, **k: {"ringattn[auto]": call})
+    monkeypatch.setattr(backends, "wait_compiled", wait_compiled)
+    monkeypatch.setattr(backends, "ran", lambda module: state["last"])
+    case = merge.cases(["SBH"], [torch.float32], quick=True)[0]
+    assert merge.resolve_backend("auto", merge.make_inputs(case, torch.device("cpu"))) == "cpu"
+
+
+def test_ring_bench_warm_up_lets_the_fused_kernels_load(monkeypatch):
+    """The ring bench times after ``settle_compiles``: calls that each queue one background step, each waited for."""
+    from ringattn import backends
+    from ringattn.bench import _timing
+
+    events = []
+    monkeypatch.setattr(backends, "wait_compiled", lambda timeout=None: events.append("wait") or True)
+    _timing.settle_compiles(lambda: events.append("call"))
+    assert events == ["call", "wait", "call", "wait"]

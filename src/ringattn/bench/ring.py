@@ -49,6 +49,7 @@ from ..ring import (
     simulate_ring_attention,
 )
 from ..ring.schedule import packed_block_flops
+from ._timing import settle_compiles
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("single", "ringattn", "ring-attention-pytorch")
@@ -175,6 +176,7 @@ def _rank(rank: int, world: int, rendezvous: str, provider: str, case: Case, res
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         run(q, k, v, g)  # warm-up, and the results checked against `single`
         results = [gather(x) for x in (q.grad, k.grad, v.grad)]
+        settle_compiles(lambda: run(q, k, v, g))  # time the fused merges, not torch's while they compile
         times = []
         for _ in range(case.repeats):
             q.grad = k.grad = v.grad = None
@@ -240,13 +242,14 @@ def measure(case: Case, providers: tuple[str, ...] = PROVIDERS) -> list[dict]:
 
 
 def _seconds(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median wall seconds of ``fn`` (synchronised on CUDA), after one warm-up call."""
+    """Median wall seconds of ``fn`` (synchronised on CUDA), after warm-up calls that let the fused CPU kernels
+    load (``settle_compiles``)."""
 
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    fn()
+    settle_compiles(fn)
     times = []
     for _ in range(repeats):
         sync()
