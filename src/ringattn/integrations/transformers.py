@@ -321,6 +321,7 @@ class _GroupGradientSum:
     def __init__(self, params: list[torch.nn.Parameter], group: Any) -> None:
         self.params = params
         self.group = group
+        self.buckets = self._buckets()
         self.mine: dict[int, tuple[torch.Tensor, bool]] = {}  # index -> (gradient of this backward, had no .grad)
         self.queued = False
 
@@ -335,7 +336,7 @@ class _GroupGradientSum:
         self.queued = False
         mine, self.mine = self.mine, {}
         written = []
-        for bucket in self._buckets():
+        for bucket in self.buckets:
             sizes = [self.params[i].numel() for i in bucket]
             like = self.params[bucket[0]]
             flat = torch.zeros(sum(sizes) + len(bucket), dtype=like.dtype, device=like.device)
@@ -361,13 +362,16 @@ class _GroupGradientSum:
     def _buckets(self) -> list[list[int]]:
         """Parameter indices grouped by (device, dtype), in messages of at most ``_BUCKET_BYTES``."""
         groups: dict[tuple, list[list[int]]] = {}
+        filled: dict[tuple, int] = {}  # bytes in each group's last bucket
         for i, param in enumerate(self.params):
-            buckets = groups.setdefault((param.device, param.dtype), [[]])
-            size = sum(self.params[k].numel() for k in buckets[-1]) * param.element_size()
-            if buckets[-1] and size + param.numel() * param.element_size() > _BUCKET_BYTES:
+            key, size = (param.device, param.dtype), param.numel() * param.element_size()
+            buckets = groups.setdefault(key, [[]])
+            if buckets[-1] and filled[key] + size > _BUCKET_BYTES:
                 buckets.append([])
+                filled[key] = 0
             buckets[-1].append(i)
-        return [bucket for buckets in groups.values() for bucket in buckets if bucket]
+            filled[key] = filled.get(key, 0) + size
+        return [bucket for buckets in groups.values() for bucket in buckets]
 
     @staticmethod
     def _untouched(written: list) -> None:
