@@ -62,9 +62,10 @@ def _start_precompile() -> None:
     def launch_after_precompile(kernel, nbytes, *args):
         key = precompile_kernels.launch_key(kernel.py_func.__name__, args)
         if key in planned:
-            while not (done_dir / f"{key}.done").exists() and _precompile.poll() is None:
-                time.sleep(0.05)
-            planned.discard(key)  # loaded from the disk cache now (or, if the child failed, compiled here)
+            planned.discard(key)
+            if not precompile_kernels.claim(done_dir, key):  # the child has it: wait, then load it from the cache
+                while not (done_dir / f"{key}.done").exists() and _precompile.poll() is None:
+                    time.sleep(0.05)
         launch(kernel, nbytes, *args)
 
     numba_cpu._launch = launch_after_precompile

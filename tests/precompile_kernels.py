@@ -7,14 +7,17 @@ a 2-core machine, most of a cold test run. ``conftest.py`` runs this script in a
 of a session that selects kernel tests, and runs those tests last, so that the compiles use the second core while
 the tests that need no fused kernel run on the first. After each pair it writes ``<done_dir>/<dtype>-<K>.done``;
 the session's first launch of a kernel of a planned pair waits for that file (numba then loads the kernel from the
-disk cache in well under a second) instead of compiling the same kernel a second time. Pairs outside ``PLAN`` (the
-`slow` run's) compile in the test process as usual. ``RINGATTN_TEST_PRECOMPILE=0`` turns this off.
+disk cache in well under a second) instead of compiling the same kernel a second time. Each pair is claimed first
+(``<dtype>-<K>.claim``, created exclusively): a launch that needs a pair nobody has claimed yet claims and compiles
+it in the test process, and this script skips it, so neither waits for the other's queue. Pairs outside ``PLAN``
+(the `slow` run's) compile in the test process as usual. ``RINGATTN_TEST_PRECOMPILE=0`` turns this off.
 
     python tests/precompile_kernels.py DONE_DIR
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -55,10 +58,20 @@ def compile_pair(dtype: torch.dtype, k: int) -> None:
                         *grads)  # fmt: skip
 
 
+def claim(done_dir: Path, name: str) -> bool:
+    """Claim pair ``name`` for compiling (True), unless the test process or this script already has (False)."""
+    try:
+        os.close(os.open(done_dir / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def main(done_dir: Path) -> None:
     for dtype, k in PLAN:
-        compile_pair(dtype, k)
-        (done_dir / f"{key(dtype, k)}.done").touch()
+        if claim(done_dir, key(dtype, k)):
+            compile_pair(dtype, k)
+            (done_dir / f"{key(dtype, k)}.done").touch()
 
 
 if __name__ == "__main__":
