@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ _KERNEL_TEST_FILES = {
     "test_merge.py",
 }
 _precompile: subprocess.Popen | None = None
+_done_dir: Path | None = None
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -46,12 +48,13 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 
 def _start_precompile() -> None:
-    """Start precompile_kernels.py and make the first launch of each planned kernel wait for it."""
-    global _precompile
+    """Start precompile_kernels.py; the first launch of each planned pair claims it (and compiles it here) or, if the
+    background process has claimed it, waits for it."""
+    global _precompile, _done_dir
     import precompile_kernels
     from ringattn.backends import numba_cpu, numba_cpu_backward
 
-    done_dir = Path(tempfile.mkdtemp(prefix="ringattn-precompile-"))
+    done_dir = _done_dir = Path(tempfile.mkdtemp(prefix="ringattn-precompile-"))
     script = Path(__file__).with_name("precompile_kernels.py")
     _precompile = subprocess.Popen(
         [sys.executable, str(script), str(done_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -75,3 +78,6 @@ def _start_precompile() -> None:
 def pytest_unconfigure(config) -> None:
     if _precompile is not None and _precompile.poll() is None:
         _precompile.kill()
+        _precompile.wait()
+    if _done_dir is not None:
+        shutil.rmtree(_done_dir, ignore_errors=True)
