@@ -159,6 +159,56 @@ def per_batch_row_map(
     return row_base, row_step
 
 
+def _forward_args(
+    parts_o: Sequence[torch.Tensor],
+    parts_m: Sequence[torch.Tensor],
+    parts_l: Sequence[torch.Tensor] | None,
+    out_o: torch.Tensor,
+    out_m: torch.Tensor,
+    out_l: torch.Tensor | None,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None,
+    lse_scale: float,
+) -> tuple[tuple, dict]:
+    """The arguments both forward kernels (:func:`_merge_rows_kernel`, :func:`_merge_flat_kernel`) start with, and
+    the compile-time constants they share: what a merge is, apart from how a kernel tiles it."""
+    P, Q, N, D = out_o.shape
+    is_lse = parts_l is None
+    assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
+    assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
+    row_base, row_step = _row_map_args(row_map, Q)
+    lanes = out_m.shape[-1]
+    args = (
+        tuple(parts_o),
+        tuple(o.stride() for o in parts_o),
+        tuple(parts_m),
+        tuple(m.stride() for m in parts_m),
+        None if is_lse else tuple(parts_l),
+        None if is_lse else tuple(s.stride() for s in parts_l),
+        out_o,
+        out_o.stride(),
+        out_m,
+        out_m.stride(),
+        out_l,
+        None if is_lse else out_l.stride(),
+        row_base,
+        row_step,
+        P * Q * N,
+        Q,
+        N,
+        D,
+        lanes,
+        float(lse_scale),
+    )
+    constants = dict(
+        K=len(parts_o),
+        IS_LSE=is_lse,
+        HAS_ROW_MAP=row_map is not None,
+        BLOCK_LANES=triton.next_power_of_2(lanes),
+        LANES_IN=1 if is_lse else parts_m[0].shape[-1],  # the LSE form reads lane 0 (one LSE per row)
+    )
+    return args, constants
+
+
 def _launch_merge_rows(
     parts_o: Sequence[torch.Tensor],
     parts_m: Sequence[torch.Tensor],
@@ -204,43 +254,15 @@ def _launch_merge_rows(
     if num_rows == 0:
         return
     default_rows, default_d = _block_sizes(D, len(parts_o), out_o.element_size())
-    lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]  # the LSE form reads lane 0 (one LSE per row)
-    block_rows, block_d = block_rows or default_rows, max(block_d or default_d, lanes_in)
-    lanes = out_m.shape[-1]
-    is_lse = parts_l is None
-    assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
-    assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
-    row_base, row_step = _row_map_args(row_map, Q)
+    args, constants = _forward_args(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale)
+    block_rows, block_d = block_rows or default_rows, max(block_d or default_d, constants["LANES_IN"])
     with _device_guard(out_o):
         _merge_rows_kernel[(triton.cdiv(num_rows, block_rows),)](
-            tuple(parts_o),
-            tuple(o.stride() for o in parts_o),
-            tuple(parts_m),
-            tuple(m.stride() for m in parts_m),
-            None if is_lse else tuple(parts_l),
-            None if is_lse else tuple(s.stride() for s in parts_l),
-            out_o,
-            out_o.stride(),
-            out_m,
-            out_m.stride(),
-            out_l,
-            None if is_lse else out_l.stride(),
-            row_base,
-            row_step,
-            num_rows,
-            Q,
-            N,
-            D,
-            lanes,
-            float(lse_scale),
-            K=len(parts_o),
-            IS_LSE=is_lse,
-            HAS_ROW_MAP=row_map is not None,
+            *args,
+            **constants,
             HEADS_OUTER=heads_outer(parts_m, row_map),
             BLOCK_ROWS=block_rows,
             BLOCK_D=block_d,
-            BLOCK_LANES=triton.next_power_of_2(lanes),
-            LANES_IN=lanes_in,
             ONE_CHUNK=D <= block_d,
             WIDE_COLS=_wide_columns((*parts_o, out_o), D) if wide_cols is None else wide_cols,
             num_warps=num_warps or 4,
@@ -348,45 +370,17 @@ def _launch_merge_flat(
         return
     outs = [out_m] if out_l is None else [out_m, out_l]
     plan = _flat_plan(parts_o, parts_m, parts_l, out_o, block, num_warps, lane_check, int64_index, outs)
-    lanes_in = 1 if parts_l is None else parts_m[0].shape[-1]
-    lanes = out_m.shape[-1]
-    is_lse = parts_l is None
-    assert is_lse == (out_l is None), "the LSE form has neither parts_l nor out_l"
-    assert is_lse or out_l.shape == out_m.shape, "out_l is shaped like out_m"
-    row_base, row_step = _row_map_args(row_map, Q)
+    args, constants = _forward_args(parts_o, parts_m, parts_l, out_o, out_m, out_l, row_map, lse_scale)
     with _device_guard(out_o):
         _merge_flat_kernel[(plan.programs,)](
-            tuple(parts_o),
-            tuple(o.stride() for o in parts_o),
-            tuple(parts_m),
-            tuple(m.stride() for m in parts_m),
-            None if is_lse else tuple(parts_l),
-            None if is_lse else tuple(s.stride() for s in parts_l),
-            out_o,
-            out_o.stride(),
-            out_m,
-            out_m.stride(),
-            out_l,
-            None if is_lse else out_l.stride(),
-            row_base,
-            row_step,
-            num_rows,
-            Q,
-            N,
-            D,
-            lanes,
-            float(lse_scale),
+            *args,
             plan.rows_per_program,
-            K=len(parts_o),
-            IS_LSE=is_lse,
-            HAS_ROW_MAP=row_map is not None,
+            **constants,
             # The attention tensors' memory order, so a program's run is contiguous memory.
             HEADS_OUTER=abs(out_o.stride(2)) > abs(out_o.stride(0)),
             BLOCK=plan.block,
             VEC=plan.vec,
             ROWS=triton.next_power_of_2(plan.rows_per_program),
-            BLOCK_LANES=triton.next_power_of_2(lanes),
-            LANES_IN=lanes_in,
             ONE_CHUNK=0 < D <= plan.block,  # D = 0: no chunk (the loop runs 0 times), the statistics are still merged
             LANE_CHECK=plan.lane_check,
             INT32_INDEX=plan.int32_index,
