@@ -43,7 +43,7 @@ from ..errors import BackendError, HardwareLimitError, expected
 from ..merge import merge_states
 from ..reference import merge_states_reference, ring_attention_update_reference
 from . import report
-from ._timing import Progress, copy_floor, first_call_seconds, measure, set_threads, synchronize
+from ._timing import Progress, copy_floor, first_call_seconds, measure, set_threads, settle_compiles, synchronize
 
 __all__ = [
     "Case", "cases", "bytes_moved", "make_inputs", "naive_update", "naive_merge", "providers", "resolve_backend",
@@ -415,16 +415,12 @@ def providers(
     return table
 
 
-# Calls of ``auto`` that may each queue one more background job (the module's import, then the kernel's compile).
-_SETTLE_ROUNDS = 3
-
-
 def resolve_backend(name: str, inputs: Inputs, *, settle: bool = True) -> str:
     """The backend ``name`` really runs for ``inputs`` (``auto`` resolved); raises BackendError.
 
     ``auto`` on CPU runs ``torch`` until numba has compiled the fused kernel (Note [cold start] in
-    ``backends/_warm.py``): with ``settle``, this waits for that compile, then makes one call to see which
-    backend answers.
+    ``backends/_warm.py``): with ``settle``, this lets it load (``settle_compiles``), then makes one call to see
+    which backend answers.
     """
     c = inputs.case
     call = providers((name,), ("ringattn",), c.op)[f"ringattn[{name}]"]
@@ -440,12 +436,7 @@ def resolve_backend(name: str, inputs: Inputs, *, settle: bool = True) -> str:
         problem = validate_update(*inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits)
         module = backends.select(name, problem)
     if name == "auto" and settle:
-        # The first call queues the fused module's import, the first call after it the kernel's compile (Note
-        # [cold start]): call and wait until a call queues nothing more.
-        for _ in range(_SETTLE_ROUNDS):
-            call(inputs)
-            if backends.wait_compiled() and backends.ran(module) != "torch":
-                break
+        settle_compiles(lambda: call(inputs))
         call(inputs)
     return backends.ran(module)
 
