@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import ringattn.backends
 from ringattn.integrations.transformers import apply_ring_attention, shard_inputs
 
 
@@ -48,6 +49,12 @@ def step(model, batch) -> torch.Tensor:
 
 
 def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn`` after two warm-up calls, each followed by the wait for the fused CPU merge kernels
+    that ``backend="auto"`` loads on a background thread at first use (their load, a low-priority child process,
+    competed with the ranks for the cores and slowed the first ~20 steps of a W=2 run on 2 cores by up to 1.9x)."""
+    for _ in range(2):
+        fn()
+        ringattn.backends.wait_compiled()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -308,9 +308,10 @@ class _GroupGradientSum:
     (the flags travel in the same message), so every rank runs the same collectives, and it gets ``.grad = sum`` only
     if some rank had a gradient for it: a parameter no rank used keeps ``None``, as in one process.
 
-    One all-reduce per parameter, inside the backward (the previous design, exact too), cost 2.1-2.25x the
-    single-process step at W=2 on gloo (2 cores): each of the 21 all-reduces waited for the slower rank; one message
-    after the backward, 1.36-1.41x (``examples/transformers_ring.py --bench``, see benchmarks/RESULTS.md).
+    One all-reduce per parameter, inside the backward (the previous design, exact too), made the W=2 step on gloo
+    (2 cores) 1.17-1.24x the single-process step: each of the 21 all-reduces waited for the slower rank; one message
+    after the backward, 1.10-1.11x, of which the sum is ~3% (``examples/transformers_ring.py --bench``, see
+    benchmarks/RESULTS.md).
 
     DDP or FSDP on top would read the gradients before this callback runs, and write theirs after it: that
     combination is refused, not silently wrong. A second callback, queued behind every callback of the backward,
