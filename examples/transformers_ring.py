@@ -50,8 +50,8 @@ def step(model, batch) -> torch.Tensor:
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``fn`` after two warm-up calls, each followed by the wait for the fused CPU merge kernels
-    that ``backend="auto"`` loads on a background thread at first use (their load, a low-priority child process,
-    competed with the ranks for the cores and slowed the first ~20 steps of a W=2 run on 2 cores by up to 1.9x)."""
+    that ``backend="auto"`` loads (or compiles, on a new machine) on a background thread at first use: the steady
+    state, not the load."""
     for _ in range(2):
         fn()
         ringattn.backends.wait_compiled()

@@ -119,15 +119,31 @@ def test_a_child_process_writes_the_disk_cache(tmp_path, monkeypatch) -> None:
     import coldstart_kernel
 
     signature = (numba.typeof(np.zeros(4)),)
+    other = (numba.typeof(np.zeros(4, np.int32)),)
     try:
+        assert not _warm.in_disk_cache(coldstart_kernel.add_one, signature)
         assert _warm.compile_in_child(coldstart_kernel.add_one, signature)
         assert not coldstart_kernel.add_one.overloads  # compiled elsewhere, not here
         # next to the module, or under NUMBA_CACHE_DIR when set (the child inherits the environment)
         assert list(Path(coldstart_kernel.add_one.stats.cache_path).glob("coldstart_kernel.add_one-*.nbi"))
-        coldstart_kernel.add_one.compile(signature)  # now a load from the cache
-        assert coldstart_kernel.add_one.stats.cache_hits
+        assert _warm.in_disk_cache(coldstart_kernel.add_one, signature)
+        assert not _warm.in_disk_cache(coldstart_kernel.add_one, other)  # keyed by signature
+
+        children = []
+        monkeypatch.setattr(_warm, "compile_in_child", lambda kernel, sig: children.append(sig) or False)
+        _warm._compile(coldstart_kernel.add_one, signature)  # in the cache: loaded here, no child
+        assert children == [] and coldstart_kernel.add_one.stats.cache_hits
+        assert coldstart_kernel.add_one(np.arange(4.0))[3] == 4.0
+        _warm._compile(coldstart_kernel.add_one, other)  # not in it: the child's turn (here a failing one)
+        assert children == [other] and len(coldstart_kernel.add_one.overloads) == 2
     finally:
         sys.modules.pop("coldstart_kernel", None)
+
+
+def test_a_kernel_numba_cannot_key_counts_as_not_cached() -> None:
+    """``in_disk_cache`` reads numba internals; anything it cannot read means "compile", never a crash."""
+    assert not _warm.in_disk_cache(numba.njit(lambda x: x), (numba.typeof(np.zeros(2)),))  # cache=False
+    assert not _warm.in_disk_cache(object(), ())
 
 
 def test_auto_on_cpu_is_the_cold_start_backend_unless_told_to_wait(monkeypatch) -> None:
