@@ -146,6 +146,63 @@ def test_independent_lanes_any_head_size(seq, heads, head_dim, backend, seed):
 
 
 @pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("layout", ["SBH", "TND"])
+@pytest.mark.parametrize("odd", ["max lane 1", "sum lane 7", "empty", "nan lane 4"])
+def test_one_odd_row_among_equal_ones(backend, layout, odd):
+    """Equal lanes everywhere but one row, in the middle of a long run of rows: the CPU kernel tests whole chunks of
+    128 statistics rows first (Note [lane check vector]); the chunk holding the odd row must find it (any lane, max
+    or sum, an empty part, a NaN in one lane) and send that row alone lane by lane. Every other row stays bitwise
+    what it was without the odd row; the odd row matches the float64 lane rule; garbage in an empty part is not
+    read."""
+    gen = torch.Generator().manual_seed(21)
+    seq, heads, head_dim = 300, 2, 16  # 300 rows per head: three chunks of the head-major statistics
+    if layout == "SBH":
+        attn, rows, kw = (seq, 1, heads * head_dim), (1, heads, seq), {}
+    else:
+        attn, rows = (seq, heads, head_dim), (seq, heads)
+        kw = {"actual_seq_qlen": [0, 170, seq], "layout": "TND", "ascend_limits": False}
+    m = [(torch.randn((*rows, 1), generator=gen) * 3).expand(*rows, 8).contiguous() for _ in range(2)]
+    l = [(torch.rand((*rows, 1), generator=gen) + 0.5).expand(*rows, 8).contiguous() for _ in range(2)]
+    o = [torch.rand(attn, generator=gen) * 2 - 1 for _ in range(2)]
+    plain = ringattn.ring_attention_update(*on(backend, [o[0], m[0], l[0], o[1], m[1], l[1]]), **kw, backend=backend)
+
+    # SBH: head 1, token 200, in the second chunk of the head's run. TND's default statistics are per batch ((N, S_b)
+    # rows of batch b, packed): row (200, 1) of the (T, N, 8) tensor is flat row 401, i.e. head 0, token 170 + 61.
+    row = (0, 1, 200) if layout == "SBH" else (200, 1)
+    token, head = (200, 1) if layout == "SBH" else (231, 0)
+    if odd == "max lane 1":
+        m[1][row][1] += 0.75
+    elif odd == "sum lane 7":
+        l[0][row][7] *= 1.5
+    elif odd == "nan lane 4":
+        m[0][row][4] = math.nan
+    else:  # cur is empty in this row: its output there is garbage, never read
+        m[1][row], l[1][row] = -math.inf, 0.0
+        if layout == "SBH":
+            o[1][token, 0, head * head_dim : (head + 1) * head_dim] = math.nan
+        else:
+            o[1][token, head] = math.nan
+    args = [o[0], m[0], l[0], o[1], m[1], l[1]]
+    got = [t.cpu() for t in ringattn.ring_attention_update(*on(backend, args), **kw, backend=backend)]
+    want = reference(args, kw)
+
+    # The odd row against the float64 lane rule (NaN where the rule gives NaN).
+    torch.testing.assert_close(got[1].double(), want[1], atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(got[2].double(), want[2], atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-4, rtol=1e-4, equal_nan=True)
+
+    # Every other row bitwise unchanged; the odd row's statistics changed.
+    def changed(a, b):
+        return ((a != b) & ~(a.isnan() & b.isnan())).any(-1)
+
+    stats_changed = changed(got[1], plain[1].cpu()) | changed(got[2], plain[2].cpu())
+    assert stats_changed.nonzero().tolist() == [list(row)]
+    out_rows = got[0].reshape(seq, heads, head_dim) if layout == "SBH" else got[0]
+    plain_rows = plain[0].cpu().reshape(seq, heads, head_dim) if layout == "SBH" else plain[0].cpu()
+    assert set(map(tuple, changed(out_rows, plain_rows).nonzero().tolist())) <= {(token, head)}
+
+
+@pytest.mark.parametrize("backend", available_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lanes_no_element_reads_do_not_change_the_output(backend, dtype):
     """D = 4 reads lanes 0-3 only: lanes 4-7 set apart from lane 0 (so the CPU kernel takes its lane-by-lane path

@@ -36,15 +36,18 @@ A tile runs in two phases, each walking memory in its own order:
    (``_row_lanes``) and writes lane c of the output statistics from lane c. Rows whose lanes are all equal
    (the contract: Ascend writes one value to all 8) and that have no empty part are exactly the lane rule
    with lane 0's weights, computed once: bitwise what this kernel gave before it told lanes apart.
-   The lane check compares bits, not floats (``_bits``, ``_diff8_all``: the OR of each lane's XOR with lane
-   0, one integer compare per row): bit-equal lanes (NaNs with one payload included) give bitwise lane 0's
-   results under every lane formula, and float-equal lanes with different bits (+0 / -0) go lane by lane,
-   which is exact too. A row's flag is stored only when it is general, and the flags are read (in (C), phase
-   2, phase 3) only in a chunk / tile that has one, so the common case stores and branches on registers.
-   Time against the kernel before lanes (bench inputs, interleaved in one process on 2 shared cores, medians
-   of 15-21, two runs per size): the float compare with a flag stored per row 1.12-1.40x, this 0.99-1.29x,
-   i.e. 0.82-0.97x of it in every case; the remainder is largest on TND bfloat16 (1.14-1.29x), where the
-   check removed altogether measured no better (1.19x): the rest of the lane support, not the check;
+   The lane check compares bits, not floats: bit-equal lanes (NaNs with one payload included) give bitwise
+   lane 0's results under every lane formula, and float-equal lanes with different bits (+0 / -0) go lane
+   by lane, which is exact too. It tests a chunk at once: for 8 lanes of unit stride (Ascend's layout) (A)
+   ORs every row's ``lane c ^ lane 0`` into 8 accumulators, one vector per part and statistic
+   (``or_lane_diffs``, Note [lane check vector] in ``numba_stream.py``), and a loop over the gathered lane-0
+   values looks for empty parts; only a chunk where either finds something is classified row by row
+   (``_bits``, ``_diff8_all``; other lane layouts always are). A row's flag is stored only when it is
+   general, and the flags are read (in (C), phase 2, phase 3) only in a chunk / tile that has one, so the
+   common case stores and branches on registers. Time against the kernel before lanes
+   (``benchmarks/kernel_ab.py --rev 1e90c9b``: bench inputs, interleaved in one process, medians of 21): a
+   per-row test, 1.09-1.21x on bfloat16 (1.00-1.09x float32); the chunk test, 0.99-1.07x on bfloat16,
+   0.96-1.02x on float32;
    Strides used per row are fixed-size tuples (``_columns``), not array loads, and the output statistics
    are written in the kernel body, not in an inlined helper: numba reference-counts array arguments of
    inlined helpers per call, which cost more than the arithmetic. (The previous shape, per-row loops over
@@ -96,7 +99,15 @@ from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._contract import UpdateProblem
 from . import _warm, heads_outer, torch_eager
-from .numba_stream import BF16_CHUNK, STREAM_BYTES, bf16_merge_chunk, bf16_merge_chunk_stream, store_fence, stream32
+from .numba_stream import (
+    BF16_CHUNK,
+    STREAM_BYTES,
+    bf16_merge_chunk,
+    bf16_merge_chunk_stream,
+    or_lane_diffs,
+    store_fence,
+    stream32,
+)
 
 NAME = "cpu"
 
@@ -648,7 +659,10 @@ def _merge_rows_kernel(
         unit_lanes = True  # every statistics input has lanes of unit stride (Ascend's layout)
         for k in range(parts):
             unit_lanes &= m_cols[3][k] == 1 and l_cols[3][k] == 1
+        quick_lanes = lanes_in == 1 or (lanes_in == 8 and unit_lanes)  # chunks tested whole (phase 1, A)
         m_bits, l_bits = _bits(m_bufs), _bits(l_bufs)  # the lane check compares bits (Note [cpu merge kernel])
+        lanes_m = np.zeros(8, m_bits[0].dtype)  # or_lane_diffs' accumulators
+        lanes_l = np.zeros(8, l_bits[0].dtype)
         out_cols = _columns(out_strides, (out_m, out_l))
         step_m, step_l = np.uint64(out_cols[3][0]), np.uint64(out_cols[3][1])
         part_m = _scratch(parts * _CHUNK_ROWS, out_o)  # [k * chunk + j]: m_k, then exp(m_k - shift), then w_k / L
@@ -667,6 +681,8 @@ def _merge_rows_kernel(
             for start in range(0, inner, _CHUNK_ROWS):
                 size = np.uint64(min(_CHUNK_ROWS, inner - start))
                 chunk_general = False
+                lanes_m[:] = 0
+                lanes_l[:] = 0
                 # A: gather lane 0 of every part.
                 for j in range(size):
                     b = start + np.int64(j)
@@ -679,7 +695,26 @@ def _merge_rows_kernel(
                         sums = _lane0(l_bufs, l_cols, at[0], at[1], at[2])
                         for k in range(parts):
                             part_l[np.uint64(k) * chunk + j] = _compute(sums[k], out_o)
-                    # Rows whose lanes all equal lane 0 (the contract) use lane 0; others go lane by lane.
+                    if quick_lanes and lanes_in == 8:  # Note [lane check vector]
+                        or_lane_diffs(lanes_m, m_bits, _part_offsets(m_cols, m_bufs, at[0], at[1], at[2]))
+                        if not lse_form:
+                            or_lane_diffs(lanes_l, l_bits, _part_offsets(l_cols, l_bufs, at[0], at[1], at[2]))
+                    at_m[j] = _at(out_cols, 0, at[0], at[1], at[2])
+                    at_l[j] = _at(out_cols, 1, at[0], at[1], at[2])
+                # Rows whose lanes all equal lane 0 (the contract) and that have no empty part use lane 0's weights;
+                # others are general and go lane by lane. Quick lanes (1 lane, or 8 of unit stride): the chunk is
+                # tested as a whole (lanes or-ed above; empty parts in one loop that vectorises), and only a chunk
+                # that fails is classified row by row. Other lane layouts are classified row by row.
+                suspect = not quick_lanes or lanes_m.any() or lanes_l.any()
+                for k in range(parts):
+                    for j in range(size):
+                        suspect |= (part_m[np.uint64(k) * chunk + j] == neg_inf) & (
+                            lse_form | (part_l[np.uint64(k) * chunk + j] == zero)
+                        )
+                for j in range(size if suspect else 0):
+                    b = start + np.int64(j)
+                    i, n = (b, a) if heads_outer else (a, b)
+                    at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, row_strides)
                     same = True
                     if lanes_in == 8 and unit_lanes:
                         diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], True)
@@ -699,15 +734,13 @@ def _merge_rows_kernel(
                                 same &= _lanes_same(l_bufs[k], _at(l_cols, k, at[0], at[1], at[2]),
                                                     np.uint64(l_cols[3][k]), lanes_in)  # fmt: skip
                     empty = False  # a part is empty: the lane-by-lane path must select (its output is not read)
-                    for k in range(parts):  # bitwise & and |, not and / or: no branches in the row loop
+                    for k in range(parts):
                         empty |= (part_m[np.uint64(k) * chunk + j] == neg_inf) & (
                             lse_form | (part_l[np.uint64(k) * chunk + j] == zero)
                         )
-                    if empty or not same:  # rare: no store (and no flag read below) in the common case
+                    if empty or not same:
                         general[a * inner + b] = True
                         chunk_general = True
-                    at_m[j] = _at(out_cols, 0, at[0], at[1], at[2])
-                    at_l[j] = _at(out_cols, 1, at[0], at[1], at[2])
                 tile_general |= chunk_general
                 # B: SPEC section 3 for the chunk; branch-free loops that vectorise.
                 for j in range(size):
