@@ -89,6 +89,7 @@ def test_help_states_defaults(capsys):
         "(default 0)",
         "(default ringattn,naive, or ringattn,naive,compiled with --device cuda)",
         "(default ring_attention_update,merge_states;",
+        "(default forward, or forward,backward with --device cuda)",
     ):
         assert fragment in text, fragment
 
@@ -107,6 +108,7 @@ def test_help_states_defaults(capsys):
         (["--op", "attention"], "--op: expected ops from ring_attention_update (update), merge_states (merge)"),
         (["--sweep-t", "--sizes", "64"], "--sweep-t: expected no --sizes with it, got --sizes 64"),
         (["--op", "merge", "--layout", "SBH"], "--op: expected a layout merge_states runs with (TND)"),
+        (["--pass", "sideways"], "--pass: expected passes from forward, backward"),
     ],
 )
 def test_bad_argument_is_a_clear_argparse_error(argv, fragment, capsys):
@@ -127,7 +129,8 @@ def test_cuda_providers_are_timed_from_graph_replays(tmp_path):
     """Every CUDA provider (ours fresh and out=, naive, compiled, copy) is captured: device times, not host
     overhead; compiled is there by default on CUDA, its compile time apart."""
     path = tmp_path / "cuda.json"
-    assert bench.main(["--device", "cuda", "--quick", "--backend", "auto,torch", "--json", str(path)]) == 0
+    argv = ["--device", "cuda", "--quick", "--backend", "auto,torch", "--pass", "forward", "--json", str(path)]
+    assert bench.main(argv) == 0
     rows = json.loads(path.read_text())["results"]
     assert {r["provider"] for r in rows} >= {"ringattn[auto]", "ringattn[auto] out=", "naive", "compiled", "copy"}
     assert all(r["compile_s"] > 0 and r["max_err"] <= r["tol"] for r in rows if r["provider"] == "compiled")
@@ -346,6 +349,9 @@ def test_sweep_t_and_cuda_defaults(monkeypatch):
         (merge.UPDATE, "TND"),
         (merge.MERGE, "TND"),
     }
+    # Issue 12: forward and backward on CUDA by default; the forward alone on CPU.
+    assert {c.direction for c in cuda.cases} == {merge.FORWARD, merge.BACKWARD}
+    assert {c.direction for c in cpu.cases} == {merge.FORWARD}
 
 
 def test_backend_that_fails_inside_merge_states_is_an_argument_error(monkeypatch, capsys):
@@ -426,3 +432,57 @@ def test_kernel_ab_script_runs_both_kernels_and_compares_them(capsys):
     assert [(label, same) for label, _, _, same in rows] == [("ring_attention_update SBH float32 (64, 2, 4, 64)", True)]
     assert all(new > 0 and old > 0 for _, new, old, _ in rows)
     assert "new/old" in capsys.readouterr().out
+
+
+def test_backward_pass_times_the_gradients_of_every_provider(tmp_path, capsys):
+    """``--pass backward``: per case, the gradients of every output with respect to every input, checked against
+    float64 autograd (the naive formula's lane-0-only statistics gradients by their lane sums), no out= rows."""
+    path = tmp_path / "backward.json"
+    argv = ["--quick", "--pass", "backward", "--backend", "auto,torch", "--repeats", "2", "--no-progress"]
+    assert bench.main([*argv, "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    cases = {r["case"] for r in rows}
+    assert cases == {case.name for case in merge.cases(quick=True, ops=merge.OPS, passes=[merge.BACKWARD])}
+    assert all(" backward " in name for name in cases)
+    for case in cases:
+        assert {r["provider"] for r in rows if r["case"] == case} == {"ringattn[auto]", "ringattn[torch]", "naive",
+                                                                      "copy"}  # fmt: skip
+    for r in rows:
+        if r["provider"] != "copy":
+            assert 0 <= r["max_err"] <= r["tol"] and r["speedup_vs_naive"] > 0, r
+    assert {r["backend"] for r in rows if r["provider"] == "ringattn[auto]"} == {"cpu"}
+    assert "backward: torch.autograd.grad of every output" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("op", "layout"), [(merge.UPDATE, "SBH"), (merge.UPDATE, "TND"), (merge.MERGE, "TND")])
+def test_backward_bytes_moved_counts_every_tensor_once(op, layout):
+    """Read: the upstream gradients and every input; written: one gradient per input (the inputs' shapes)."""
+    (case,) = merge.cases([layout], [torch.bfloat16], quick=True, ops=[op], passes=[merge.BACKWARD])
+    inputs = merge.make_inputs(case, torch.device("cpu"))
+    touched = [*inputs.grads, *inputs.tensors, *inputs.tensors]
+    assert len(inputs.grads) == len(merge.OUTPUT_NAMES[op])
+    assert merge.bytes_moved(case) == sum(t.numel() * t.element_size() for t in touched)
+
+
+def test_wrong_backward_fails_the_check_naming_the_gradient(monkeypatch, capsys):
+    naive = merge.naive_update
+
+    def scaled(inputs):  # 1% off: so is the gradient of every input
+        out, m, l = naive(inputs)
+        return out * 1.01, m, l
+
+    monkeypatch.setattr(merge, "naive_update", scaled)
+    assert bench.main([*ONE_CASE, "--pass", "backward", "--providers", "ringattn,naive"]) == 1
+    err = capsys.readouterr().err
+    assert "correctness check failed" in err and "'naive'" in err and "grad of prev_attn_out" in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_backward_pass_is_checked_and_timed(tmp_path):
+    """Issue 12: the backward of every provider on CUDA (graph-captured where autograd allows, else timed eagerly)."""
+    path = tmp_path / "cuda-backward.json"
+    assert bench.main(["--device", "cuda", "--quick", "--pass", "backward", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert {r["provider"] for r in rows} == {"ringattn[auto]", "naive", "compiled", "copy"}
+    assert all(r["max_err"] <= r["tol"] for r in rows if r["provider"] != "copy")
+    assert {r["backend"] for r in rows if r["provider"] == "ringattn[auto]"} == {"triton"}

@@ -20,7 +20,15 @@ the providers are
   one of the timed samples;
 * ``copy``: the floor, Note [copy floor] in ``_timing.py``.
 
-Each provider's result is checked once against ``ringattn.reference`` (float64) before timing.
+A case runs one pass (``Case.direction``). ``FORWARD`` times the op. ``BACKWARD`` times the gradients of every
+output, given fixed random upstream gradients, with respect to every input: each provider's forward runs once, and
+each timed call is ``torch.autograd.grad(..., retain_graph=True)`` over that graph (the backward alone; no ``out=``
+rows). Its floor moves the backward's own bytes (``bytes_moved``).
+
+Each provider's result is checked once against ``ringattn.reference`` (float64) before timing; a backward, against
+float64 autograd through it. The naive formula reads lane 0 of the statistics, so its gradient reaches lane 0 only,
+where the Atlas A2 rule gives lane c the share of the elements ``d % 8 == c`` (the bench's lanes are equal, so the
+forward results agree): its statistics gradients are checked summed over the 8 lanes, which both rules agree on.
 Inputs have no empty rows: the naive formula turns them into NaN (ringattn returns the exact limit), which would be a
 correctness difference, not a speed one. The command line (options, table, JSON, PNG) is
 :mod:`ringattn.bench.merge_cli`.
@@ -48,10 +56,13 @@ from ._timing import Progress, copy_floor, first_call_seconds, measure, set_thre
 __all__ = [
     "Case", "cases", "bytes_moved", "make_inputs", "naive_update", "naive_merge", "providers", "resolve_backend",
     "Options", "CheckFailure", "run", "UPDATE", "MERGE", "OPS", "PROVIDER_KINDS", "COMPILED", "SWEEP_T",
+    "FORWARD", "BACKWARD", "PASSES",
 ]  # fmt: skip
 
 UPDATE, MERGE = "ring_attention_update", "merge_states"  # Case.op: the stats form and the LSE form
 OPS = (UPDATE, MERGE)
+FORWARD, BACKWARD = "forward", "backward"  # Case.direction: the op, or the gradients of its outputs
+PASSES = (FORWARD, BACKWARD)
 COMPILED = "compiled"  # provider name of torch.compile of the naive formula
 # Provider kinds a run can ask for: "ringattn" is every requested backend, fresh and out=.
 PROVIDER_KINDS = ("ringattn", report.BASELINE, COMPILED)
@@ -95,6 +106,7 @@ class Case:
     ascend_limits: bool = True
     limit_note: str = ""
     op: str = UPDATE
+    direction: str = FORWARD
 
     @property
     def heads(self) -> int:
@@ -120,7 +132,8 @@ class Case:
 
     @property
     def _prefix(self) -> str:
-        return self.layout if self.op == UPDATE else f"{MERGE} {self.layout}/NT"
+        form = self.layout if self.op == UPDATE else f"{MERGE} {self.layout}/NT"
+        return form if self.direction == FORWARD else f"{form} backward"
 
     @property
     def name(self) -> str:
@@ -179,8 +192,9 @@ def cases(
     quick: bool = False,
     sweep: bool = False,
     ops: Sequence[str] = (UPDATE,),
+    passes: Sequence[str] = (FORWARD,),
 ) -> list[Case]:
-    """The shape grid: every op x layout x dtype x size.
+    """The shape grid: every op x layout x dtype x size x pass (``passes``: ``FORWARD`` and/or ``BACKWARD``).
 
     ``ops`` picks the forms (``UPDATE`` alone by default, as scripts that time ``ring_attention_update`` expect; the
     command line asks for both): ``UPDATE`` runs every layout, ``MERGE`` (LSE form) runs when ``"TND"`` is among
@@ -198,7 +212,8 @@ def cases(
             for first in firsts:
                 dims = (first, *base[1:])
                 offsets = default_seq_offsets(first) if layout == "TND" and op == UPDATE else None
-                out.append(_with_limits(Case(layout, dtype, dims, offsets, op=op)))
+                for direction in passes:
+                    out.append(_with_limits(Case(layout, dtype, dims, offsets, op=op, direction=direction)))
     return out
 
 
@@ -210,11 +225,16 @@ def bytes_moved(case: Case) -> int:
     them all); writes ``attn_out``, ``softmax_max``, ``softmax_sum``. TND's per-token index map (int64,
     ``T`` entries) is not counted: it is under 1% of the total for D >= 64. ``merge_states``: two outputs and
     two float32 LSEs read, one output and one LSE written.
+
+    Backward: reads the gradient of each output and every input (the parts' outputs for the ``<g, o_k>`` terms),
+    writes the gradient of every input: ``5 rows D`` attention elements (``g``, two parts, two gradients) and ten
+    float32 statistics tensors (stats form: 2 output gradients, 4 inputs, 4 gradients) or five LSE rows.
     """
     elem = torch.empty((), dtype=case.dtype).element_size()
-    if case.op == MERGE:
-        return case.rows * (3 * case.head_dim * elem + 3 * 4)
-    return case.rows * (3 * case.head_dim * elem + 6 * STATS_LANES * 4)
+    attn = (5 if case.direction == BACKWARD else 3) * case.head_dim * elem
+    stats = (10 if case.direction == BACKWARD else 6) // (2 if case.op == MERGE else 1)
+    lanes = 1 if case.op == MERGE else STATS_LANES
+    return case.rows * (attn + stats * lanes * 4)
 
 
 @dataclasses.dataclass
@@ -226,6 +246,7 @@ class Inputs:
     seq_qlen: torch.Tensor | None  # int64 on the inputs' device
     out: tuple[torch.Tensor, ...]
     naive_rows: torch.Tensor | None  # TND: (T, N) per-batch statistics row of each (token, head)
+    grads: tuple[torch.Tensor, ...] = ()  # BACKWARD: the upstream gradient of each output (random, fixed)
 
 
 def _per_batch_rows(offsets: Sequence[int], heads: int, device: torch.device) -> torch.Tensor:
@@ -260,7 +281,8 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
             return (4 * torch.randn((heads, tokens), generator=gen) + 2).to(device)
 
         o_a, lse_a, o_b, lse_b = attn(), lse(), attn(), lse()
-        return Inputs(case, (o_a, lse_a, o_b, lse_b), None, (torch.empty_like(o_a), torch.empty_like(lse_a)), None)
+        out = (torch.empty_like(o_a), torch.empty_like(lse_a))
+        return Inputs(case, (o_a, lse_a, o_b, lse_b), None, out, None, _upstream(case, out, gen))
     prev_o, cur_o = attn(), attn()
     tensors = (prev_o, stats(0, 4, True), stats(1, 63, False), cur_o, stats(0, 4, True), stats(1, 63, False))
     out = (torch.empty_like(prev_o), torch.empty_like(tensors[1]), torch.empty_like(tensors[1]))
@@ -273,7 +295,15 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
         seq_qlen=torch.tensor(offsets, dtype=torch.int64, device=device) if offsets is not None else None,
         out=out,
         naive_rows=_per_batch_rows(offsets, case.heads, device) if offsets is not None else None,
+        grads=_upstream(case, out, gen),
     )
+
+
+def _upstream(case: Case, outputs: tuple[torch.Tensor, ...], gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """BACKWARD cases: a standard normal upstream gradient for each output (in its shape and dtype); else ()."""
+    if case.direction != BACKWARD:
+        return ()
+    return tuple(torch.randn(t.shape, generator=gen).to(device=t.device, dtype=t.dtype) for t in outputs)
 
 
 def naive_update(inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -368,9 +398,11 @@ def providers(
     backend_names: Sequence[str] = ("auto",),
     kinds: Sequence[str] = ("ringattn", report.BASELINE),
     op: str = UPDATE,
+    direction: str = FORWARD,
 ) -> dict[str, Provider]:
     """Provider name -> callable on :class:`Inputs` of an ``op`` case: for ``kinds`` (from ``PROVIDER_KINDS``),
     ``ringattn[<backend>]`` and ``ringattn[<backend>] out=`` per requested backend, ``naive``, ``compiled``.
+    ``direction=BACKWARD``: the same providers' gradients (:func:`_backward_of`), no ``out=`` ones.
 
     The copy floor is not a provider (it computes nothing to check); ``run`` times it alongside.
     """
@@ -407,12 +439,32 @@ def providers(
     if "ringattn" in kinds:
         for name in backend_names:
             table[f"ringattn[{name}]"] = fresh(name)
-            table[f"ringattn[{name}] out="] = into_out(name)
+            if direction == FORWARD:  # a backward has no out=
+                table[f"ringattn[{name}] out="] = into_out(name)
     if report.BASELINE in kinds:
         table[report.BASELINE] = naive_merge if op == MERGE else naive_update
     if COMPILED in kinds:
         table[COMPILED] = _compiled(op)
+    if direction == BACKWARD:
+        table = {name: _backward_of(provider) for name, provider in table.items()}
     return table
+
+
+def _backward_of(forward: Provider) -> Provider:
+    """A provider returning the gradients of ``forward``'s outputs (upstream ``Inputs.grads``) with respect to every
+    input tensor. The forward runs on the first call for an ``Inputs`` (leaves detached from its tensors); every call
+    runs ``torch.autograd.grad`` over that one graph, ``retain_graph=True``: the backward alone is timed."""
+    graph: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]] = {}
+
+    def call(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+        if id(inputs) not in graph:
+            graph.clear()  # one case at a time
+            leaves = [t.detach().requires_grad_() for t in inputs.tensors]
+            graph[id(inputs)] = (leaves, forward(dataclasses.replace(inputs, tensors=tuple(leaves))))
+        leaves, outputs = graph[id(inputs)]
+        return torch.autograd.grad(outputs, leaves, inputs.grads, retain_graph=True)
+
+    return call
 
 
 def resolve_backend(name: str, inputs: Inputs, *, settle: bool = True) -> str:
@@ -423,7 +475,7 @@ def resolve_backend(name: str, inputs: Inputs, *, settle: bool = True) -> str:
     which backend answers.
     """
     c = inputs.case
-    call = providers((name,), ("ringattn",), c.op)[f"ringattn[{name}]"]
+    call = providers((name,), ("ringattn",), c.op, c.direction)[f"ringattn[{name}]"]
     if c.op == MERGE:
         device = inputs.tensors[0].device
         try:
@@ -450,13 +502,35 @@ def max_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _reference(inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    """The case's op in float64 (``ringattn.reference``), on the CPU, in the op's output layout."""
-    c, tensors = inputs.case, [t.cpu() for t in inputs.tensors]
+    """The case's op in float64 (``ringattn.reference``), on the CPU, in the op's output layout; for a BACKWARD
+    case, float64 autograd through it: the gradient of every input."""
+    c = inputs.case
+    tensors = [t.detach().cpu().double().requires_grad_(c.direction == BACKWARD) for t in inputs.tensors]
     if c.op == MERGE:
         o_a, lse_a, o_b, lse_b = tensors
         out, lse = merge_states_reference([o_a, o_b], [lse_a.T, lse_b.T])  # rows (T, N)
-        return out, lse.T
-    return ring_attention_update_reference(*tensors, list(c.seq_offsets or ()), c.layout)
+        outputs = (out, lse.T)
+    else:
+        outputs = ring_attention_update_reference(*tensors, list(c.seq_offsets or ()), c.layout)
+    if c.direction == FORWARD:
+        return outputs
+    return torch.autograd.grad(outputs, tensors, [g.cpu().double() for g in inputs.grads])
+
+
+def _checked_outputs(case: Case, provider: str, got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]):
+    """``(name, got, want, scale)`` per output to compare (``max_error(got / scale, want / scale)``): the op's outputs;
+    for a backward, each input's gradient, scaled by the largest of its reference (a gradient of a statistic sums
+    ``D`` products), and the naive formulas' statistics gradients summed over the lanes (module docstring)."""
+    if case.direction == FORWARD:
+        return [(name, g, w, 1.0) for name, g, w in zip(OUTPUT_NAMES[case.op], got, want, strict=True)]
+    names = ("o_a", "lse_a", "o_b", "lse_b") if case.op == MERGE else ("prev_attn_out", "prev_softmax_max",
+             "prev_softmax_sum", "cur_attn_out", "cur_softmax_max", "cur_softmax_sum")  # fmt: skip
+    out = []
+    for name, g, w in zip(names, got, want, strict=True):
+        if case.op == UPDATE and "softmax" in name and provider in (report.BASELINE, COMPILED):
+            g, w = g.sum(-1), w.sum(-1)
+        out.append((f"grad of {name}", g, w, max(1.0, float(w.abs().max()))))
+    return out
 
 
 class CheckFailure(Exception):
@@ -490,7 +564,7 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
         label = f"[{index + 1}/{len(options.cases)}] {case.name}"
         progress.show(f"{label}: checking")
         inputs = make_inputs(case, device, options.seed)
-        provs = providers(options.backends, options.providers, case.op)
+        provs = providers(options.backends, options.providers, case.op, case.direction)
         resolved: dict[str, str] = {}
         if "ringattn" in options.providers:
             if "auto" in options.backends:
@@ -510,8 +584,8 @@ def run(options: Options, progress: Progress | None = None) -> list[report.Row]:
                 got_all = fn(inputs)
             # Each output is held to its own dtype's tolerance: the statistics are float32 whatever the attention
             # dtype. The table reports the attention output's error (the dtype under test).
-            for output, got, want in zip(OUTPUT_NAMES[case.op], got_all, ref, strict=True):
-                error, limit = max_error(got, want), TOL[got.dtype]
+            for output, got, want, scale in _checked_outputs(case, name, got_all, ref):
+                error, limit = max_error(got.detach().double() / scale, want / scale), TOL[got.dtype]
                 if not error <= limit:
                     raise CheckFailure(
                         f"{case.name}: provider {name!r} has max error {error:.3g} in {output} against the float64 "

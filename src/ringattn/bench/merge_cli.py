@@ -23,6 +23,7 @@ from .merge import (
     DTYPES,
     MERGE,
     OPS,
+    PASSES,
     PROVIDER_KINDS,
     SHAPE_LETTERS,
     SWEEP_T,
@@ -80,6 +81,17 @@ def _provider(text: str) -> str:
     return text
 
 
+def _pass(text: str) -> str:
+    if text not in PASSES:
+        raise ValueError(text)
+    return text
+
+
+def default_passes(device: str) -> list[str]:
+    """``--pass`` when not given: the forward, and on CUDA the backward too (issue 12 times both there)."""
+    return list(PASSES) if device == "cuda" else [PASSES[0]]
+
+
 def default_providers(device: str) -> list[str]:
     """``--providers`` when not given: ``compiled`` only on CUDA (an Inductor compile on CPU takes tens of seconds
     per case: ask for it by name there)."""
@@ -125,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--op", type=_csv(_op, f"ops from {UPDATE} (update), {MERGE} (merge)"), default=list(OPS),
         help=f"comma-separated forms (default {UPDATE},{MERGE}; {MERGE} runs with layout TND: outputs (T, N, D), "
         "LSE (N, T) as vLLM)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pass", dest="passes", type=_csv(_pass, "passes from " + ", ".join(PASSES)), default=None,
+        help="comma-separated passes: forward (the op), backward (the gradients of its outputs, given random upstream "
+        "gradients, with respect to every input; each provider's forward runs once and every timed call is the "
+        "backward over that graph) (default forward, or forward,backward with --device cuda)",
     )  # fmt: skip
     parser.add_argument(
         "--providers", type=_csv(_provider, "providers from " + ", ".join(PROVIDER_KINDS)), default=None,
@@ -180,7 +198,7 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optio
     grid = cases(
         args.layout, args.dtype or (torch.float32, torch.bfloat16), shape=tuple(args.shape) if args.shape else None,
         sizes=SWEEP_T if args.sweep_t else args.sizes, quick=args.quick, sweep=bool(args.png),
-        ops=tuple(dict.fromkeys(args.op)),
+        ops=tuple(dict.fromkeys(args.op)), passes=tuple(dict.fromkeys(args.passes or default_passes(args.device))),
     )  # fmt: skip
     if not grid:
         parser.error(f"--op: expected a layout {MERGE} runs with (TND), got --layout " + ",".join(args.layout))
@@ -202,11 +220,20 @@ def _notes(options: Options, rows: Sequence[report.Row]) -> list[str]:
         f"% floor = copy time / provider time, left out (-) below {report.FLOOR_MIN_BYTES >> 20} MB moved, where "
         "a copy times call and thread wake-up overhead rather than memory bandwidth",
         "bytes moved: both attention inputs + four float32 statistics read, three outputs written, once each; "
-        f"{MERGE}: two outputs + two float32 LSEs read, one output + one LSE written",
+        f"{MERGE}: two outputs + two float32 LSEs read, one output + one LSE written; backward: the output "
+        "gradients and every input read, every input's gradient written (5 attention tensors, 10 float32 statistics "
+        f"tensors or 5 LSEs)",
         "max err: max |got - ref| / (1 + |ref|) of attn_out (merge_states: out) against ringattn.reference "
         "(float64); under tol = allclose; the float32 statistics and LSEs are checked at the float32 tolerance",
         "x naive: naive time / provider time; fresh/out: fresh-output time / out= time of the same backend",
     ]
+    if any(case.direction == "backward" for case in options.cases):
+        notes.append(
+            "backward: torch.autograd.grad of every output (random upstream gradients) with respect to every input, "
+            "over one forward graph per provider (retain_graph); max err: the first input's gradient, each gradient "
+            "scaled by its reference's largest magnitude, against float64 autograd through ringattn.reference (the "
+            "naive formulas credit lane 0 alone: their statistics gradients are compared summed over the lanes)"
+        )
     if COMPILED in options.providers:
         notes.append(
             "compiled: torch.compile(naive formula, dynamic=False, fullgraph=True), default Inductor backend, timed "
