@@ -410,14 +410,15 @@ def test_ring_bench_warm_up_lets_the_fused_kernels_load(monkeypatch):
 
 
 @pytest.mark.slow  # compiles the old kernel's float32 K = 2 merge in a temporary directory (~20-30 s)
-def test_kernel_ab_script_runs_both_kernels_and_compares_them(capsys):
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_kernel_ab_script_runs_both_kernels_and_compares_them(direction, capsys):
     """``benchmarks/kernel_ab.py`` (the A/B behind the lane rule's cost in README): against HEAD's kernel, loaded from
     git as a second module, both give the same bits and the working tree's kernel is restored afterwards."""
     import importlib.util
     import subprocess
     from pathlib import Path
 
-    from ringattn.backends import numba_cpu
+    from ringattn.backends import numba_cpu, numba_cpu_backward
 
     root = Path(__file__).resolve().parents[1]
     if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
@@ -425,11 +426,12 @@ def test_kernel_ab_script_runs_both_kernels_and_compares_them(capsys):
     spec = importlib.util.spec_from_file_location("kernel_ab", root / "benchmarks" / "kernel_ab.py")
     kernel_ab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(kernel_ab)
-    before = numba_cpu.merge_rows
+    before = (numba_cpu.merge_rows, numba_cpu_backward.merge_rows_backward)
     rows = kernel_ab.main(["--rev", "HEAD", "--quick", "--repeats", "3", "--layouts", "SBH", "--dtypes", "float32",
-                           "--ops", "ring_attention_update"])  # fmt: skip
-    assert numba_cpu.merge_rows is before
-    assert [(label, same) for label, _, _, same in rows] == [("ring_attention_update SBH float32 (64, 2, 4, 64)", True)]
+                           "--ops", "ring_attention_update", "--pass", direction])  # fmt: skip
+    assert (numba_cpu.merge_rows, numba_cpu_backward.merge_rows_backward) == before
+    (case,) = merge.cases(["SBH"], [torch.float32], quick=True, passes=[direction])
+    assert [(label, same) for label, _, _, same in rows] == [(case.name, True)]
     assert all(new > 0 and old > 0 for _, new, old, _ in rows)
     assert "new/old" in capsys.readouterr().out
 

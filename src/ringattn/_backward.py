@@ -78,15 +78,18 @@ from __future__ import annotations
 import torch
 
 from . import _ops
+from ._alloc import empty_fast
 from .backends import torch_eager
 
 
 def _run_backward(
     grad_o, grad_m, grad_l, parts_o, parts_m, parts_l, seq_offsets, layout, stats_layout, lse_scale, backend
 ) -> list[torch.Tensor]:
-    grads_o = [o.new_empty(o.shape) for o in parts_o]
-    grads_m = [m.new_empty(m.shape) for m in parts_m]
-    grads_l = [s.new_empty(s.shape) for s in parts_l]
+    # Fresh gradients without page-fault storms on CPU (Note [fresh outputs] in _alloc.py): the backward's outputs
+    # are as large as the forward's inputs, and a new 64 MiB tensor costs more to fault in than to compute.
+    grads_o, grads_m, grads_l = (
+        [empty_fast(t.shape, t.dtype, t.device) for t in ts] for ts in (parts_o, parts_m, parts_l)
+    )
     if parts_o[0].numel() == 0 and parts_m[0].numel() == 0:
         return grads_o + grads_m + grads_l
     heads = _ops.num_heads(parts_o[0], parts_m[0], layout)

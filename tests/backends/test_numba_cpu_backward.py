@@ -330,3 +330,41 @@ def test_merge_states_autograd_cpu_equals_torch(fused_backward) -> None:
     assert fused_backward
     for g, w in zip(got, grads_of(fn, outputs + lses, "torch", 12), strict=True):
         torch.testing.assert_close(g, w, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [8, 37, 128])
+def test_eight_lane_rows_match_the_scalar_arithmetic_bitwise(dtype: torch.dtype, dim: int) -> None:
+    """Note [eight lanes at once]: ``_scale_and_dot8`` (the vector intrinsic for float32 / bfloat16, per-lane numba
+    code for float16) against the scalar arithmetic in its order, element by element: ``out[d] = round(w[d % 8] *
+    g[d])`` and ``dot[c] = ((g[c] o[c] + g[c + 8] o[c + 8]) + ...)`` in float32, from bases inside the buffers."""
+    import numba
+    import numpy as np
+
+    from ringattn.backends.numba_cpu import _flat
+    from ringattn.backends.numba_cpu_backward import _scale_and_dot8
+
+    @numba.njit
+    def row(g, g_base, o, o_base, out, out_base, rows, dots, dim):
+        lane_w, lane_acc = np.empty(8, np.float32), np.empty(8, np.float32)
+        _scale_and_dot8(g, g_base, o, o_base, out, out_base, rows, 0, 1, dots, dim, lane_w, lane_acc)
+
+    gen = torch.Generator().manual_seed(dim)
+    g, o = (torch.randn(dim + 5, generator=gen).to(dtype) for _ in range(2))
+    if dim > 8:
+        g[9] = math.nan  # element 7 of the row: a NaN stays in its lane (and its output element)
+    rows = torch.randn(8, 3, generator=gen)  # column k = 1 holds the lane weights
+    out = torch.full((dim + 3,), math.nan).to(dtype)
+    dots = torch.full((8, 3), math.nan)
+    row(_flat(g), np.uint64(2), _flat(o), np.uint64(5), _flat(out), np.uint64(3), rows.numpy(), dots.numpy(), dim)
+
+    gf, of, w = g[2 : 2 + dim].float(), o[5 : 5 + dim].float(), rows[:, 1]
+    want_out = (gf * w[torch.arange(dim) % 8]).to(dtype)
+    torch.testing.assert_close(out[3 : 3 + dim], want_out, atol=0, rtol=0, equal_nan=True)
+    assert out[:3].isnan().all()  # nothing written before the base
+    for c in range(8):
+        total = torch.zeros((), dtype=torch.float32)
+        for d in range(c, dim, 8):
+            total = total + gf[d] * of[d]
+        torch.testing.assert_close(dots[c, 1], total, atol=0, rtol=0, equal_nan=True)
+    assert dots[:, [0, 2]].isnan().all()  # other parts' columns untouched
