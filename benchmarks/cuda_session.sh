@@ -2,7 +2,7 @@
 # Everything a session with a CUDA GPU should run, in one command (the lent device machines are short-lived):
 #   bash benchmarks/cuda_session.sh [tests|bench|ring|tune|all]      (default all)
 #     tests: the GPU's share of the suite (merge kernels, CUDA-only tests, ring blocks and virtual rings on CUDA)
-#     bench: `ringattn bench --device cuda` (the merge)
+#     bench: `ringattn bench --device cuda` (the merge, forward and backward)
 #     ring:  the ring tests on CUDA, `ringattn bench ring --virtual` on the issue-11 cases, and where the
 #            virtual ring's time goes (benchmarks/ring_profile.py)
 #     tune:  (not in all) issue 12: the tile and flat Triton merges (Note [triton flat merge]) at the --sweep-t
@@ -56,8 +56,9 @@ if [[ $stage == ring || $stage == all ]]; then
 fi
 
 if [[ $stage == bench || $stage == all ]]; then
-    timeout 300 python3 -m ringattn.bench --device cuda --backend auto,torch --repeats 30 --warmup 3 \
-        --json "$OUT/bench-cuda.json" --no-progress 2>&1 | tee "$OUT/bench-cuda.txt"
+    # forward and backward (the default on CUDA), each with torch.compile of the naive formula: ~12 Inductor compiles
+    timeout 540 python3 -m ringattn.bench --device cuda --backend auto,torch --repeats 30 --warmup 3 \
+        --pass forward,backward --json "$OUT/bench-cuda.json" --no-progress 2>&1 | tee "$OUT/bench-cuda.txt"
     status=$((status | PIPESTATUS[0]))
 fi
 if [[ $stage == tune ]]; then
