@@ -42,9 +42,9 @@ A tile runs in two phases, each walking memory in its own order:
    ORs every row's ``lane c ^ lane 0`` into 8 accumulators, one vector per part and statistic
    (``or_lane_diffs``, Note [lane check vector] in ``numba_stream.py``), and a loop over the gathered lane-0
    values looks for empty parts; only a chunk where either finds something is classified row by row
-   (``_bits``, ``_diff8_all``; other lane layouts always are). A row's flag is stored only when it is
-   general, and the flags are read (in (C), phase 2, phase 3) only in a chunk / tile that has one, so the
-   common case stores and branches on registers. Time against the kernel before lanes
+   (``or_lane_diffs`` per row; other lane layouts always are, by ``_lanes_same`` on the bits). A row's flag
+   is stored only when it is general, and the flags are read (in (C), phase 2, phase 3) only in a chunk /
+   tile that has one, so the common case stores and branches on registers. Time against the kernel before lanes
    (``benchmarks/kernel_ab.py --rev 1e90c9b``: bench inputs, interleaved in one process, medians of 21): a
    per-row test, 1.09-1.21x on bfloat16 (1.00-1.09x float32); the chunk test, 0.99-1.07x on bfloat16,
    0.96-1.02x on float32;
@@ -469,7 +469,8 @@ def _chunked_row_impl(o_bufs, bases, steps, weights, out, out_base, dim, stream)
 
 @numba.njit(cache=True)
 def _lanes_same(buf, base, step, lanes):
-    """Whether the ``lanes`` entries ``buf[base + lane * step]`` all equal the first (NaN never does)."""
+    """Whether the ``lanes`` entries ``buf[base + lane * step]`` all equal the first (given the statistics' bits
+    (``_bits``): bitwise equal, NaN payloads included)."""
     first = buf[base]
     for lane in range(np.uint64(1), np.uint64(lanes)):
         if buf[base + lane * step] != first:
@@ -487,56 +488,6 @@ def _bits_impl(bufs):
     width = {32: "np.uint32", 64: "np.uint64"}
     item = lambda k: f"bufs[{k}].view({width[bufs[k].dtype.bitwidth]})"  # noqa: E731
     return _per_part_tuple("bits", "bufs", item, len(bufs), np=np)
-
-
-@numba.njit(inline="always", cache=True)
-def _diff8(bits, base, step):
-    """0 iff Ascend's 8 lanes ``bits[base + lane * step]`` are bitwise equal to the first: the OR of their XORs
-    with it (integer ops without a branch or a float compare; Note [cpu merge kernel], lane check)."""
-    first = bits[base]
-    return (
-        (bits[base + step] ^ first)
-        | (bits[base + np.uint64(2) * step] ^ first)
-        | (bits[base + np.uint64(3) * step] ^ first)
-        | (bits[base + np.uint64(4) * step] ^ first)
-        | (bits[base + np.uint64(5) * step] ^ first)
-        | (bits[base + np.uint64(6) * step] ^ first)
-        | (bits[base + np.uint64(7) * step] ^ first)
-    )
-
-
-@numba.njit(inline="always", cache=True)
-def _diff8_unit(bits, base):
-    """``_diff8`` for lanes of unit stride: constant offsets, so LLVM may read the 8 lanes as one vector."""
-    first = bits[base]
-    return (
-        (bits[base + np.uint64(1)] ^ first)
-        | (bits[base + np.uint64(2)] ^ first)
-        | (bits[base + np.uint64(3)] ^ first)
-        | (bits[base + np.uint64(4)] ^ first)
-        | (bits[base + np.uint64(5)] ^ first)
-        | (bits[base + np.uint64(6)] ^ first)
-        | (bits[base + np.uint64(7)] ^ first)
-    )
-
-
-def _diff8_all(bits, cols, p, q, n, unit):  # pragma: no cover - numba stub
-    """``_diff8`` of statistics row ``(p, q, n)`` in every one of the K bit views, or-ed (0 iff every part's 8
-    lanes are bitwise equal); ``unit`` (a literal bool): the lanes have unit stride (``_diff8_unit``)."""
-
-
-@overload(_diff8_all, inline="always")
-def _diff8_all_impl(bits, cols, p, q, n, unit):
-    # Generated for this K, for the reason given in _weighted_sum_impl; straight-line (a branch in an inlined
-    # overload trips a numba SSA warning), so the caller picks the unit-stride variant.
-    if getattr(unit, "literal_value", False):
-        term = "_diff8_unit(bits[{k}], _at(cols, {k}, p, q, n))"
-    else:
-        term = "_diff8(bits[{k}], _at(cols, {k}, p, q, n), np.uint64(cols[3][{k}]))"
-    terms = " | ".join(term.format(k=k) for k in range(len(bits)))
-    namespace = {"_at": _at, "_diff8": _diff8, "_diff8_unit": _diff8_unit, "np": np}
-    exec(f"def diff8_all(bits, cols, p, q, n, unit):\n    return {terms}\n", namespace)  # noqa: S102 - from K only
-    return namespace["diff8_all"]
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -661,8 +612,9 @@ def _merge_rows_kernel(
             unit_lanes &= m_cols[3][k] == 1 and l_cols[3][k] == 1
         quick_lanes = lanes_in == 1 or (lanes_in == 8 and unit_lanes)  # chunks tested whole (phase 1, A)
         m_bits, l_bits = _bits(m_bufs), _bits(l_bufs)  # the lane check compares bits (Note [cpu merge kernel])
-        lanes_m = np.zeros(8, m_bits[0].dtype)  # or_lane_diffs' accumulators
+        lanes_m = np.zeros(8, m_bits[0].dtype)  # or_lane_diffs' accumulators: per chunk, and per row below
         lanes_l = np.zeros(8, l_bits[0].dtype)
+        row_m, row_l = np.zeros(8, m_bits[0].dtype), np.zeros(8, l_bits[0].dtype)
         out_cols = _columns(out_strides, (out_m, out_l))
         step_m, step_l = np.uint64(out_cols[3][0]), np.uint64(out_cols[3][1])
         part_m = _scratch(parts * _CHUNK_ROWS, out_o)  # [k * chunk + j]: m_k, then exp(m_k - shift), then w_k / L
@@ -716,22 +668,19 @@ def _merge_rows_kernel(
                     i, n = (b, a) if heads_outer else (a, b)
                     at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, row_strides)
                     same = True
-                    if lanes_in == 8 and unit_lanes:
-                        diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], True)
+                    if quick_lanes and lanes_in == 8:  # this row's lanes, by the chunk's vector test
+                        row_m[:] = 0
+                        row_l[:] = 0
+                        or_lane_diffs(row_m, m_bits, _part_offsets(m_cols, m_bufs, at[0], at[1], at[2]))
                         if not lse_form:
-                            diff |= _diff8_all(l_bits, l_cols, at[0], at[1], at[2], True)
-                        same = diff == 0
-                    elif lanes_in == 8:
-                        diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], False)
-                        if not lse_form:
-                            diff |= _diff8_all(l_bits, l_cols, at[0], at[1], at[2], False)
-                        same = diff == 0
+                            or_lane_diffs(row_l, l_bits, _part_offsets(l_cols, l_bufs, at[0], at[1], at[2]))
+                        same = not (row_m.any() or row_l.any())
                     elif lanes_in != 1:
                         for k in range(parts):
-                            same &= _lanes_same(m_bufs[k], _at(m_cols, k, at[0], at[1], at[2]),
+                            same &= _lanes_same(m_bits[k], _at(m_cols, k, at[0], at[1], at[2]),
                                                 np.uint64(m_cols[3][k]), lanes_in)  # fmt: skip
                             if not lse_form:
-                                same &= _lanes_same(l_bufs[k], _at(l_cols, k, at[0], at[1], at[2]),
+                                same &= _lanes_same(l_bits[k], _at(l_cols, k, at[0], at[1], at[2]),
                                                     np.uint64(l_cols[3][k]), lanes_in)  # fmt: skip
                     empty = False  # a part is empty: the lane-by-lane path must select (its output is not read)
                     for k in range(parts):

@@ -59,18 +59,18 @@ from .numba_cpu import (
     _bits,
     _columns,
     _compute,
-    _diff8_all,
     _flat,
     _launch,
     _narrow,
     _part_max,
+    _part_offsets,
     _scratch,
     _stats_at,
     _strides,
     _threads,
     _widen,
 )
-from .numba_stream import scale_and_dot_blocks8
+from .numba_stream import or_lane_diffs, scale_and_dot_blocks8
 
 # Rows per tile: about _TILES_PER_THREAD tiles per thread (the launcher passes the count), within these bounds.
 # Phases 1 and 3 walk one run of tokens per head and statistics tensor, so long tiles keep the prefetcher
@@ -98,21 +98,15 @@ def _scale_and_dot(g_buf, g_base, g_step, o_buf, o_base, o_step, out_buf, out_ba
     return dot
 
 
-def _scale_and_dot8(
-    g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w, lane_acc
-):  # pragma: no cover
-    """One row of part ``k`` in the stats form, unit strides, no empty lane: ``out = w_c g`` (rounded once) and
-    ``dots[first_row + c, k] = <g, o>`` over the elements of lane ``c = d % 8``, with ``w_c = rows[first_row + c,
-    k]``; ``lane_w``, ``lane_acc``: 8-element scratch arrays of the compute type (Note [eight lanes at once])."""
-
-
 # Note [equal lanes once]
 # ~~~~~~~~~~~~~~~~~~~~~~~
 # Phase 1 merges each lane's statistics on its own: per part an ``exp`` (a libm call) and a division, 8 times per row
 # in the stats form. Ascend writes one value to all 8 lanes, so a row whose lanes are bitwise equal in every part
-# (the forward's test, ``_diff8_all``: bit-equal inputs give bit-equal lane results, NaN payloads included) computes
-# lane 0 and copies its row of the scratch to lanes 1-7. Phases 2 and 3 stay per lane: the lanes' gradients differ
-# (each lane gets the gradient of its own elements).
+# computes lane 0 and copies its row of the scratch to lanes 1-7 (bit-equal inputs give bit-equal lane results, NaN
+# payloads included). The test is the forward's vector one (``or_lane_diffs``, Note [lane check vector]), per row,
+# for lanes of unit stride; strided lanes are merged one by one. (The forward's scalar per-row test, ``_diff8_all``,
+# added 4.5 s to each backward kernel's compile.) Phases 2 and 3 stay per lane: the lanes' gradients differ (each
+# lane gets the gradient of its own elements).
 
 
 # Note [eight lanes at once]
@@ -121,55 +115,52 @@ def _scale_and_dot8(
 # sub-row of stride 8, 8 calls per part and row), nothing vectorises: the backward ran at ~9 GB/s in float32 and
 # ~4.6 GB/s in bfloat16 (6-12% of the copy floor of a 2-core VM, slower than autograd through the eager formula in
 # float32). Walked 8 elements at a time, lane c is always the c-th element of a block: 8 accumulators and 8 weights,
-# one per lane, are the lanes of one vector. For float32 and bfloat16 the blocks go through
+# one per lane, are the lanes of one vector. For float32 and bfloat16 parts the blocks go through
 # ``scale_and_dot_blocks8`` (Note [eight-lane row backward] in ``numba_stream.py``: the row loop in vector
-# instructions); other dtypes through the same arithmetic written out per lane, which LLVM leaves mostly scalar. Each
-# lane's dot is summed in element order, as the scalar code sums it (both paths give the same bits). The last D % 8
-# elements go one by one. Rows with other strides, or an empty part in some lane, keep the per-lane walk.
-@overload(_scale_and_dot8, inline="always")
-def _scale_and_dot8_impl(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w,
-                         lane_acc):  # fmt: skip
-    def each_lane(body: str, indent: str = "        ") -> str:
-        return "".join(indent + body.format(c=c) + "\n" for c in range(8))
+# instructions; the same arithmetic as the per-lane walk without reassociation, each lane's dot summed in element
+# order) and the last D % 8 elements one by one. Other dtypes, other strides, and rows with an empty part in some
+# lane keep the per-lane walk. (The 8 lanes written out as numba code, 8 accumulators, stayed mostly scalar.)
 
-    vector = g_buf.dtype in (types.float32, types.uint16) and lane_w.dtype == types.float32
-    if vector:
-        blocks = (
-            each_lane("lane_w[{c}] = w{c}", "    ")
-            + "    scale_and_dot_blocks8(g_buf, g_base, o_buf, o_base, out_buf, out_base, lane_w, lane_acc, blocks)\n"
-            + each_lane("a{c} = lane_acc[{c}]", "    ")
-        )
-    else:
-        blocks = (
-            each_lane("a{c} = _compute(0.0, out_buf)", "    ")
-            + "    for j in range(blocks):\n"
-            + "        b = j * np.uint64(8)\n"
-            + each_lane("x{c} = _widen(g_buf[g_base + b + np.uint64({c})])")
-            + each_lane("a{c} += x{c} * _widen(o_buf[o_base + b + np.uint64({c})])")
-            + each_lane("out_buf[out_base + b + np.uint64({c})] = _narrow(x{c} * w{c}, out_buf)")
-        )
-    source = (
-        "def scale_and_dot8(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w,\n"
-        "                   lane_acc):\n"
-        + each_lane("w{c} = rows[first_row + {c}, k]", "    ")
-        + "    blocks = np.uint64(dim) // np.uint64(8)\n"
-        + blocks
-        + "    b = blocks * np.uint64(8)\n"  # the tail, D % 8 elements: lanes 0 .. D % 8 - 1
-        + "".join(
-            f"    if np.uint64(dim) > b + np.uint64({c}):\n"
-            f"        x = _widen(g_buf[g_base + b + np.uint64({c})])\n"
-            f"        a{c} += x * _widen(o_buf[o_base + b + np.uint64({c})])\n"
-            f"        out_buf[out_base + b + np.uint64({c})] = _narrow(x * w{c}, out_buf)\n"
-            for c in range(7)
-        )
-        + each_lane("dots[first_row + {c}, k] = a{c}", "    ")
-    )
-    namespace = {
-        "np": np, "_compute": _compute, "_widen": _widen, "_narrow": _narrow,
-        "scale_and_dot_blocks8": scale_and_dot_blocks8,
-    }  # fmt: skip
-    exec(source, namespace)  # noqa: S102 - a fixed source, written out per lane
-    return namespace["scale_and_dot8"]
+
+@numba.njit(cache=True)
+def _rows8_vector(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w, lane_acc):
+    """One row of part ``k`` in the stats form (unit strides, float32 or bfloat16, no empty lane): ``out = w_c g``
+    rounded once and ``dots[first_row + c, k] = <g, o>`` over the elements of lane ``c = d % 8``, with ``w_c =
+    rows[first_row + c, k]``; ``lane_w``, ``lane_acc``: 8-element float32 scratch (Note [eight lanes at once])."""
+    for c in range(8):
+        lane_w[c] = rows[first_row + c, k]
+    blocks = np.uint64(dim) // np.uint64(8)
+    scale_and_dot_blocks8(g_buf, g_base, o_buf, o_base, out_buf, out_base, lane_w, lane_acc, blocks)
+    for d in range(blocks * np.uint64(8), np.uint64(dim)):  # the tail: lanes 0 .. D % 8 - 1
+        c = d - blocks * np.uint64(8)
+        x = _widen(g_buf[g_base + d])
+        lane_acc[c] += x * _widen(o_buf[o_base + d])
+        out_buf[out_base + d] = _narrow(x * lane_w[c], out_buf)
+    for c in range(8):
+        dots[first_row + c, k] = lane_acc[c]
+
+
+def _eight_lanes(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w,
+                 lane_acc):  # pragma: no cover - numba stub  # fmt: skip
+    """``_rows8_vector`` where the parts' dtype has the vector intrinsic (float32, bfloat16), returning True; False
+    (nothing done: the caller walks the lanes) for other dtypes."""
+
+
+@overload(_eight_lanes, inline="always")
+def _eight_lanes_impl(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w,
+                      lane_acc):  # fmt: skip
+    if g_buf.dtype not in (types.float32, types.uint16) or rows.dtype != types.float32:
+
+        def declined(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w, lane_acc):
+            return False
+
+        return declined
+
+    def eight_lanes(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w, lane_acc):
+        _rows8_vector(g_buf, g_base, o_buf, o_base, out_buf, out_base, rows, first_row, k, dots, dim, lane_w, lane_acc)
+        return True
+
+    return eight_lanes
 
 
 @numba.njit(cache=True)
@@ -219,10 +210,9 @@ def _dots_phase(
                     empty = False
                     for c in range(8):
                         empty |= rows[row * lanes + c, 4 * parts + k] != zero
-                    if not empty:  # Note [eight lanes at once]
-                        _scale_and_dot8(grad_o, g_base, o_bufs[k], o_base, do_bufs[k], do_base, rows, row * lanes, k,
-                                        dots, dim, lane_w, lane_acc)  # fmt: skip
-                        continue
+                    if not empty and _eight_lanes(grad_o, g_base, o_bufs[k], o_base, do_bufs[k], do_base, rows,
+                                                  row * lanes, k, dots, dim, lane_w, lane_acc):  # fmt: skip
+                        continue  # Note [eight lanes at once]
                 for c in range(min(lanes, dim)):
                     rr = row * lanes + c
                     count = (dim - c + lanes - 1) // lanes
@@ -291,6 +281,7 @@ def _merge_rows_backward_kernel(
         grad_cols = _columns(grad_strides, grad_ms)
         outer, inner = (num_n, count) if heads_outer else (count, num_n)
         m_bits, l_bits = _bits(m_bufs), _bits(l_bufs)
+        diff_m, diff_l = np.zeros(8, m_bits[0].dtype), np.zeros(8, l_bits[0].dtype)  # or_lane_diffs' accumulators
         unit_lanes = True
         for k in range(parts):
             unit_lanes &= m_cols[3][k] == 1 and l_cols[3][k] == 1
@@ -302,16 +293,13 @@ def _merge_rows_backward_kernel(
                 i, n = (b, a) if heads_outer else (a, b)
                 at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
                 same = False
-                if lanes == 8 and unit_lanes:
-                    diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], True)
+                if lanes == 8 and unit_lanes:  # Note [equal lanes once]
+                    diff_m[:] = 0
+                    diff_l[:] = 0
+                    or_lane_diffs(diff_m, m_bits, _part_offsets(m_cols, m_bufs, at[0], at[1], at[2]))
                     if not lse_form:
-                        diff |= _diff8_all(l_bits, l_cols, at[0], at[1], at[2], True)
-                    same = diff == 0
-                elif lanes == 8:
-                    diff = _diff8_all(m_bits, m_cols, at[0], at[1], at[2], False)
-                    if not lse_form:
-                        diff |= _diff8_all(l_bits, l_cols, at[0], at[1], at[2], False)
-                    same = diff == 0
+                        or_lane_diffs(diff_l, l_bits, _part_offsets(l_cols, l_bufs, at[0], at[1], at[2]))
+                    same = not (diff_m.any() or diff_l.any())
                 for c in range(lanes):
                     r = (i * num_n + n) * lanes + c
                     if same and c > 0:
