@@ -294,6 +294,8 @@ def _merge_rows_backward_kernel(
                 at = _stats_at(token_p[i], token_q[i], n, num_n, row_base, row_step, False)
                 same = False
                 if lanes == 8 and unit_lanes:  # Note [equal lanes once]
+                    # The forward's per-row test, written out: as a shared inlined helper (array arguments, reference
+                    # counted per call) the float32 backward measured 1.26x slower in an interleaved A/B.
                     diff_m[:] = 0
                     diff_l[:] = 0
                     or_lane_diffs(diff_m, m_bits, _part_offsets(m_cols, m_bufs, at[0], at[1], at[2]))
