@@ -49,12 +49,9 @@ def step(model, batch) -> torch.Tensor:
 
 
 def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn`` after two warm-up calls, each followed by the wait for the fused CPU merge kernels
-    that ``backend="auto"`` loads (or compiles, on a new machine) on a background thread at first use: the steady
-    state, not the load."""
-    for _ in range(2):
-        fn()
-        ringattn.backends.wait_compiled()
+    """Median seconds of ``fn`` after warm-up calls that let the fused CPU merge kernels load (``backend="auto"``
+    loads, or on a new machine compiles, them on a background thread at first use): the steady state, not the load."""
+    ringattn.backends.settle_compiles(fn)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -401,11 +401,10 @@ def test_auto_is_timed_only_once_the_fused_kernel_answers(monkeypatch):
 def test_ring_bench_warm_up_lets_the_fused_kernels_load(monkeypatch):
     """The ring bench times after ``settle_compiles``: calls that each queue one background step, each waited for."""
     from ringattn import backends
-    from ringattn.bench import _timing
 
     events = []
     monkeypatch.setattr(backends, "wait_compiled", lambda timeout=None: events.append("wait") or True)
-    _timing.settle_compiles(lambda: events.append("call"))
+    backends.settle_compiles(lambda: events.append("call"))
     assert events == ["call", "wait", "call", "wait"]
 
 

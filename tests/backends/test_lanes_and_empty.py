@@ -146,14 +146,17 @@ def test_independent_lanes_any_head_size(seq, heads, head_dim, backend, seed):
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("layout", ["SBH", "TND"])
-@pytest.mark.parametrize("odd", ["max lane 1", "sum lane 7", "empty", "nan lane 4"])
+@pytest.mark.parametrize("layout", ["SBH", "TND", "SBH strided lanes"])
+@pytest.mark.parametrize("odd", ["max lane 1", "sum lane 7", "empty", "nan lane 4", "-0 lane 3"])
 def test_one_odd_row_among_equal_ones(backend, layout, odd):
     """Equal lanes everywhere but one row, in the middle of a long run of rows: the CPU kernel tests whole chunks of
-    128 statistics rows first (Note [lane check vector]); the chunk holding the odd row must find it (any lane, max
-    or sum, an empty part, a NaN in one lane) and send that row alone lane by lane. Every other row stays bitwise
-    what it was without the odd row; the odd row matches the float64 lane rule; garbage in an empty part is not
-    read."""
+    128 statistics rows first (Note [lane check vector]; statistics whose lanes are not contiguous, row by row); the
+    chunk holding the odd row must find it (any lane, max or sum, an empty part, a NaN in one lane, a -0 beside +0:
+    equal as floats, not as bits) and send that row alone lane by lane. Every other row stays bitwise what it was
+    without the odd row; the odd row matches the float64 lane rule, signs of zero included; garbage in an empty
+    part is not read."""
+    strided = layout.endswith("strided lanes")
+    layout = layout.split()[0]
     gen = torch.Generator().manual_seed(21)
     seq, heads, head_dim = 300, 2, 16  # 300 rows per head: three chunks of the head-major statistics
     if layout == "SBH":
@@ -161,8 +164,15 @@ def test_one_odd_row_among_equal_ones(backend, layout, odd):
     else:
         attn, rows = (seq, heads, head_dim), (seq, heads)
         kw = {"actual_seq_qlen": [0, 170, seq], "layout": "TND", "ascend_limits": False}
-    m = [(torch.randn((*rows, 1), generator=gen) * 3).expand(*rows, 8).contiguous() for _ in range(2)]
-    l = [(torch.rand((*rows, 1), generator=gen) + 0.5).expand(*rows, 8).contiguous() for _ in range(2)]
+
+    def lanes(one: torch.Tensor) -> torch.Tensor:  # (*rows, 1) -> (*rows, 8) equal lanes, unit or row-sized stride
+        if not strided:
+            return one.expand(*rows, 8).contiguous()
+        return one.expand(*rows, 8).movedim(-1, 0).contiguous().movedim(0, -1)
+
+    m = [lanes(torch.randn((*rows, 1), generator=gen) * 3) for _ in range(2)]
+    l = [lanes(torch.rand((*rows, 1), generator=gen) + 0.5) for _ in range(2)]
+    assert (m[0].stride(-1) == 1) != strided
     o = [torch.rand(attn, generator=gen) * 2 - 1 for _ in range(2)]
     plain = ringattn.ring_attention_update(*on(backend, [o[0], m[0], l[0], o[1], m[1], l[1]]), **kw, backend=backend)
 
@@ -176,6 +186,9 @@ def test_one_odd_row_among_equal_ones(backend, layout, odd):
         l[0][row][7] *= 1.5
     elif odd == "nan lane 4":
         m[0][row][4] = math.nan
+    elif odd == "-0 lane 3":  # the merged max of this row: +0 in every lane but lane 3
+        m[0][row], m[1][row] = 0.0, -1.0
+        m[0][row][3] = -0.0
     else:  # cur is empty in this row: its output there is garbage, never read
         m[1][row], l[1][row] = -math.inf, 0.0
         if layout == "SBH":
@@ -188,6 +201,8 @@ def test_one_odd_row_among_equal_ones(backend, layout, odd):
 
     # The odd row against the float64 lane rule (NaN where the rule gives NaN).
     torch.testing.assert_close(got[1].double(), want[1], atol=0, rtol=0, equal_nan=True)
+    number = ~want[1].isnan()  # a NaN's sign bit is arbitrary
+    assert torch.equal(got[1].signbit()[number], want[1].signbit()[number])  # -0 and +0 apart, as the lane rule
     torch.testing.assert_close(got[2].double(), want[2], atol=1e-5, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(got[0].double(), want[0], atol=1e-4, rtol=1e-4, equal_nan=True)
 

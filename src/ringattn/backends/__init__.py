@@ -67,7 +67,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -170,6 +170,16 @@ def wait_compiled(timeout: float | None = None) -> bool:
     """Block until the fused kernels that ``auto`` calls have queued for compilation are ready (``timeout``
     seconds at most; True when nothing is left). See Note [cold start] in ``_warm.py``."""
     return _warm.wait(timeout)
+
+
+def settle_compiles(fn: Callable[[], object], rounds: int = 2) -> None:
+    """Call ``fn`` and wait for the background work it queued (:func:`wait_compiled`), ``rounds`` times, so that
+    what runs afterwards is the fused CPU kernels: ``backend="auto"`` answers with torch while they load (Note [cold
+    start] in ``_warm.py``), and each call queues at most one more step (the fused module's import, then the kernels'
+    compiles). For timing loops: the bench's and ``examples/transformers_ring.py``'s."""
+    for _ in range(rounds):
+        fn()
+        wait_compiled()
 
 
 def ran(backend: object) -> str:

@@ -196,7 +196,7 @@ def _dots_phase(
     g_cols = _columns(g_strides, (grad_o,))
     g_step = np.uint64(g_cols[3][0])
     zero = _compute(0.0, rows)
-    lane_w, lane_acc = _scratch(8, rows), _scratch(8, rows)  # _scale_and_dot8's
+    lane_w, lane_acc = _scratch(8, rows), _scratch(8, rows)  # _eight_lanes' scratch
     for i in range(token_p.size):
         p, q = token_p[i], token_q[i]
         for n in range(num_n):

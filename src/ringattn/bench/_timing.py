@@ -144,18 +144,6 @@ def measure(
     return samples
 
 
-def settle_compiles(fn: Callable[[], Any], rounds: int = 2) -> None:
-    """Call ``fn`` and wait for the background work it queued, ``rounds`` times, so that timing afterwards measures
-    the fused CPU kernels: ``backend="auto"`` answers with torch while they load (Note [cold start] in
-    ``backends/_warm.py``), and each call queues at most one more step (the fused module's import, then the
-    kernels' compiles)."""
-    from .. import backends
-
-    for _ in range(rounds):
-        fn()
-        backends.wait_compiled()
-
-
 def median(samples: list[float]) -> float:
     return statistics.median(samples)
 

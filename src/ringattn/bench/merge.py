@@ -47,11 +47,12 @@ from .. import backends
 from .._contract import validate_update
 from .._ops import row_backend
 from ..api import ring_attention_update
+from ..backends import settle_compiles
 from ..errors import BackendError, HardwareLimitError, expected
 from ..merge import merge_states
 from ..reference import merge_states_reference, ring_attention_update_reference
 from . import report
-from ._timing import Progress, copy_floor, first_call_seconds, measure, set_threads, settle_compiles, synchronize
+from ._timing import Progress, copy_floor, first_call_seconds, measure, set_threads, synchronize
 
 __all__ = [
     "Case", "cases", "bytes_moved", "make_inputs", "naive_update", "naive_merge", "providers", "resolve_backend",

@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from ..backends import settle_compiles
 from ..ring import (
     gather_packed,
     gather_sequence,
@@ -49,7 +50,6 @@ from ..ring import (
     simulate_ring_attention,
 )
 from ..ring.schedule import packed_block_flops
-from ._timing import settle_compiles
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROVIDERS = ("single", "ringattn", "ring-attention-pytorch")
