@@ -1,7 +1,8 @@
 """Attention of one block pair, forward and backward, returning / consuming the log-sum-exp.
 
-Layout here is SDPA's: ``q (B, N, Sq, D)``, ``k, v (B, Nkv, Sk, D)`` with ``N % Nkv == 0`` (any strides;
-the ring passes transposed views of ``(B, S, N, D)`` tensors). ``lse (B, N, Sq)`` is the natural-log
+Layout here is SDPA's: ``q (B, N, Sq, D)``, ``k, v (B, Nkv, Sk, D)`` with ``N % Nkv == 0`` (any strides: each
+kernel gets the layout it needs, Note [block kernels]; the ring passes transposed views of ``(B, S, N, D)``
+tensors). ``lse (B, N, Sq)`` is the natural-log
 log-sum-exp of the scaled scores of each query row over the block's keys. ``causal`` is the top-left
 causal mask of a square block (the ring never masks anything else, Note [ring schedule]). A block with no
 queries or no keys is computed here, not by a kernel: output 0, LSE ``-inf`` (an empty partial result).
@@ -14,7 +15,8 @@ contract, enforced in one place (:func:`_kernel_layout`, :func:`_lse_for_backwar
 ========== ======= ===================================================== ====================================
 name       device  ATen op (fwd / bwd)                                   contract
 ========== ======= ===================================================== ====================================
-flash      cpu     ``_scaled_dot_product_flash_attention_for_cpu``       fp16/bf16/fp32/fp64, any strides
+flash      cpu     ``_scaled_dot_product_flash_attention_for_cpu``       fp16/bf16/fp32/fp64, unit stride
+                                                                         along D (q, k, v, out, dout)
 flash      cuda    ``_scaled_dot_product_flash_attention`` (FA2)         fp16/bf16, D % 8 == 0, D <= 256
 cudnn      cuda    ``_scaled_dot_product_cudnn_attention``               fp16/bf16, D % 8 == 0, D <= 128,
                                                                          sm80+; lse ``(B, N, Sq, 1)``
@@ -22,6 +24,15 @@ efficient  cuda    ``_scaled_dot_product_efficient_attention``           fp16/bf
                                                                          lse padded to ``ceil(Sq/32)*32``
 torch      any     plain torch in float32 (float64 for float64)          none
 ========== ======= ===================================================== ====================================
+
+The CPU flash kernel, forward and backward, reads ``q, k, v`` and ``out`` as if their stride along D were 1
+whatever it is. Measured on a grid of views (torch 2.13, ``B, N, S, D = 2, 3, 40, 16``: every one of the 24 memory
+orders of the 4 dims, each with and without a stride-2 slice of one dim, for each of q, k, v, out and dout, causal
+and not, against float64 autograd): the 384 of 960 cases with a non-unit D stride in q, k, v or out were wrong
+(NaN, or relative errors of 0.6-3.6 in the output and every gradient), every case with a unit D stride was exact
+(within 1e-6), and stride-0 (expanded) batch and head dims were exact too. ``F.scaled_dot_product_attention``
+copies such inputs first, so only direct callers of the ATen op see it. :func:`_cpu_layout` therefore copies a
+tensor whose D stride is not 1 (a permuted or ``[..., ::2]`` view), and leaves every other layout alone.
 
 Every CUDA kernel reads ``q, k, v, out, dout`` with a unit stride along D and the LSE as a CONTIGUOUS
 buffer whatever strides the tensor claims: handing the backward the ring's strided slice ``lse[:, :, qs]``
@@ -196,6 +207,12 @@ def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
     return x if bsnd.is_contiguous() else bsnd.contiguous().transpose(1, 2)
 
 
+def _cpu_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the CPU flash kernel reads it correctly: unit stride along D (Note [block kernels]); no copy when it
+    already has one (the ring's slices, SDPA-layout tensors, transposed ``(B, S, N, D)`` views)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
 def _lse_for_backward(lse: torch.Tensor, kernel: str) -> torch.Tensor:
     """The FINAL LSE ``(B, N, Sq)`` as a contiguous buffer in the shape and dtype CUDA ``kernel`` reads."""
     lse = lse.to(torch.float32)
@@ -242,6 +259,7 @@ def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> tor
 
 def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool):
     if not cuda:
+        q, k, v = (_cpu_layout(x) for x in (q, k, v))
         return ATEN["flash_cpu"](q, k, v, 0.0, causal, scale=scale)
     q, k, v = (_kernel_layout(x) for x in (q, k, v))
     if kernel == "flash":
@@ -255,6 +273,7 @@ def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool)
 
 def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool):
     if not cuda:  # the CPU kernel takes the LSE in the inputs' accumulation dtype, any strides
+        do, q, k, v, out = (_cpu_layout(x) for x in (do, q, k, v, out))
         return ATEN["flash_cpu_backward"](do, q, k, v, out, lse, 0.0, causal, scale=scale)
     lse = _lse_for_backward(lse, kernel)
     do, q, k, v, out = (_kernel_layout(x) for x in (do, q, k, v, out))
