@@ -49,7 +49,9 @@ def main() -> None:
     q.requires_grad_()
 
     def ring() -> None:
-        out = ringattn.simulate_ring_attention(q, k, v, world_size=ns.world_size, causal=ns.causal, impl=ns.impl)
+        out = ringattn.simulate_ring_attention(
+            q, k, v, world_size=ns.world_size, causal=ns.causal, impl=ns.impl, layout="BSND"
+        )
         torch.autograd.grad(out, (q, k, v), g)
 
     def single() -> None:

@@ -84,20 +84,20 @@ def test_merge_states_self_overlapping_destination(gen, backend, argument, bad):
     device = backend_device(backend)
     o, lse = merge_parts(gen, device=device)
     with raises(errors.AliasError, argument, "internally overlapping"):
-        merge_states(o, lse, layout="BSND", backend=backend, **{argument: bad(device)})
+        merge_states(o, lse, layout="BSND", lse_base="e", backend=backend, **{argument: bad(device)})
 
 
 def test_merge_states_destinations_overlapping_each_other(gen):
     o, lse = merge_parts(gen)
     buf = torch.empty(2 * 5 * 3 * 16)
     with raises(errors.AliasError, "out_lse", "out"):
-        merge_states(o, lse, layout="BSND", out=buf.view(2, 5, 3, 16), out_lse=buf[:30].view(2, 3, 5))
+        merge_states(o, lse, layout="BSND", out=buf.view(2, 5, 3, 16), out_lse=buf[:30].view(2, 3, 5), lse_base="e")
 
 
 def test_merge_states_in_place_into_an_input_still_allowed(gen):
     o, lse = merge_parts(gen)
-    want = merge_states(o, lse, layout="BSND")
-    got = merge_states(o, lse, layout="BSND", out=o[0], out_lse=lse[0])
+    want = merge_states(o, lse, layout="BSND", lse_base="e")
+    got = merge_states(o, lse, layout="BSND", out=o[0], out_lse=lse[0], lse_base="e")
     assert got[0] is o[0] and got[1] is lse[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -258,7 +258,7 @@ def test_merge_states_part_on_meta(gen, index, argument):
     parts[index] = parts[index].to("meta")
     name = argument if index else "outputs[1]"  # outputs[0] sets the device
     with raises(errors.DeviceError, name, "meta"):
-        merge_states(parts[:2], parts[2:], layout="BSND")
+        merge_states(parts[:2], parts[2:], layout="BSND", lse_base="e")
 
 
 @pytest.mark.parametrize("value", ["no", None, 1, 0.0])
@@ -543,7 +543,7 @@ def test_merge_states_destination_mismatch(gen, argument, bad, error, fragment):
     o, lse = merge_parts(gen)
     like = torch.empty_like(o[0]) if argument == "out" else torch.empty_like(lse[0])
     with raises(error, argument, fragment):
-        merge_states(o, lse, layout="BSND", **{argument: bad(like)})
+        merge_states(o, lse, layout="BSND", lse_base="e", **{argument: bad(like)})
 
 
 @pytest.mark.parametrize("backend", UPDATE_BACKENDS)
@@ -565,7 +565,7 @@ def test_update_in_place_into_an_input(gen, backend, layout, side):
 )
 def test_merge_states_without_parts(outputs, lses):
     with raises(errors.ShapeError, "outputs", "at least one part"):
-        merge_states(outputs, lses, layout="TND", lse_layout="NT")
+        merge_states(outputs, lses, layout="TND", lse_layout="NT", lse_base="e")
 
 
 # --- every input of ring_attention_update: wrong kinds of value -------------------------------------------------------
@@ -605,4 +605,4 @@ def test_merge_states_with_a_backend_that_cannot_run_the_device_names_the_backen
     monkeypatch.setattr(triton_cuda, "_INTERPRETED", False)
     parts, lses = torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3)
     with pytest.raises(ringattn.BackendError, match="backend: 'triton' cannot run on cpu"):
-        ringattn.merge_states(parts, lses, layout="TND", lse_layout="TN", backend="triton")
+        ringattn.merge_states(parts, lses, layout="TND", lse_layout="TN", backend="triton", lse_base="e")

@@ -205,5 +205,9 @@ def test_requires_grad_does_not_change_forward_and_out_refuses_grad():
         assert torch.equal(p, o)
     with pytest.raises(ringattn.RingAttnError, match="requires? grad"):
         merge_states(
-            leaf([inputs[0], inputs[3]]), [torch.zeros(2, 2, 3, dtype=torch.float64)] * 2, layout="SBH", out=outs[0]
+            leaf([inputs[0], inputs[3]]),
+            [torch.zeros(2, 2, 3, dtype=torch.float64)] * 2,
+            layout="SBH",
+            out=outs[0],
+            lse_base="e",
         )

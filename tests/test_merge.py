@@ -132,7 +132,7 @@ def test_float64_is_exact(layout, lse_layout):
     o, lse = make_parts(gen, 5, 1 if layout == "TND" else 2, 7, 3, 5, torch.float64)
     parts_o = [to_layout(o[k], layout) for k in range(5)]
     parts_lse = [lse_to_layout(lse[k].double(), lse_layout) for k in range(5)]
-    got = merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout)
+    got = merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, lse_base="e")
     check(o, lse.double(), layout, lse_layout, "e", torch.float64, got)
 
 
@@ -156,12 +156,14 @@ def test_order_and_grouping_do_not_matter():
     gen = torch.Generator().manual_seed(3)
     o, lse = make_parts(gen, 3, 2, 5, 3, 8, torch.float32)  # K = 3, then 2 + 1 (Note [merge test budget])
     parts_o, parts_lse = list(o.unbind(0)), list(lse.unbind(0))
-    ref = merge_states(parts_o, [x.permute(0, 2, 1) for x in parts_lse], layout="BSND")
+    ref = merge_states(parts_o, [x.permute(0, 2, 1) for x in parts_lse], layout="BSND", lse_base="e")
     perm = torch.randperm(3, generator=gen).tolist()
-    shuffled = merge_states([parts_o[i] for i in perm], [parts_lse[i].permute(0, 2, 1) for i in perm], layout="BSND")
-    left = merge_states(parts_o[:2], [x.permute(0, 2, 1) for x in parts_lse[:2]], layout="BSND")
-    right = merge_states(parts_o[2:], [x.permute(0, 2, 1) for x in parts_lse[2:]], layout="BSND")
-    folded = merge_states((left[0], right[0]), (left[1], right[1]), layout="BSND")
+    shuffled = merge_states(
+        [parts_o[i] for i in perm], [parts_lse[i].permute(0, 2, 1) for i in perm], layout="BSND", lse_base="e"
+    )
+    left = merge_states(parts_o[:2], [x.permute(0, 2, 1) for x in parts_lse[:2]], layout="BSND", lse_base="e")
+    right = merge_states(parts_o[2:], [x.permute(0, 2, 1) for x in parts_lse[2:]], layout="BSND", lse_base="e")
+    folded = merge_states((left[0], right[0]), (left[1], right[1]), layout="BSND", lse_base="e")
     for got in (shuffled, folded):
         torch.testing.assert_close(got[0], ref[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-5)
@@ -170,10 +172,10 @@ def test_order_and_grouping_do_not_matter():
 def test_stacked_tensor_equals_list_and_single_part_is_identity():
     gen = torch.Generator().manual_seed(4)
     o, lse = make_parts(gen, 3, 1, 5, 2, 3, torch.float32)  # K = 3: compiled anyway
-    stacked = merge_states(o[:, 0], lse[:, 0], layout="TND", lse_layout="TN")
-    listed = merge_states(list(o[:, 0]), list(lse[:, 0]), layout="TND", lse_layout="TN")
+    stacked = merge_states(o[:, 0], lse[:, 0], layout="TND", lse_layout="TN", lse_base="e")
+    listed = merge_states(list(o[:, 0]), list(lse[:, 0]), layout="TND", lse_layout="TN", lse_base="e")
     assert torch.equal(stacked[0], listed[0]) and torch.equal(stacked[1], listed[1])
-    one = merge_states([o[0, 0]], [lse[0, 0]], layout="TND", lse_layout="TN")
+    one = merge_states([o[0, 0]], [lse[0, 0]], layout="TND", lse_layout="TN", lse_base="e")
     empty = torch.isneginf(lse[0, 0]).unsqueeze(-1)
     assert torch.equal(one[0], o[0, 0].masked_fill(empty, 0.0)) and torch.equal(one[1], lse[0, 0])
 
@@ -185,9 +187,11 @@ def test_mixed_log_bases_need_declaring():
     want_o, _ = oracle(o, lse_nat)
     fa = (o[0, 0], lse_nat[0, 0])
     flashinfer = (o[1, 0], lse_nat[1, 0] / math.log(2.0))  # what FlashInfer reports
-    right = merge_states((fa[0], flashinfer[0]), (fa[1], flashinfer[1] * math.log(2.0)), layout="TND", lse_layout="TN")
+    right = merge_states(
+        (fa[0], flashinfer[0]), (fa[1], flashinfer[1] * math.log(2.0)), layout="TND", lse_layout="TN", lse_base="e"
+    )
     torch.testing.assert_close(right[0], want_o[0], atol=1e-12, rtol=1e-12)
-    wrong = merge_states((fa[0], flashinfer[0]), (fa[1], flashinfer[1]), layout="TND", lse_layout="TN")
+    wrong = merge_states((fa[0], flashinfer[0]), (fa[1], flashinfer[1]), layout="TND", lse_layout="TN", lse_base="e")
     assert (wrong[0] - want_o[0]).abs().max() > 0.1  # silently wrong: the docs' warning
     # Both parts in base 2, declared: right again.
     both2 = merge_states(o[:, 0], lse_nat[:, 0] / math.log(2.0), layout="TND", lse_layout="TN", lse_base=2)
@@ -200,12 +204,12 @@ def test_out_poisoned_and_aliasing_an_input(alias):
     o, lse = make_parts(gen, 3, 2, 4, 2, 8, torch.float32)
     parts_o = [to_layout(o[k], "SBH").clone() for k in range(3)]
     parts_lse = [x.permute(0, 2, 1).contiguous() for x in lse]
-    want = merge_states(parts_o, parts_lse, layout="SBH")
+    want = merge_states(parts_o, parts_lse, layout="SBH", lse_base="e")
     if alias is None:
         out, out_lse = torch.full_like(parts_o[0], float("nan")), torch.full_like(parts_lse[0], float("nan"))
     else:
         out, out_lse = parts_o[alias], parts_lse[alias]
-    got = merge_states(parts_o, parts_lse, layout="SBH", out=out, out_lse=out_lse)
+    got = merge_states(parts_o, parts_lse, layout="SBH", out=out, out_lse=out_lse, lse_base="e")
     assert got[0] is out and got[1] is out_lse
     torch.testing.assert_close(out, want[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out_lse, want[1], atol=1e-6, rtol=1e-6)
@@ -215,26 +219,26 @@ def test_errors():
     o = [torch.randn(4, 2, 8)] * 2
     lse = [torch.randn(2, 4)] * 2
     with pytest.raises(LayoutError, match="lse_layout"):
-        merge_states(o, lse, layout="TND")  # NT or TN must be named
+        merge_states(o, lse, layout="TND", lse_base="e")  # NT or TN must be named
     with pytest.raises(LayoutError, match="lse_base"):
         merge_states(o, lse, layout="TND", lse_layout="NT", lse_base=10)
     with pytest.raises(ShapeError, match=r"lses\[0\]"):
-        merge_states(o, lse, layout="TND", lse_layout="TN")
+        merge_states(o, lse, layout="TND", lse_layout="TN", lse_base="e")
     with pytest.raises(DTypeError, match=r"lses\[1\]"):
-        merge_states(o, [lse[0], lse[1].half()], layout="TND", lse_layout="NT")
+        merge_states(o, [lse[0], lse[1].half()], layout="TND", lse_layout="NT", lse_base="e")
     with pytest.raises(DTypeError, match=r"outputs\[1\]"):
-        merge_states([o[0], o[1].double()], lse, layout="TND", lse_layout="NT")
+        merge_states([o[0], o[1].double()], lse, layout="TND", lse_layout="NT", lse_base="e")
     with pytest.raises(ShapeError, match="one LSE per output"):
-        merge_states(o, lse[:1], layout="TND", lse_layout="NT")
+        merge_states(o, lse[:1], layout="TND", lse_layout="NT", lse_base="e")
     buf = torch.randn(5, 2, 8)
     with pytest.raises(AliasError, match="out"):
-        merge_states([buf[:4], buf[1:]], lse, layout="TND", lse_layout="NT", out=buf[1:])
+        merge_states([buf[:4], buf[1:]], lse, layout="TND", lse_layout="NT", out=buf[1:], lse_base="e")
     with pytest.raises(ringattn.RingAttnError, match="backend"):
-        merge_states(o, lse, layout="TND", lse_layout="NT", backend="nope")
+        merge_states(o, lse, layout="TND", lse_layout="NT", backend="nope", lse_base="e")
 
 
 def test_zero_size():
-    got = merge_states([torch.empty(0, 3, 4)] * 2, [torch.empty(3, 0)] * 2, layout="TND", lse_layout="NT")
+    got = merge_states([torch.empty(0, 3, 4)] * 2, [torch.empty(3, 0)] * 2, layout="TND", lse_layout="NT", lse_base="e")
     assert got[0].shape == (0, 3, 4) and got[1].shape == (3, 0)
 
 

@@ -114,9 +114,9 @@ def test_compile_out_variant_fullgraph():
     o, lse = lse_inputs()
 
     def fn(a, b, c, la, lb, lc):
-        return merge_states((a, b, c), (la, lb, lc), layout="TND", lse_layout="NT", out=a, out_lse=la)
+        return merge_states((a, b, c), (la, lb, lc), layout="TND", lse_layout="NT", out=a, out_lse=la, lse_base="e")
 
-    want = merge_states(o, lse, layout="TND", lse_layout="NT")
+    want = merge_states(o, lse, layout="TND", lse_layout="NT", lse_base="e")
     copies = [t.clone() for t in (*o, *lse)]
     torch.compile(fn, fullgraph=True, backend="aot_eager")(*copies)
     torch.testing.assert_close(copies[0], want[0], atol=0, rtol=0)
@@ -223,7 +223,7 @@ def call_merge(parts, out_mode, **kw):
         kw.update(out=parts_o[0], out_lse=parts_lse[0])
     elif out_mode == "buffers":
         kw.update(out=torch.full_like(parts_o[0], float("nan")), out_lse=torch.full_like(parts_lse[0], float("nan")))
-    got = merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, **kw)
+    got = merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, lse_base="e", **kw)
     if out_mode != "fresh":
         assert got[0] is kw["out"] and got[1] is kw["out_lse"]
     return got
@@ -372,7 +372,7 @@ def test_out_bumps_version_counters(monkeypatch, path, out_mode):
         out, out_lse = torch.empty_like(parts_o[0]), torch.empty_like(parts_lse[0])
     before = [out._version, out_lse._version]
     with call_path(monkeypatch, path) as taken:
-        merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, out=out, out_lse=out_lse)
+        merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, out=out, out_lse=out_lse, lse_base="e")
     assert taken == [path == "direct"]
     assert out._version > before[0] and out_lse._version > before[1]
 
@@ -403,7 +403,7 @@ def test_autograd_notices_merge_overwriting_a_saved_tensor(monkeypatch, path, wh
     w = torch.randn(buf.shape, requires_grad=True)
     loss = (w * buf).sum()
     with call_path(monkeypatch, path) as taken:
-        merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, **outs)
+        merge_states(parts_o, parts_lse, layout=layout, lse_layout=lse_layout, lse_base="e", **outs)
     assert taken == [path == "direct"]
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()

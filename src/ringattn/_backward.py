@@ -80,6 +80,7 @@ import torch
 from . import _ops
 from ._alloc import empty_fast
 from .backends import torch_eager
+from .errors import refuse_double_backward
 
 
 def _run_backward(
@@ -154,6 +155,7 @@ def _update_setup_context(ctx, inputs, output) -> None:
 
 
 def _update_backward(ctx, grad_o, grad_m, grad_l):
+    refuse_double_backward("ring_attention_update")
     prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets = ctx.saved_tensors
     layout, stats_layout, backend = ctx.options
     d_prev_o, d_cur_o, d_prev_m, d_cur_m, d_prev_l, d_cur_l = merge_backward(
@@ -185,6 +187,7 @@ def _merge_setup_context(ctx, inputs, output) -> None:
 
 
 def _merge_backward(ctx, grad_o, grad_lse):
+    refuse_double_backward("merge_states")
     parts, layout, lse_layout, lse_scale, backend = ctx.options
     saved = list(ctx.saved_tensors)
     grads = merge_backward(

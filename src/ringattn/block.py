@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from . import _amp
 from ._contract import check_offset_values
 from .errors import BackendError, DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError, expected
 from .merge import lse_to_stats
@@ -247,8 +248,33 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> Any:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, ctx.cfg)
+        if torch.is_grad_enabled():  # create_graph=True: Note [double backward of block attention]
+            return (*_differentiable_backward(dout, dlse, q, k, v, ctx.cfg), None)
+        with _amp.autocast_off(q):
+            dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, ctx.cfg)
         return dq, dk, dv, None
+
+
+# Note [double backward of block attention]
+# -----------------------------------------
+# The fused kernels' backward is not differentiable. Under ``create_graph=True`` (gradient penalties, Hessian-vector
+# products) the backward instead recomputes the block's forward with the plain-torch kernel, whose operations
+# autograd records, and differentiates it with ``create_graph=True``: the first-order gradients are those of the
+# same formula (within the tolerances of the fused kernels), and every higher order is exact autograd. It costs one
+# more forward in plain torch, paid only by a double backward.
+
+
+def _differentiable_backward(dout, dlse, q, k, v, cfg: _BlockConfig) -> tuple[torch.Tensor | None, ...]:
+    with _amp.autocast_off(q):
+        out, lse = _forward(q, k, v, dataclasses.replace(cfg, impl="torch"))
+        pairs = [(o, g) for o, g in ((out, dout), (lse, dlse)) if g is not None]
+        inputs = [x for x in (q, k, v) if x.requires_grad]
+        grads = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], inputs, [g for _, g in pairs], create_graph=True, allow_unused=True
+            )
+        )
+    return tuple(next(grads) if x.requires_grad else None for x in (q, k, v))
 
 
 def _offsets(name: str, value: Any, total: int) -> tuple[int, ...]:
@@ -394,7 +420,10 @@ def block_attention(
     The partial result of one step of ring attention, FlashAttention-style: merging the results of disjoint key
     blocks (:func:`ringattn.merge_states` with ``stats="lse"``, :func:`ringattn.ring_attention_update` with
     ``stats="ascend"``) gives attention over their union. Differentiable in q, k and v through every output,
-    statistics included; forward and backward run the fused block kernels ring attention uses.
+    statistics included, to any order (a double backward, ``create_graph=True``, differentiates a plain-torch
+    recomputation: Note [double backward of block attention]); forward and backward run the fused block kernels ring
+    attention uses. Under ``torch.autocast``, q, k, v are cast as SDPA casts them and outputs come in the autocast
+    dtype (Note [autocast] in ``_amp.py``).
 
     Shape letters: B batch, S sequence (Sq queries, Sk keys), N query heads, Nkv key/value heads (N % Nkv == 0:
     GQA/MQA), D head size, H = N * D, T total tokens of a packed batch.
@@ -456,10 +485,12 @@ def block_attention(
     DeviceError, BackendError (ValueError)
         Inputs on different devices; ``impl`` unknown or not available for these inputs.
     """
+    q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
     cfg, stats = _validate(
         q, k, v, layout, causal, softmax_scale, stats, head_num, actual_seq_qlen, actual_seq_kvlen, softmax_layout, impl
     )
-    out, lse = _BlockAttention.apply(q, k, v, cfg)
+    with _amp.autocast_off(q):
+        out, lse = _BlockAttention.apply(q, k, v, cfg)
     if stats == "lse":
         return out, lse
     if cfg.layout != "TND":

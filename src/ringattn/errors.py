@@ -68,7 +68,24 @@ class ConfigError(RingAttnError, ValueError, RuntimeError):
 
 
 class AutogradError(RingAttnError, RuntimeError):
-    """``out=`` was combined with inputs that require grad (the out= variants are not differentiable)."""
+    """A gradient ringattn does not compute: ``out=`` combined with inputs that require grad (the out= variants are
+    not differentiable), or a double backward (``create_graph=True``) through ring attention."""
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise AutogradError when called from a backward that records a graph (``create_graph=True``).
+
+    Called first in the backward of every differentiable function whose backward is not itself differentiable: a
+    graph recorded through it would silently miss its second-order terms (or fail deep inside PyTorch).
+    """
+    import torch  # errors.py is imported by everything; torch is loaded by then
+
+    if torch.is_grad_enabled():
+        raise AutogradError(
+            f"create_graph: expected False, got True: {what} has first-order gradients only (a double backward, "
+            "e.g. a gradient penalty, would miss its second-order terms); compute the penalty with "
+            "ringattn.block_attention or SDPA, or backward without create_graph"
+        )
 
 
 def _describe(value: Any) -> str:

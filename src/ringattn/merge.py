@@ -52,7 +52,14 @@ def lse_scale(lse_base: Any, name: str = "lse_base") -> float:
         return 1.0
     if lse_base in (2, "2") and not isinstance(lse_base, bool):
         return _ops.LN2
-    raise LayoutError(expected(name, "'e' or 2 (the log base the producer used; never guessed)", repr(lse_base)))
+    raise LayoutError(
+        expected(
+            name,
+            "'e' (flash-attn, SDPA, xformers, vLLM, ringattn) or 2 (FlashInfer): the log base the producer used, "
+            "stated by the caller",
+            repr(lse_base),
+        )
+    )
 
 
 def _parts(name: str, value: Any, rank: int) -> list[torch.Tensor]:
@@ -156,7 +163,7 @@ def merge_states(
     *,
     layout: str,
     lse_layout: str | None = None,
-    lse_base: str | int = "e",
+    lse_base: str | int | None = None,
     out: torch.Tensor | None = None,
     out_lse: torch.Tensor | None = None,
     backend: str = "auto",
@@ -184,8 +191,9 @@ def merge_states(
     lse_layout : ``"BNS"`` ``(B, N, S)``, ``"NT"`` ``(N, T)`` or ``"TN"`` ``(T, N)``
         BNS goes with BSND, BNSD and SBH and is the default for them. TND takes NT (flash-attn varlen, vLLM) or
         TN (FlashInfer) and must name it: with ``T == N`` the shapes cannot tell them apart.
-    lse_base : ``"e"`` (default) or ``2``
-        Log base of every LSE in and out. FlashInfer uses 2; flash-attn, SDPA, xformers and vLLM use e.
+    lse_base : ``"e"`` or ``2``; required
+        Log base of every LSE in and out. FlashInfer uses 2; flash-attn, SDPA, xformers, vLLM and ringattn's own
+        producers use e. Never guessed: a base-2 LSE read as natural gives wrong weights and no error.
     out, out_lse : Tensor, optional
         Destinations shaped like ``outputs[0]`` / ``lses[0]`` (same dtype and device). Each may be exactly the same
         view as an input part (in-place accumulation); any other overlap (with an input, the other destination, or
@@ -204,7 +212,7 @@ def merge_states(
     Raises
     ------
     LayoutError (ValueError)
-        Unknown ``layout``, ``lse_layout`` (or missing for TND) or ``lse_base``.
+        Unknown ``layout``, ``lse_layout`` (or missing for TND), or ``lse_base`` unknown or not given.
     ShapeError (ValueError, RuntimeError)
         Ranks or sizes disagree, no parts, or K outputs with a different number of LSEs.
     DTypeError (TypeError, RuntimeError)

@@ -424,7 +424,7 @@ def test_merge_states_empty_parts_gradcheck(backend, k, garbage):
     leaves = [t.clone().requires_grad_() for t in o + lse]
 
     def fn(*x):
-        return finite(merge_states(x[:k], x[k:], layout="TND", lse_layout="TN", backend=backend))
+        return finite(merge_states(x[:k], x[k:], layout="TND", lse_layout="TN", backend=backend, lse_base="e"))
 
     if garbage == garbage:  # NaN inputs make gradcheck's own finite differences NaN; checked below instead
         assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)

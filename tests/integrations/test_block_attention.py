@@ -272,7 +272,9 @@ def test_lse_partials_merged_by_merge_states_are_full_attention(layout):
         kw, lse_layout = {}, "BNS"
         halves = [(kv[0], kv[1], {}), (kv[1], kv[0], {})]
     parts = [ringattn.block_attention(q, k, v, layout=layout, **kw) for k, v, _ in halves]
-    out, lse = ringattn.merge_states([p[0] for p in parts], [p[1] for p in parts], layout=layout, lse_layout=lse_layout)
+    out, lse = ringattn.merge_states(
+        [p[0] for p in parts], [p[1] for p in parts], layout=layout, lse_layout=lse_layout, lse_base="e"
+    )
     # The same attention over the concatenated keys, computed by block_attention in one call.
     if layout == "TND":
         both_k = torch.cat([torch.cat([kv[0][a:b], kv[1][a:b]]) for a, b in ((0, 6), (6, 10))])

@@ -66,7 +66,7 @@ def test_two_blocks_merge_to_full_attention_and_back(device, impl, dtype, causal
     o0, lse0 = blocks.attend(q, k[:, :, own], v[:, :, own], causal=causal, scale=scale, impl=impl)
     o1, lse1 = blocks.attend(q, k[:, :, earlier], v[:, :, earlier], causal=False, scale=scale, impl=impl)
     assert lse0.shape == (b, n, s) and lse0.dtype == blocks.compute_dtype(dtype)
-    out, lse = ringattn.merge_states((o0, o1), (lse0, lse1), layout="BNSD", lse_layout="BNS")
+    out, lse = ringattn.merge_states((o0, o1), (lse0, lse1), layout="BNSD", lse_layout="BNS", lse_base="e")
 
     # The exact answer from the same rounded inputs, with GQA heads repeated, through float64 autograd.
     leaves = [x.detach().double().cpu().requires_grad_() for x in (q, k, v)]

@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 from ring_spawn import SoloComm, reference, run_ranks
 
+import ringattn
 from ringattn.errors import BackendError, ConfigError, DTypeError, LayoutError, ShapeError
 from ringattn.ring import ring_attention, shard_sequence
+from ringattn.ring.attention import RingOptions, run_ring
 from ringattn.ring.comm import RingComm
 from ringattn.ring.schedule import messages_per_rank
 
@@ -88,17 +90,8 @@ def _run(case: Case, q, k, v, g, rank: int, world: int, comm):
     if case.layout == "BNSD":
         q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out, lse = ring_attention(
-        q,
-        k,
-        v,
-        causal=case.causal,
-        sharding=case.sharding,
-        layout=case.layout,
-        impl=case.impl,
-        return_lse=True,
-        _comm=comm,
-    )
+    options = RingOptions(causal=case.causal, layout=case.layout, sharding=case.sharding, impl=case.impl)
+    out, lse = run_ring(q, k, v, comm if comm is not None else RingComm(None), options, return_lse=True)
     if case.layout == "BNSD":
         out.backward(g.transpose(1, 2))
         return out.transpose(1, 2), lse, *(x.grad.transpose(1, 2) for x in (q, k, v))
@@ -143,35 +136,35 @@ def _check_mismatches(rank: int, world: int) -> None:
     last = world - 1
     with pytest.raises(ShapeError, match=f"k \\(rank {last}\\)"):
         short = rank == last
-        ring_attention(q, k[:, :4] if short else k, v[:, :4] if short else v, causal=False)
+        ring_attention(q, k[:, :4] if short else k, v[:, :4] if short else v, causal=False, layout="BSND")
     with pytest.raises(DTypeError, match="v \\(rank 0\\)"):
-        ring_attention(q, k, v.double() if rank == 0 else v)
+        ring_attention(q, k, v.double() if rank == 0 else v, layout="BSND")
     with pytest.raises(ShapeError, match="q \\(rank 0\\).*4-D"):
-        ring_attention(q[0] if rank == 0 else q, k, v)
+        ring_attention(q[0] if rank == 0 else q, k, v, layout="BSND")
     with pytest.raises(ConfigError, match=f"causal \\(rank {last}\\)"):
-        ring_attention(q, k, v, causal=rank != last)
+        ring_attention(q, k, v, causal=rank != last, layout="BSND")
     # Options are checked in the same all-gather: a bad value on one rank raises on every rank.
     with pytest.raises(LayoutError, match=f"sharding \\(rank {last}\\)"):
-        ring_attention(q, k, v, causal=True, sharding="zig" if rank == last else "zigzag")
+        ring_attention(q, k, v, causal=True, sharding="zig" if rank == last else "zigzag", layout="BSND")
     with pytest.raises(BackendError, match="impl \\(rank 0\\)"):
-        ring_attention(q, k, v, impl="fast" if rank == 0 else "auto")
+        ring_attention(q, k, v, impl="fast" if rank == 0 else "auto", layout="BSND")
     with pytest.raises(LayoutError, match=f"layout \\(rank {last}\\)"):
         ring_attention(q, k, v, layout="SBH" if rank == last else "BSND")
     with pytest.raises(ConfigError, match=f"softmax_scale \\(rank {last}\\)"):
-        ring_attention(q, k, v, softmax_scale=0.5 if rank == last else None)
+        ring_attention(q, k, v, softmax_scale=0.5 if rank == last else None, layout="BSND")
     with pytest.raises(ConfigError, match=f"requires_grad \\(rank {last}\\)"):
-        ring_attention(q.detach().requires_grad_(rank != last), k, v)
+        ring_attention(q.detach().requires_grad_(rank != last), k, v, layout="BSND")
 
 
 def _check_empty_shards(rank: int, world: int) -> None:
     """A zero-length local sequence is a valid shard (PyTorch's CPU flash kernel dies of SIGFPE on one)."""
     empty = torch.randn(1, 0, 2, 4, requires_grad=True)
     for causal in (False, True):
-        out, lse = ring_attention(empty, empty, empty, causal=causal, return_lse=True)
+        out, lse = ring_attention(empty, empty, empty, causal=causal, return_lse=True, layout="BSND")
         out.backward(torch.randn_like(out))
         assert out.shape == (1, 0, 2, 4) and lse.shape == (1, 2, 0) and empty.grad.shape == empty.shape
     q = torch.randn(1, 4, 2, 4, requires_grad=True)  # queries that see no key at all: an empty result
-    out, lse = ring_attention(q, empty, empty, return_lse=True)
+    out, lse = ring_attention(q, empty, empty, return_lse=True, layout="BSND")
     out.backward(torch.randn_like(out))
     assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
     assert torch.equal(q.grad, torch.zeros_like(q))
@@ -205,14 +198,26 @@ def test_without_process_group_is_plain_attention() -> None:
 @pytest.mark.timeout(60)
 def test_local_errors_without_process_group() -> None:
     q = torch.randn(1, 6, 2, 4)
-    with pytest.raises(ShapeError, match="even local sequence"):
-        ring_attention(q[:, :5], q[:, :5], q[:, :5], causal=True)
     with pytest.raises(ShapeError, match="head count dividing"):
-        ring_attention(torch.randn(1, 6, 3, 4), q, q)
+        ring_attention(torch.randn(1, 6, 3, 4), q, q, layout="BSND")
     with pytest.raises(DTypeError, match="float16, bfloat16, float32 or float64"):
-        ring_attention(q.int(), q.int(), q.int())
+        ring_attention(q.int(), q.int(), q.int(), layout="BSND")
     with pytest.raises(LayoutError, match="layout"):
         ring_attention(q, q, q, layout="SBH")
+
+
+@pytest.mark.parametrize("sharding", ["zigzag", "contiguous"])
+def test_ring_of_one_takes_any_causal_length(sharding) -> None:
+    """A ring of one needs no chunks: an odd causal length is plain causal attention (issue 22 item 7)."""
+    q, k, v, g = (torch.randn(1, 7, 2, 8, dtype=torch.float64) for _ in range(4))
+    want = reference(q, k, v, g, causal=True, scale=8**-0.5)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ring_attention(*leaves, causal=True, sharding=sharding, layout="BSND", return_lse=True)
+    out.backward(g)
+    for got, exp in zip((out.detach(), lse, *(x.grad for x in leaves)), want, strict=True):
+        torch.testing.assert_close(got, exp, atol=1e-12, rtol=1e-12)
+    virtual = ringattn.simulate_ring_attention(q, k, v, world_size=1, causal=True, sharding=sharding, layout="BSND")
+    torch.testing.assert_close(virtual, want[0], atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -234,7 +239,7 @@ def test_ring_attention_on_cuda(process_group, dtype):
                 "nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", torch.cuda.current_device())
             )
         try:
-            out, lse = ring_attention(*leaves, causal=True, return_lse=True)
+            out, lse = ring_attention(*leaves, causal=True, return_lse=True, layout="BSND")
             grads = torch.autograd.grad(out, leaves, g.to("cuda"))
         finally:
             if process_group:

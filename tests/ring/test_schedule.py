@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ringattn.errors import ShapeError
-from ringattn.ring import ring_attention, shard_sequence, unshard_sequence
+from ringattn.ring import shard_sequence, unshard_sequence
+from ringattn.ring.attention import RingOptions, run_ring
 from ringattn.ring.schedule import (
     chunks_per_rank,
     global_chunk_order,
@@ -112,6 +113,6 @@ def test_message_counts(world: int, causal: bool) -> None:
     expected = messages_per_rank(world)
     for rank in range(world):
         comm = LoopbackComm(rank, world)
-        ring_attention(q, q, q, causal=causal, _comm=comm).backward(torch.randn(1, 4, 2, 8))
+        run_ring(q, q, q, comm, RingOptions(causal=causal, layout="BSND")).backward(torch.randn(1, 4, 2, 8))
         kv, dkv = expected["forward_kv"] + expected["backward_kv"], expected["backward_dkv"]
         assert comm.counts == ({0: kv, 1: dkv} if world > 1 else {})

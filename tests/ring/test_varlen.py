@@ -23,6 +23,7 @@ from ring_spawn import SoloComm, run_ranks
 import ringattn
 from ringattn.errors import ConfigError, DeviceError, DTypeError, SeqLenError, ShapeError
 from ringattn.ring import blocks, varlen
+from ringattn.ring.attention import RingOptions
 from ringattn.ring.schedule import (
     packed_block_flops,
     packed_chunk_sizes,
@@ -30,6 +31,7 @@ from ringattn.ring.schedule import (
     packed_slot_tokens,
     packed_step_blocks,
 )
+from ringattn.ring.varlen import run_ring_varlen
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
@@ -380,7 +382,8 @@ def test_solo_comm_is_a_ring_of_one() -> None:
     (q, k, v, _), cu = packed_inputs([5, 2], 2, 2, 8, torch.float64, seed=3)
     q, k, v = (ringattn.shard_packed(x, cu, 0, 1) for x in (q, k, v))
     assert torch.equal(
-        ringattn.ring_attention_varlen(q, k, v, cu, _comm=SoloComm()), ringattn.ring_attention_varlen(q, k, v, cu)
+        run_ring_varlen(q, k, v, cu, SoloComm(), RingOptions(causal=True, layout="TND")),
+        ringattn.ring_attention_varlen(q, k, v, cu),
     )
 
 
@@ -428,8 +431,8 @@ def test_simulate_defaults_to_the_simulated_function_s_causal() -> None:
     )
     dense = [x[None, :12] for x in (q, k, v)]
     assert torch.equal(
-        ringattn.simulate_ring_attention(*dense, world_size=2),
-        ringattn.simulate_ring_attention(*dense, world_size=2, causal=False),
+        ringattn.simulate_ring_attention(*dense, world_size=2, layout="BSND"),
+        ringattn.simulate_ring_attention(*dense, world_size=2, causal=False, layout="BSND"),
     )
 
 

@@ -146,7 +146,7 @@ def _real_ring_rank(rank: int, world: int, case: Case, path: str) -> None:
     torch.set_num_threads(1)
     q, k, v, g = (shard_sequence(x, rank, world, sharding=case.sharding) for x in inputs(case, seed=5))
     leaves = [x.requires_grad_() for x in (q, k, v)]
-    out, lse = ring_attention(*leaves, causal=case.causal, sharding=case.sharding, return_lse=True)
+    out, lse = ring_attention(*leaves, causal=case.causal, sharding=case.sharding, return_lse=True, layout="BSND")
     grads = torch.autograd.grad(out, leaves, g)
     torch.save([out.detach(), lse, *grads], f"{path}/rank{rank}.pt")
 
@@ -181,12 +181,13 @@ def test_virtual_ring_is_bitwise_the_gloo_ring(dtype, tmp_path) -> None:
         ({"world_size": 2, "impl": "fast"}, BackendError, "impl"),
         ({"world_size": 2, "softmax_scale": float("nan")}, ConfigError, "softmax_scale"),
         ({"world_size": 2, "causal": "yes"}, ConfigError, "causal"),
+        ({"world_size": 2, "layout": None}, LayoutError, "layout: expected 'BSND' for (B, S_local, N, D) tensors"),
     ],
 )
 def test_errors_name_the_argument(kwargs, error, named) -> None:
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(error) as info:
-        ringattn.simulate_ring_attention(q, q, q, **kwargs)
+        ringattn.simulate_ring_attention(q, q, q, **{"layout": "BSND", **kwargs})
     assert named in str(info.value)
 
 
@@ -227,7 +228,7 @@ def test_ring_entry_points_are_one_graph_break_under_torch_compile(entry) -> Non
         kw = {"world_size": 3} if entry == "simulate_ring_attention" else {}
 
         def call(x):
-            return getattr(ringattn, entry)(x, x, x, causal=True, **kw)
+            return getattr(ringattn, entry)(x, x, x, causal=True, layout="BSND", **kw)
 
     def fn(x):
         return call(x * 2).sin()

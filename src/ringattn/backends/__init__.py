@@ -86,6 +86,7 @@ _MODULES = {
 _AUTO = {"cpu": ("cpu",), "cuda": ("triton",)}
 
 BACKEND_NAMES = ("auto", *_MODULES)
+AutoBackend = _warm.AutoBackend
 # `auto` on CPU: the fused kernels once compiled, `torch` meanwhile (Note [cold start]); None until first needed.
 _auto_cpu: _warm.AutoBackend | None = None
 
@@ -94,7 +95,10 @@ def _auto_backend(candidate: str) -> ModuleType | _warm.AutoBackend | None:
     """What `auto` runs for ``candidate`` when it is installed (without importing it on the caller's thread when
     it is the numba backend, whose import and compiles run in the background), else None."""
     global _auto_cpu
-    if candidate != "cpu" or os.environ.get(_warm.POLICY_ENV, "background") == "wait":
+    # Deterministic mode: the fused kernel from the first call, never a switch mid-run (Note [one merge backend per
+    # ring] in ring/checks.py).
+    waits = os.environ.get(_warm.POLICY_ENV, "background") == "wait" or torch.are_deterministic_algorithms_enabled()
+    if candidate != "cpu" or waits:
         return load(candidate) if _installed(candidate) else None
     if _auto_cpu is None:
         if importlib.util.find_spec("numba") is None:

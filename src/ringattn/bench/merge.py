@@ -413,7 +413,9 @@ def providers(
             c = inputs.case
             if c.op == MERGE:
                 o_a, lse_a, o_b, lse_b = inputs.tensors
-                return merge_states((o_a, o_b), (lse_a, lse_b), layout="TND", lse_layout="NT", backend=backend)
+                return merge_states(
+                    (o_a, o_b), (lse_a, lse_b), layout="TND", lse_layout="NT", backend=backend, lse_base="e"
+                )
             return ring_attention_update(
                 *inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits, backend=backend
             )
@@ -427,7 +429,7 @@ def providers(
                 o_a, lse_a, o_b, lse_b = inputs.tensors
                 return merge_states(
                     (o_a, o_b), (lse_a, lse_b), layout="TND", lse_layout="NT", backend=backend,
-                    out=inputs.out[0], out_lse=inputs.out[1],
+                    out=inputs.out[0], out_lse=inputs.out[1], lse_base="e",
                 )  # fmt: skip
             return ring_attention_update(
                 *inputs.tensors, inputs.seq_qlen, c.layout, ascend_limits=c.ascend_limits, backend=backend,

@@ -132,7 +132,7 @@ def _ringattn(case: Case, rank: int, world: int):
         return shard_sequence(x, rank, world)
 
     def run(q, k, v, g):
-        ring_attention(q, k, v, causal=case.causal).backward(g)
+        ring_attention(q, k, v, causal=case.causal, layout="BSND").backward(g)
 
     return shard, gather_sequence, run
 
@@ -268,7 +268,7 @@ def measure_virtual(case: Case, device: str = "cpu", impls: tuple[str, ...] = ("
 
     def virtual(impl: str) -> list[torch.Tensor]:
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = simulate_ring_attention(*leaves, world_size=case.world_size, causal=case.causal, impl=impl)
+        out = simulate_ring_attention(*leaves, world_size=case.world_size, causal=case.causal, impl=impl, layout="BSND")
         return list(torch.autograd.grad(out, leaves, g))
 
     rows = [{"provider": "single (SDPA)", "median_s": _seconds(lambda: _single(case, q, k, v, g), device, case.repeats),

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import backends
+from .. import _amp, backends
+from ..errors import refuse_double_backward
 from . import checks
 from .blocks import attend, attend_backward, compute_dtype, resolve_impl
 from .comm import RingComm
@@ -64,7 +65,7 @@ class RingOptions:
 
     causal: Any = False
     softmax_scale: Any = None
-    layout: Any = "BSND"
+    layout: Any = None
     sharding: Any = "zigzag"
     impl: Any = "auto"
     backend: Any = "auto"
@@ -244,8 +245,10 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
+        refuse_double_backward("ring attention")
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.cfg)
+        with _amp.autocast_off(q):
+            dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.cfg)
         return dq, dk, dv, None
 
 
@@ -257,15 +260,41 @@ def prepare(
     ranks: a rank that skipped the backward would leave the others blocked in it."""
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
-    table = comm.all_gather_ints(checks.encode(q, k, v, options, needs_grad=needs_grad))
+    merge = local_merge_backend(q, options.backend)
+    table = comm.all_gather_ints(checks.encode(q, k, v, options, needs_grad=needs_grad, merge=merge))
     checks.check_table(table, options)
     if options.layout == "BNSD":
         q, k, v = (_heads_first(x) for x in (q, k, v))
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_impl(options.impl, q.device, q.dtype, q.shape[-1])
-    plan = DensePlan(bool(options.causal), options.sharding, q.shape[1])
-    cfg = RingConfig(float(scale), impl, options.backend, comm, plan)  # the plan holds causal and the sharding
+    # A ring of one holds the whole sequence in order, whatever the sharding: no chunks (any length, odd included).
+    sharding = options.sharding if comm.world_size > 1 else "contiguous"
+    plan = DensePlan(bool(options.causal), sharding, q.shape[1])
+    backend = checks.agreed_merge_backend(table)
+    cfg = RingConfig(float(scale), impl, backend, comm, plan)  # the plan holds causal and the sharding
     return q, k, v, cfg
+
+
+def local_merge_backend(q: Any, backend: Any) -> str | None:
+    """The row-merge backend this rank could run the ring's merges with now (Note [one merge backend per ring] in
+    ``checks.py``), None when the inputs or ``backend`` are invalid (the check table then raises on every rank).
+
+    For ``auto`` on CPU, one merge of a single row in the ring's argument types answers (and queues the fused
+    kernel's compile when it is not ready); nothing here raises, since an error on one rank alone would leave the
+    others blocked in the all-gather."""
+    try:
+        if backend not in checks.MERGE_BACKENDS or not isinstance(q, torch.Tensor) or not q.is_floating_point():
+            return None
+        merge = backends.for_device(q.device, backend)
+        if not isinstance(merge, backends.AutoBackend):
+            return merge.NAME
+        c = compute_dtype(q.dtype)
+        acc_o, part_o = (torch.zeros((1, 1, 1, 1), dtype=c, device=q.device) for _ in range(2))
+        acc_lse, part_lse = (torch.zeros((1, 1, 1, 1), dtype=c, device=q.device) for _ in range(2))
+        merge.merge_rows([acc_o, part_o], [acc_lse, part_lse], None, acc_o, acc_lse, None)
+        return backends.ran(merge)
+    except Exception:  # noqa: BLE001 - reported as "unknown": the ring then runs the portable backend
+        return None
 
 
 # Note [ring under torch.compile]
@@ -300,29 +329,33 @@ def ring_attention(
     v: torch.Tensor,
     /,
     *,
+    layout: str | None = None,
     causal: bool = False,
     softmax_scale: float | None = None,
     group: dist.ProcessGroup | None = None,
-    layout: str = "BSND",
     sharding: str = "zigzag",
     return_lse: bool = False,
     impl: str = "auto",
     backend: str = "auto",
-    _comm: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of this rank's queries over the keys/values of every rank of ``group``.
 
     Every rank of ``group`` calls this with its local shard; the result is what single-device attention
-    over the whole sequence gives for this rank's query tokens. Differentiable in q, k and v. To run every
-    rank of a ring in one process (debugging, tests, one GPU), see :func:`ringattn.simulate_ring_attention`.
+    over the whole sequence gives for this rank's query tokens. Differentiable in q, k and v (first order: a
+    double backward raises AutogradError). To run every rank of a ring in one process (debugging, tests, one
+    GPU), see :func:`ringattn.simulate_ring_attention`.
 
     Parameters
     ----------
     q : Tensor ``(B, S_local, N, D)`` (layout ``"BSND"``) or ``(B, N, S_local, D)`` (``"BNSD"``)
-        float16, bfloat16, float32 or float64; any strides; CPU (gloo) or CUDA (NCCL). ``S_local`` may be 0.
+        float16, bfloat16, float32 or float64; any strides; CPU (gloo) or CUDA (NCCL). ``S_local`` may be 0 (on
+        every rank alike: shards have the same length on every rank).
     k, v : Tensor, like q but with ``Nkv`` heads, ``N % Nkv == 0`` (GQA/MQA; they travel unrepeated)
-        Same dtype and device as q, same shape as each other. Non-causal: any ``S_local`` (may differ
-        from q's). Causal: the same ``S_local`` as q.
+        Same dtype and device as q (under ``torch.autocast``: any floating dtypes, as SDPA takes them there), same
+        shape as each other. Non-causal: any ``S_local`` (may differ from q's). Causal: the same ``S_local`` as q.
+    layout : {"BSND", "BNSD"}, required
+        How q, k, v are laid out: ``"BSND"`` (flash-attn's and transformers' order) or ``"BNSD"``
+        (``F.scaled_dot_product_attention``'s). Never guessed: the shapes of one are valid shapes of the other.
     causal : bool
         Mask key positions after the query position, in GLOBAL sequence order as set by ``sharding``.
     softmax_scale : float, optional
@@ -333,7 +366,7 @@ def ring_attention(
     sharding : {"zigzag", "contiguous"}
         How the global sequence was cut (matters only when causal). ``"zigzag"``: the sequence is cut
         into ``2W`` chunks and rank r holds chunks ``r`` and ``2W-1-r`` concatenated (:func:`shard_sequence`);
-        balanced, ``S_local`` must be even. ``"contiguous"``: rank r holds the r-th of W chunks.
+        balanced, ``S_local`` must be even when ``W > 1``. ``"contiguous"``: rank r holds the r-th of W chunks.
     return_lse : bool
         Also return the log-sum-exp (not differentiable).
     impl : {"auto", "sdpa", "cudnn", "flash", "efficient", "torch"}
@@ -341,11 +374,13 @@ def ring_attention(
         that runs the call (cuDNN, then FlashAttention-2, then memory-efficient on CUDA; PyTorch's flash
         kernel on CPU) and plain torch for float64; ``"sdpa"`` the same among fused kernels only.
     backend : str
-        Row-merge backend of ``ringattn.backends.for_device`` ("auto": the device's fused one).
+        Row-merge backend of ``ringattn.backends.for_device`` (``"auto"``: the device's fused one once every
+        rank has it ready, the same on every rank and step: Note [one merge backend per ring] in ``checks.py``).
 
     Returns
     -------
-    out : Tensor, shape and layout of q, q's dtype (contiguous in BSND order)
+    out : Tensor, shape and layout of q, q's dtype (the autocast dtype under ``torch.autocast``, Note [autocast]
+        in ``_amp.py``), contiguous in BSND order
     lse : Tensor ``(B, N, S_local)``, natural log of the sum of ``exp(scaled score)`` over all keys
         each query sees (``-inf`` for a query that sees none); float32 (float64 for float64 inputs). Only
         with ``return_lse=True``.
@@ -353,14 +388,24 @@ def ring_attention(
     Raises
     ------
     ShapeError, DTypeError, DeviceError, LayoutError, BackendError, ConfigError
-        On every rank of the group, when any rank's inputs or options are invalid or ranks disagree on
-        shapes, dtypes, device types, options, ``softmax_scale`` or on whether a backward will run
-        (checked with one small all_gather before any transfer).
+        On every rank of the group, when any rank's inputs or options are invalid (``layout`` not given
+        included) or ranks disagree on shapes, dtypes, device types, options, ``softmax_scale`` or on whether a
+        backward will run (checked with one small all_gather before any transfer).
+    AutogradError
+        A double backward (``create_graph=True`` through the ring).
     """
-    comm = _comm if _comm is not None else RingComm(group)
     options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend)
-    q, k, v, cfg = prepare(q, k, v, options, comm)
-    out, lse = _RingAttention.apply(q, k, v, cfg)
-    if layout == "BNSD":
+    return run_ring(q, k, v, RingComm(group), options, return_lse=return_lse)
+
+
+def run_ring(
+    q: Any, k: Any, v: Any, comm: Any, options: RingOptions, *, return_lse: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ring_attention` over ``comm`` (a ``RingComm``, or a test double of its interface)."""
+    q, k, v = _amp.cast_inputs(q, k, v)
+    with _amp.autocast_off(q, k, v):
+        q4, k4, v4, cfg = prepare(q, k, v, options, comm)
+        out, lse = _RingAttention.apply(q4, k4, v4, cfg)
+    if options.layout == "BNSD":
         out = _heads_first(out)
     return (out, lse) if return_lse else out

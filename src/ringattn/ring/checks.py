@@ -27,6 +27,7 @@ _LAYOUT_CODES = (*LAYOUTS, "TND")  # code 2: the packed layout of ``ring_attenti
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPES = (*ATTN_DTYPES, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64)
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "meta")
+MERGE_BACKENDS = tuple(n for n in backends.BACKEND_NAMES if n != "reference")  # the ring's ``backend`` choices
 _MAX_DIMS = 4
 _NAMES = ("q", "k", "v")
 # Row layout per tensor: is_tensor, ndim, 4 sizes (-1 padded), dtype code, device type code.
@@ -36,7 +37,7 @@ _CHOICES = (
     ("layout", LAYOUTS, LayoutError),
     ("sharding", SHARDINGS, LayoutError),
     ("impl", IMPLS, BackendError),
-    ("backend", tuple(n for n in backends.BACKEND_NAMES if n != "reference"), BackendError),
+    ("backend", MERGE_BACKENDS, BackendError),
     ("causal", (False, True), ConfigError),
 )
 # After the choices: softmax_scale as (kind, bits) with kind 0 = default, 1 = a float, -1 = invalid; then
@@ -44,7 +45,20 @@ _CHOICES = (
 # the cu_seqlens fields of :func:`inspect_cu_seqlens` (Note [packed zigzag] in ``schedule.py``).
 _SCALE_AT = len(_CHOICES)  # in the options part of a row
 _GRAD_AT = _SCALE_AT + 2
-_CU_AT = _GRAD_AT + 1
+_MERGE_AT = _GRAD_AT + 1  # the row-merge backend this rank could run now (Note [one merge backend per ring])
+_CU_AT = _MERGE_AT + 1
+
+# Note [one merge backend per ring]
+# ---------------------------------
+# ``backend="auto"`` on CPU runs the portable torch merge until numba has compiled the fused kernel for the call's
+# argument types, then the fused one (Note [cold start] in ``backends/_warm.py``). The two agree within the
+# tolerances but not always to the last bit, so ranks that switched at different calls (they compile at different
+# speeds) would hold results that are not the same function of their inputs. Each rank therefore reports, in the
+# check table, the backend it could run now (:func:`~ringattn.ring.attention.local_merge_backend`: a one-row probe
+# merge in the ring's argument types, which also queues the compile), and the call runs the fused backend only where
+# every rank reported it (:func:`agreed_merge_backend`), else torch: one backend for every rank and every step of a
+# call. Under ``torch.use_deterministic_algorithms(True)`` ``auto`` never switches at all: it waits for the fused
+# kernel from the first call (``backends._auto_backend``), so two runs of one script are bitwise equal.
 
 
 def _encode_tensor(x: Any) -> list[int]:
@@ -78,18 +92,28 @@ def _decode_scale(kind: int, bits: int) -> float | None:
 
 
 def encode(
-    q: Any, k: Any, v: Any, options: Any, *, needs_grad: bool, cu_seqlens: Any = None, world_size: int = 1
+    q: Any,
+    k: Any,
+    v: Any,
+    options: Any,
+    *,
+    needs_grad: bool,
+    merge: str | None = None,
+    cu_seqlens: Any = None,
+    world_size: int = 1,
 ) -> list[int]:
     """This rank's row of the check table; ``options`` is a :class:`RingOptions` (any values, valid or not).
 
-    With ``cu_seqlens`` (the packed ring; pass ``world_size`` too) the layout is the packed ``(T_local, N, D)``
-    and the row ends with the fields of :func:`inspect_cu_seqlens`.
+    ``merge`` is the row-merge backend this rank could run now (Note [one merge backend per ring]), None when
+    unknown. With ``cu_seqlens`` (the packed ring; pass ``world_size`` too) the layout is the packed
+    ``(T_local, N, D)`` and the row ends with the fields of :func:`inspect_cu_seqlens`.
     """
     row = [v_ for x in (q, k, v) for v_ in _encode_tensor(x)]
     choices = [_index(getattr(options, name), allowed) for name, allowed, _ in _CHOICES]
     if cu_seqlens is not None:
         choices[0] = _LAYOUT_CODES.index("TND")
-    row = [*row, *choices, *_encode_scale(options.softmax_scale), int(needs_grad)]
+    merge_code = backends.BACKEND_NAMES.index(merge) if merge in backends.BACKEND_NAMES else -1
+    row = [*row, *choices, *_encode_scale(options.softmax_scale), int(needs_grad), merge_code]
     return row if cu_seqlens is None else [*row, *inspect_cu_seqlens(cu_seqlens, world_size)]
 
 
@@ -164,18 +188,38 @@ def _options(row: Sequence[int]) -> list[int]:
     return list(row[3 * _FIELDS :])
 
 
+_LAYOUT_WANTED = (
+    "'BSND' for (B, S_local, N, D) tensors (flash-attn, transformers) or 'BNSD' for (B, N, S_local, D) "
+    "(F.scaled_dot_product_attention), stated by the caller: the shapes of one are valid shapes of the other"
+)
+
+
 def _check_options(row: Sequence[int], where: str, given: Any) -> None:
     codes = _options(row)
     for (name, allowed, error), code in zip(_CHOICES, codes, strict=False):
         if code < 0:
             got = repr(getattr(given, name)) if given is not None else "another value on that rank"
-            raise error(expected(name + where, f"one of {', '.join(map(repr, allowed))}", got))
+            want = _LAYOUT_WANTED if name == "layout" else f"one of {', '.join(map(repr, allowed))}"
+            raise error(expected(name + where, want, got))
     if codes[_SCALE_AT] < 0:
         got = repr(given.softmax_scale) if given is not None else "another value on that rank"
         raise ConfigError(expected("softmax_scale" + where, "None or a finite float", got))
 
 
-def _check_tensors(row: Sequence[int], where: str) -> None:
+def _check_tensors(row: Sequence[int], where: str, world_size: int) -> None:
+    try:
+        _check_tensor_fields(row, where, world_size)
+    except ShapeError as error:
+        layout = _LAYOUT_CODES[_options(row)[0]]
+        if layout == "TND":
+            raise
+        other = "BNSD" if layout == "BSND" else "BSND"
+        raise ShapeError(
+            f"{error} (read as layout={layout!r}; tensors laid out otherwise need layout={other!r})"
+        ) from None
+
+
+def _check_tensor_fields(row: Sequence[int], where: str, world_size: int) -> None:
     q, k, v = (_fields(row, i) for i in range(3))
     layout = _LAYOUT_CODES[_options(row)[0]]
     causal, sharding = bool(_options(row)[4]), SHARDINGS[_options(row)[1]]
@@ -209,7 +253,7 @@ def _check_tensors(row: Sequence[int], where: str) -> None:
         if layout == "TND":  # k and v are sharded like q (Note [packed zigzag])
             raise ShapeError(expected("k" + where, f"{q[2][seq]} tokens like q (packed shards)", k[2][seq]))
         raise ShapeError(expected("k" + where, f"local sequence length {q[2][seq]} like q (causal)", k[2][seq]))
-    if causal and sharding == "zigzag" and layout != "TND" and q[2][seq] % 2:
+    if causal and sharding == "zigzag" and layout != "TND" and world_size > 1 and q[2][seq] % 2:
         raise ShapeError(
             expected("q" + where, "an even local sequence length (causal zigzag holds two chunks)", q[2][seq])
         )
@@ -239,6 +283,14 @@ def _check_cu_seqlens(row: Sequence[int], where: str, world_size: int) -> None:
         )
 
 
+def agreed_merge_backend(table: Sequence[Sequence[int]]) -> str:
+    """The row-merge backend every rank runs (Note [one merge backend per ring]): the one all ranks reported, else
+    the portable ``torch``."""
+    codes = {_options(row)[_MERGE_AT] for row in table}
+    code = codes.pop() if len(codes) == 1 else -1
+    return backends.BACKEND_NAMES[code] if code >= 0 else "torch"
+
+
 def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
     """Raise the first problem in the gathered table, the same on every rank: a rank's options, then its
     inputs, then disagreement with rank 0. ``given`` (this rank's options) only makes messages name the bad
@@ -247,7 +299,7 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
     for rank, row in enumerate(table):
         _check_options(row, f" (rank {rank})" if many else "", None if many else given)
     for rank, row in enumerate(table):
-        _check_tensors(row, f" (rank {rank})" if many else "")
+        _check_tensors(row, f" (rank {rank})" if many else "", len(table))
     for rank, row in enumerate(table):
         if _options(row)[_CU_AT:]:
             _check_cu_seqlens(row, f" (rank {rank})" if many else "", len(table))

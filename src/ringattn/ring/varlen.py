@@ -34,8 +34,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import _amp
 from . import blocks, checks
-from .attention import RingConfig, RingOptions, _RingAttention, add_slice_gradients, attend_slices, opaque_to_compile
+from .attention import (
+    RingConfig,
+    RingOptions,
+    _RingAttention,
+    add_slice_gradients,
+    attend_slices,
+    local_merge_backend,
+    opaque_to_compile,
+)
 from .blocks import ATEN, KERNELS, compute_dtype, resolve_impl
 from .comm import RingComm
 from .schedule import PackedBlock, packed_step_blocks
@@ -143,13 +152,17 @@ def prepare_varlen(
     return ``(1, T_local, N, D)`` views and the :class:`RingConfig` with its :class:`PackedPlan`."""
     if needs_grad is None:
         needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
-    row = checks.encode(q, k, v, options, needs_grad=needs_grad, cu_seqlens=cu_seqlens, world_size=comm.world_size)
-    checks.check_table(comm.all_gather_ints(row), options)
+    merge = local_merge_backend(q, options.backend)
+    row = checks.encode(
+        q, k, v, options, needs_grad=needs_grad, merge=merge, cu_seqlens=cu_seqlens, world_size=comm.world_size
+    )
+    table = comm.all_gather_ints(row)
+    checks.check_table(table, options)
     lengths = document_lengths(cu_seqlens)
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_packed_impl(options.impl, q.device, q.dtype, q.shape[-1])
     plan = PackedPlan(lengths, bool(options.causal), impl, q.device)
-    cfg = RingConfig(float(scale), impl, options.backend, comm, plan)
+    cfg = RingConfig(float(scale), impl, checks.agreed_merge_backend(table), comm, plan)
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
 
@@ -167,7 +180,6 @@ def ring_attention_varlen(
     return_lse: bool = False,
     impl: str = "auto",
     backend: str = "auto",
-    _comm: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a packed batch of documents, sequence-parallel over the ranks of ``group``.
 
@@ -178,7 +190,9 @@ def ring_attention_varlen(
     of TransformerEngine's THD layout, balanced whatever the lengths). Slots past a document's end are padding:
     they attend to nothing (output 0, LSE ``-inf``) and nothing attends to them (zero gradients). A ring of one
     (no process group) uses the same layout with ``W = 1`` (a document of odd length gets one padding slot).
-    Differentiable in q, k and v. For every rank in one process, see :func:`ringattn.simulate_ring_attention`.
+    Differentiable in q, k and v (first order: a double backward raises AutogradError). Under ``torch.autocast``, q,
+    k, v are cast as SDPA casts them (Note [autocast] in ``_amp.py``). For every rank in one process, see
+    :func:`ringattn.simulate_ring_attention`.
 
     Parameters
     ----------
@@ -220,8 +234,16 @@ def ring_attention_varlen(
         per rank, on another device) or ranks disagree (shapes, dtypes, devices, options, ``cu_seqlens`` values,
         whether a backward will run); checked with one small all_gather before any transfer.
     """
-    comm = _comm if _comm is not None else RingComm(group)
     options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
-    q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm)
-    out, lse = _RingAttention.apply(q4, k4, v4, cfg)
+    return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse)
+
+
+def run_ring_varlen(
+    q: Any, k: Any, v: Any, cu_seqlens: Any, comm: Any, options: RingOptions, *, return_lse: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ring_attention_varlen` over ``comm`` (a ``RingComm``, or a test double of its interface)."""
+    q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
+    with _amp.autocast_off(q, k, v):
+        q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm)
+        out, lse = _RingAttention.apply(q4, k4, v4, cfg)
     return (out[0], lse[0]) if return_lse else out[0]

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ShapeError, expected
+from .. import _amp
+from ..errors import ConfigError, ShapeError, expected, refuse_double_backward
 from .attention import RingOptions, _heads_first, opaque_to_compile, prepare, ring_backward, ring_forward
 from .comm import Pending
 from .schedule import next_rank, packed_local_offsets
@@ -205,11 +206,16 @@ class _Plan:
         return prepare_varlen(q, k, v, self.cu_seqlens, self.options, comm, needs_grad=needs_grad)
 
 
+def _sharding(plan: _Plan) -> str:
+    """The cut of the sequence: a ring of one holds it whole and in order, whatever the sharding (any length)."""
+    return plan.options.sharding if plan.world_size > 1 else "contiguous"
+
+
 def _shards(x: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
     if plan.cu_seqlens is not None:
         return [shard_packed(x, plan.cu_seqlens, r, plan.world_size) for r in range(plan.world_size)]
     return [
-        shard_sequence(x, r, plan.world_size, sharding=plan.options.sharding, dim=plan.seq_dim)
+        shard_sequence(x, r, plan.world_size, sharding=_sharding(plan), dim=plan.seq_dim)
         for r in range(plan.world_size)
     ]
 
@@ -218,7 +224,7 @@ def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
     """The full sequence from the ring's ``(B, S_local, ...)`` results (packed: ``B = 1``, dropped here)."""
     if plan.cu_seqlens is not None:
         return unshard_packed(shards, plan.cu_seqlens, dim=dim).squeeze(0)
-    return unshard_sequence(shards, sharding=plan.options.sharding, dim=dim)
+    return unshard_sequence(shards, sharding=_sharding(plan), dim=dim)
 
 
 class _VirtualRing(torch.autograd.Function):
@@ -244,6 +250,7 @@ class _VirtualRing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
+        refuse_double_backward("simulate_ring_attention")
         plan = ctx.plan
         douts = _shards(dout, plan)
 
@@ -271,7 +278,7 @@ def simulate_ring_attention(
     world_size: int,
     causal: bool | None = None,
     softmax_scale: float | None = None,
-    layout: str = "BSND",
+    layout: str | None = None,
     sharding: str = "zigzag",
     return_lse: bool = False,
     impl: str = "auto",
@@ -290,13 +297,17 @@ def simulate_ring_attention(
     ----------
     q, k, v : Tensor ``(B, S, N, D)`` / ``(B, S, Nkv, D)`` (layout ``"BSND"``) or ``(B, N, S, D)`` (``"BNSD"``)
         The whole sequence; as :func:`ringattn.ring_attention` takes them otherwise. ``S`` must be a multiple
-        of ``2 * world_size`` (zigzag) or ``world_size`` (contiguous).
+        of ``2 * world_size`` (zigzag, ``world_size > 1``) or ``world_size`` (contiguous, or a ring of one). Under
+        ``torch.autocast`` q, k, v are cast as SDPA casts them (Note [autocast] in ``_amp.py``). First-order
+        gradients only (a double backward raises AutogradError).
     world_size : int
         Number of virtual ranks, >= 1.
     causal : bool, optional
         As in the function simulated; default (None) its default: False for :func:`ringattn.ring_attention`, True
         for :func:`ringattn.ring_attention_varlen` (with ``cu_seqlens``).
-    softmax_scale, layout, sharding, impl, backend
+    layout : {"BSND", "BNSD"}
+        Required for dense inputs, as in :func:`ringattn.ring_attention`; not used with ``cu_seqlens``.
+    softmax_scale, sharding, impl, backend
         As in :func:`ringattn.ring_attention`.
     return_lse : bool
         Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
@@ -320,6 +331,13 @@ def simulate_ring_attention(
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
+    q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
+    with _amp.autocast_off(q, k, v):
+        return _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend,
+                         cu_seqlens)  # fmt: skip
+
+
+def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend, cu_seqlens):
     if cu_seqlens is not None:
         causal = True if causal is None else causal
         return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend)
@@ -327,8 +345,8 @@ def simulate_ring_attention(
     # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
     # checks its shard again through the all-gather, as real ranks do.
     prepare(q, k, v, options, _SoloComm(), needs_grad=False)
-    seq_dim = 1 if layout == "BSND" else 2
-    chunks = 2 * world_size if sharding == "zigzag" else world_size
+    seq_dim = 1 if options.layout == "BSND" else 2
+    chunks = 2 * world_size if sharding == "zigzag" and world_size > 1 else world_size
     for name, x in (("q", q), ("k", k)):
         if x.shape[seq_dim] % chunks:
             raise ShapeError(
