@@ -154,6 +154,9 @@ def _check_positions(position_ids: Any, local: int, state: _RingState, cu_seqlen
     if cu_seqlens is not None:
         want = packed_shard_info(cu_seqlens, rank, world).position_ids.unsqueeze(0)
         what = f"the positions of this rank's slots of the packed batch (rank {rank} of {world})"
+    elif world == 1:  # a ring of one holds the whole sequence in order: any length (model.generate's too)
+        want = torch.arange(local, device=got.device).unsqueeze(0)
+        what = f"the positions 0..{local - 1} of the whole sequence (a ring of one)"
     elif local % 2 == 0:
         want = _zigzag_positions(local * world, rank, world, got.device)
         what = f"this rank's zigzag shard of the global positions 0..{local * world - 1} (rank {rank} of {world})"
