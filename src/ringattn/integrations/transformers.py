@@ -41,8 +41,9 @@ either done right by construction or raises:
   values and changes nothing;
 * ``ring_attention``'s ``causal=False`` default: the integration always passes ``causal=True`` and refuses
   non-causal (encoder) attention modules;
-* attention dropout, sliding windows, logit soft-capping, attention sinks, a KV cache holding earlier tokens, and
-  any explicit mask raise: the ring computes plain causal attention and nothing else.
+* attention dropout, sliding windows, logit soft-capping, a KV cache holding earlier tokens, and any explicit mask
+  raise: the ring computes causal attention, with the model's attention sinks (``s_aux``, GPT-OSS) if it has them,
+  and nothing else.
 
 Note [torch.compile]
 --------------------
@@ -113,7 +114,6 @@ IGNORE_INDEX = -100
 _UNSUPPORTED_KWARGS = {
     "sliding_window": "a sliding window",
     "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
 }
 
 
@@ -230,12 +230,14 @@ def ring_attention_forward(
             )
     cu_seqlens = kwargs.get(CU_SEQLENS_KEY)
     _check_positions(kwargs.get("position_ids"), query.shape[2], state, cu_seqlens)
+    sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks: one logit per head (Note [attention sinks])
     if cu_seqlens is None:
-        out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD")
+        out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD",
+                             sinks=sinks)  # fmt: skip
         return out.transpose(1, 2), None
     # A packed row (B = 1): the varlen ring, documents never attending to each other.
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group)
+    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group, sinks=sinks)
     return out.unsqueeze(0), None
 
 

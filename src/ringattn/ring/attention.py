@@ -153,11 +153,12 @@ def add_slice_gradients(do, q, k, v, out, lse, qs: slice, ks: slice, causal: boo
 
 
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig, sinks: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ring pass on ``(B, S_local, N, D)`` tensors -> ``(out (B, S, N, D), lse (B, N, S))``.
 
-    ``out`` has q's dtype; ``lse`` (natural log) has the accumulation dtype (float32, float64 for float64).
+    ``out`` has q's dtype; ``lse`` (natural log) has the accumulation dtype (float32, float64 for float64). With
+    ``sinks`` (``(N,)``), both include them (Note [attention sinks]).
     """
     comm, world, plan = cfg.comm, cfg.comm.world_size, cfg.plan
     c = compute_dtype(q.dtype)
@@ -186,7 +187,41 @@ def ring_forward(
             pending.wait()
             kv = kv_next
             k_blk, v_blk = _unpack_kv(kv, k.shape)
+    if sinks is not None:
+        merge_sinks(merge, acc_o, acc_lse, sinks)
     return acc_o.to(q.dtype), acc_lse
+
+
+# Note [attention sinks]
+# ----------------------
+# A sink (GPT-OSS's ``s_aux``) is one more logit per head in every row's softmax, carrying no value: with ``sink_n``
+# the row's LSE becomes ``lse' = logaddexp(lse, sink_n)`` and its output ``out * exp(lse - lse')``. That is a merge
+# with a part whose LSE is ``sink_n`` and whose output is 0, so the ring's last merge adds it to the float32
+# accumulators through the row-merge backend (:func:`merge_sinks`, the zero part a stride-0 view). Backward: with
+# the FINAL ``out'`` and ``lse'``, every block's ``P = exp(s - lse')`` and ``delta = rowsum(dout * out')`` are those
+# of the softmax over keys and sink, so ``ring_backward`` is exact for q, k, v unchanged, and the sink's own gradient
+# is the score gradient of a key whose value is 0: ``d sink_n = -sum over rows of exp(sink_n - lse') * delta``
+# (:func:`sink_gradient`). Each rank returns its own rows' share, like the gradient of any parameter of a
+# context-parallel model: the gradient sum over the group (``reduce_gradients`` of the transformers integration,
+# DDP, FSDP) adds the ranks' shares; the virtual ring returns the total.
+
+
+def merge_sinks(merge: Any, acc_o: torch.Tensor, acc_lse: torch.Tensor, sinks: torch.Tensor) -> None:
+    """Add the sink logits ``(N,)`` to the accumulators ``acc_o (B, S, N, D)``, ``acc_lse (B, N, S)`` in place."""
+    b, s, n, _ = acc_o.shape
+    no_value = acc_o.new_zeros(()).expand(acc_o.shape)
+    sink_rows = sinks.detach().to(acc_lse.dtype).view(1, 1, n, 1).expand(b, s, n, 1)
+    lse_rows = _stats_rows(acc_lse)
+    merge.merge_rows([acc_o, no_value], [lse_rows, sink_rows], None, acc_o, lse_rows, None)
+
+
+def sink_gradient(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the sinks' gradient (Note [attention sinks]): ``dout, out (B, S, N, D)`` final, ``lse
+    (B, N, S)`` final (sinks included)."""
+    c = lse.dtype
+    delta = (dout.to(c) * out.to(c)).sum(-1).transpose(1, 2)  # (B, N, S)
+    p_sink = torch.exp(sinks.detach().to(c).view(1, -1, 1) - lse)
+    return -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
 
 
 def ring_backward(
@@ -236,9 +271,11 @@ def ring_backward(
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: RingConfig) -> Any:
-        out, lse = ring_forward(q, k, v, cfg)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None, cfg: RingConfig
+    ) -> Any:
+        out, lse = ring_forward(q, k, v, cfg, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.cfg = cfg
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -246,22 +283,26 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
         refuse_double_backward("ring attention")
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         with _amp.autocast_off(q):
             dq, dk, dv = ring_backward(dout, q, k, v, out, lse, ctx.cfg)
-        return dq, dk, dv, None
+            dsinks = sink_gradient(dout, out, lse, sinks) if sinks is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None
 
 
 def prepare(
-    q: Any, k: Any, v: Any, options: RingOptions, comm: Any, *, needs_grad: bool | None = None
+    q: Any, k: Any, v: Any, options: RingOptions, comm: Any, *, needs_grad: bool | None = None, sinks: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RingConfig]:
     """Validate one rank's call on every rank (one all-gather) and return its ``(B, S_local, N, D)`` views and
     :class:`RingConfig`. ``needs_grad`` (default: grad mode on and an input requiring grad) is compared across
     ranks: a rank that skipped the backward would leave the others blocked in it."""
     if needs_grad is None:
-        needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, sinks)
+        )
     merge = local_merge_backend(q, options.backend)
-    table = comm.all_gather_ints(checks.encode(q, k, v, options, needs_grad=needs_grad, merge=merge))
+    row = checks.encode(q, k, v, options, needs_grad=needs_grad, merge=merge, sinks=sinks)
+    table = comm.all_gather_ints(row)
     checks.check_table(table, options)
     if options.layout == "BNSD":
         q, k, v = (_heads_first(x) for x in (q, k, v))
@@ -337,6 +378,7 @@ def ring_attention(
     return_lse: bool = False,
     impl: str = "auto",
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of this rank's queries over the keys/values of every rank of ``group``.
 
@@ -376,6 +418,10 @@ def ring_attention(
     backend : str
         Row-merge backend of ``ringattn.backends.for_device`` (``"auto"``: the device's fused one once every
         rank has it ready, the same on every rank and step: Note [one merge backend per ring] in ``checks.py``).
+    sinks : Tensor ``(N,)``, optional
+        Attention sinks (GPT-OSS): one learned logit per query head added to every row's softmax, with no value
+        (Note [attention sinks]); floating, q's device, the same on every rank. Differentiable: each rank's gradient
+        is its own rows' share (the gradient sum over the group adds them, as for every parameter).
 
     Returns
     -------
@@ -395,17 +441,17 @@ def ring_attention(
         A double backward (``create_graph=True`` through the ring).
     """
     options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend)
-    return run_ring(q, k, v, RingComm(group), options, return_lse=return_lse)
+    return run_ring(q, k, v, RingComm(group), options, return_lse=return_lse, sinks=sinks)
 
 
 def run_ring(
-    q: Any, k: Any, v: Any, comm: Any, options: RingOptions, *, return_lse: bool = False
+    q: Any, k: Any, v: Any, comm: Any, options: RingOptions, *, return_lse: bool = False, sinks: Any = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention` over ``comm`` (a ``RingComm``, or a test double of its interface)."""
     q, k, v = _amp.cast_inputs(q, k, v)
     with _amp.autocast_off(q, k, v):
-        q4, k4, v4, cfg = prepare(q, k, v, options, comm)
-        out, lse = _RingAttention.apply(q4, k4, v4, cfg)
+        q4, k4, v4, cfg = prepare(q, k, v, options, comm, sinks=sinks)
+        out, lse = _RingAttention.apply(q4, k4, v4, sinks, cfg)
     if options.layout == "BNSD":
         out = _heads_first(out)
     return (out, lse) if return_lse else out

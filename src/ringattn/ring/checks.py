@@ -46,7 +46,8 @@ _CHOICES = (
 _SCALE_AT = len(_CHOICES)  # in the options part of a row
 _GRAD_AT = _SCALE_AT + 2
 _MERGE_AT = _GRAD_AT + 1  # the row-merge backend this rank could run now (Note [one merge backend per ring])
-_CU_AT = _MERGE_AT + 1
+_SINKS_AT = _MERGE_AT + 1  # the sinks tensor's fields (``_encode_tensor``), all 0 / -1 without sinks
+_CU_AT = _SINKS_AT + _FIELDS
 
 # Note [one merge backend per ring]
 # ---------------------------------
@@ -99,6 +100,7 @@ def encode(
     *,
     needs_grad: bool,
     merge: str | None = None,
+    sinks: Any = None,
     cu_seqlens: Any = None,
     world_size: int = 1,
 ) -> list[int]:
@@ -114,6 +116,7 @@ def encode(
         choices[0] = _LAYOUT_CODES.index("TND")
     merge_code = backends.BACKEND_NAMES.index(merge) if merge in backends.BACKEND_NAMES else -1
     row = [*row, *choices, *_encode_scale(options.softmax_scale), int(needs_grad), merge_code]
+    row += _encode_tensor(sinks) if sinks is not None else [-1, *([-1] * (_FIELDS - 1))]
     return row if cu_seqlens is None else [*row, *inspect_cu_seqlens(cu_seqlens, world_size)]
 
 
@@ -259,6 +262,27 @@ def _check_tensor_fields(row: Sequence[int], where: str, world_size: int) -> Non
         )
 
 
+def _check_sinks(row: Sequence[int], where: str) -> None:
+    """``sinks``: absent (marker -1), or a 1-D floating tensor of q's head count on q's device type."""
+    fields = _options(row)[_SINKS_AT : _SINKS_AT + _FIELDS]
+    if fields[0] == -1:
+        return
+    name = "sinks" + where
+    is_tensor, ndim, *rest = fields
+    sizes, dtype, device = rest[:_MAX_DIMS], rest[_MAX_DIMS], rest[_MAX_DIMS + 1]
+    q = _fields(row, 0)
+    heads = q[2][1] if _LAYOUT_CODES[_options(row)[0]] in ("TND", "BNSD") else q[2][2]
+    if not is_tensor:
+        raise DTypeError(expected(name, "None or a torch.Tensor of one logit per query head", "a non-tensor"))
+    if ndim != 1 or sizes[0] != heads:
+        raise ShapeError(expected(name, f"shape ({heads},): one logit per query head", f"shape {tuple(sizes[:ndim])}"))
+    dtype_name = str(_DTYPES[dtype]) if dtype >= 0 else "an unsupported dtype"
+    if dtype_name not in map(str, ATTN_DTYPES):
+        raise DTypeError(expected(name, "float16, bfloat16, float32 or float64", dtype_name))
+    if device < 0 or _DEVICE_TYPES[device] != q[4]:
+        raise DeviceError(expected(name, f"a {q[4]} tensor like q", _DEVICE_TYPES[device] if device >= 0 else "other"))
+
+
 def _check_cu_seqlens(row: Sequence[int], where: str, world_size: int) -> None:
     fields = _options(row)[_CU_AT:]
     error = cu_seqlens_error(fields, where)
@@ -300,6 +324,7 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
         _check_options(row, f" (rank {rank})" if many else "", None if many else given)
     for rank, row in enumerate(table):
         _check_tensors(row, f" (rank {rank})" if many else "", len(table))
+        _check_sinks(row, f" (rank {rank})" if many else "")
     for rank, row in enumerate(table):
         if _options(row)[_CU_AT:]:
             _check_cu_seqlens(row, f" (rank {rank})" if many else "", len(table))
@@ -325,6 +350,8 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
             raise ConfigError(expected(f"softmax_scale (rank {rank})", f"{scale0!r} as on rank 0", repr(scale)))
         if mine[_CU_AT:] and theirs[-1] != mine[-1]:
             raise ConfigError(expected(f"cu_seqlens (rank {rank})", "the same values as on rank 0", "other values"))
+        if theirs[_SINKS_AT : _SINKS_AT + _FIELDS] != mine[_SINKS_AT : _SINKS_AT + _FIELDS]:
+            raise ConfigError(expected(f"sinks (rank {rank})", "the same shape and dtype as on rank 0", "others"))
         if theirs[_GRAD_AT] != mine[_GRAD_AT]:
             want_grad, got_grad = ("a", "no") if mine[_GRAD_AT] else ("no", "a")
             raise ConfigError(

@@ -146,16 +146,27 @@ def _gather_index(starts: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[np
 
 
 def prepare_varlen(
-    q: Any, k: Any, v: Any, cu_seqlens: Any, options: RingOptions, comm: Any, *, needs_grad: bool | None = None
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    options: RingOptions,
+    comm: Any,
+    *,
+    needs_grad: bool | None = None,
+    sinks: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RingConfig]:
     """``attention.prepare`` for packed shards: validate on every rank (one all-gather, cu_seqlens included) and
     return ``(1, T_local, N, D)`` views and the :class:`RingConfig` with its :class:`PackedPlan`."""
     if needs_grad is None:
-        needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, sinks)
+        )
     merge = local_merge_backend(q, options.backend)
     row = checks.encode(
-        q, k, v, options, needs_grad=needs_grad, merge=merge, cu_seqlens=cu_seqlens, world_size=comm.world_size
-    )
+        q, k, v, options, needs_grad=needs_grad, merge=merge, sinks=sinks, cu_seqlens=cu_seqlens,
+        world_size=comm.world_size,
+    )  # fmt: skip
     table = comm.all_gather_ints(row)
     checks.check_table(table, options)
     lengths = document_lengths(cu_seqlens)
@@ -180,6 +191,7 @@ def ring_attention_varlen(
     return_lse: bool = False,
     impl: str = "auto",
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a packed batch of documents, sequence-parallel over the ranks of ``group``.
 
@@ -218,6 +230,9 @@ def ring_attention_varlen(
         per document (Note [packed blocks] in ``ring/varlen.py``).
     backend : str
         Row-merge backend of ``ringattn.backends.for_device`` (``"auto"``: the device's fused one).
+    sinks : Tensor ``(N,)``, optional
+        Attention sinks, as in :func:`ringattn.ring_attention` (a padding slot's LSE is then the sink: its output
+        stays 0 and its gradients 0).
 
     Returns
     -------
@@ -235,15 +250,23 @@ def ring_attention_varlen(
         whether a backward will run); checked with one small all_gather before any transfer.
     """
     options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
-    return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse)
+    return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse, sinks=sinks)
 
 
 def run_ring_varlen(
-    q: Any, k: Any, v: Any, cu_seqlens: Any, comm: Any, options: RingOptions, *, return_lse: bool = False
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    comm: Any,
+    options: RingOptions,
+    *,
+    return_lse: bool = False,
+    sinks: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention_varlen` over ``comm`` (a ``RingComm``, or a test double of its interface)."""
     q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
     with _amp.autocast_off(q, k, v):
-        q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm)
-        out, lse = _RingAttention.apply(q4, k4, v4, cfg)
+        q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm, sinks=sinks)
+        out, lse = _RingAttention.apply(q4, k4, v4, sinks, cfg)
     return (out[0], lse[0]) if return_lse else out[0]

@@ -31,7 +31,15 @@ import torch
 
 from .. import _amp
 from ..errors import ConfigError, ShapeError, expected, refuse_double_backward
-from .attention import RingOptions, _heads_first, opaque_to_compile, prepare, ring_backward, ring_forward
+from .attention import (
+    RingOptions,
+    _heads_first,
+    opaque_to_compile,
+    prepare,
+    ring_backward,
+    ring_forward,
+    sink_gradient,
+)
 from .comm import Pending
 from .schedule import next_rank, packed_local_offsets
 from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
@@ -199,11 +207,11 @@ class _Plan:
     seq_dim: int  # of the caller's layout
     cu_seqlens: torch.Tensor | None = None  # a packed batch (T, N, D): per-document zigzag shards
 
-    def prepare(self, q, k, v, comm, needs_grad: bool):
+    def prepare(self, q, k, v, comm, needs_grad: bool, sinks=None):
         """One rank's ``prepare`` (dense) or ``prepare_varlen`` (packed): ``(B, S_local, N, D)`` views and config."""
         if self.cu_seqlens is None:
-            return prepare(q, k, v, self.options, comm, needs_grad=needs_grad)
-        return prepare_varlen(q, k, v, self.cu_seqlens, self.options, comm, needs_grad=needs_grad)
+            return prepare(q, k, v, self.options, comm, needs_grad=needs_grad, sinks=sinks)
+        return prepare_varlen(q, k, v, self.cu_seqlens, self.options, comm, needs_grad=needs_grad, sinks=sinks)
 
 
 def _sharding(plan: _Plan) -> str:
@@ -229,18 +237,21 @@ def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
 
 class _VirtualRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, needs_grad: bool) -> Any:
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Any, plan: _Plan, needs_grad: bool
+    ) -> Any:
         shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
 
         def rank_forward(comm: VirtualComm):
-            q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad)
-            out, lse = ring_forward(q_r, k_r, v_r, cfg)
+            q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad, sinks)
+            out, lse = ring_forward(q_r, k_r, v_r, cfg, sinks)
             return (q_r, k_r, v_r, out, lse), cfg
 
         results = run_virtual_ranks(plan.world_size, rank_forward)
         ctx.saved = [saved for saved, _ in results]
         ctx.configs = [cfg for _, cfg in results]
         ctx.plan = plan
+        ctx.save_for_backward(sinks)
         out = _unshard([saved[3] for saved in ctx.saved], plan, dim=1)  # (B, S, N, D); packed (T, N, D)
         lse = _unshard([saved[4] for saved in ctx.saved], plan, dim=2)  # (B, N, S); packed (N, T)
         if plan.options.layout == "BNSD":
@@ -259,13 +270,16 @@ class _VirtualRing(torch.autograd.Function):
             do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
             do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
             cfg = dataclasses.replace(ctx.configs[comm.rank], comm=comm)
-            return ring_backward(do_r, q_r, k_r, v_r, out, lse, cfg)
+            grads = ring_backward(do_r, q_r, k_r, v_r, out, lse, cfg)
+            return (*grads, sink_gradient(do_r, out, lse, sinks) if sinks is not None else None)
 
+        (sinks,) = ctx.saved_tensors
         grads = run_virtual_ranks(plan.world_size, rank_backward)
         full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
         if plan.options.layout == "BNSD":
             full = [_heads_first(g) for g in full]
-        return (*full, None, None)
+        dsinks = torch.stack([g[3] for g in grads]).sum(0) if sinks is not None else None  # every rank's rows
+        return (*full, dsinks, None, None)
 
 
 @opaque_to_compile  # Note [ring under torch.compile] in attention.py
@@ -284,6 +298,7 @@ def simulate_ring_attention(
     impl: str = "auto",
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention of ``world_size`` virtual ranks in this process, on FULL-sequence tensors.
 
@@ -311,6 +326,8 @@ def simulate_ring_attention(
         As in :func:`ringattn.ring_attention`.
     return_lse : bool
         Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
+    sinks : Tensor ``(N,)``, optional
+        Attention sinks, as in :func:`ringattn.ring_attention`; the gradient is the total over every virtual rank.
     cu_seqlens : Tensor, optional
         A PACKED batch: q, k, v are ``(T, N, D)`` / ``(T, Nkv, D)``, documents end to end with cumulative lengths
         ``cu_seqlens`` (int64 ``[0, ..., T]``), and every rank runs :func:`ringattn.ring_attention_varlen` on its
@@ -334,17 +351,19 @@ def simulate_ring_attention(
     q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
     with _amp.autocast_off(q, k, v):
         return _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend,
-                         cu_seqlens)  # fmt: skip
+                         cu_seqlens, sinks)  # fmt: skip
 
 
-def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend, cu_seqlens):
+def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend, cu_seqlens,
+              sinks):  # fmt: skip
     if cu_seqlens is not None:
         causal = True if causal is None else causal
-        return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend)
+        return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend,
+                                sinks)  # fmt: skip
     options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend)
     # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
     # checks its shard again through the all-gather, as real ranks do.
-    prepare(q, k, v, options, _SoloComm(), needs_grad=False)
+    prepare(q, k, v, options, _SoloComm(), needs_grad=False, sinks=sinks)
     seq_dim = 1 if options.layout == "BSND" else 2
     chunks = 2 * world_size if sharding == "zigzag" and world_size > 1 else world_size
     for name, x in (("q", q), ("k", k)):
@@ -356,12 +375,12 @@ def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, retu
                     x.shape[seq_dim],
                 )
             )
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, seq_dim), needs_grad)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks))
+    out, lse = _VirtualRing.apply(q, k, v, sinks, _Plan(world_size, options, seq_dim), needs_grad)
     return (out, lse) if return_lse else out
 
 
-def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend):
+def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend, sinks):
     options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
     # The whole batch checked as a ring of one holding it all (cu_seqlens must end at T; its W = 1 slot count is
     # not asked of q), then every virtual rank checks its shard through the all-gather, as real ranks do.
@@ -378,9 +397,9 @@ def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, ret
         else x
         for x in (q, k, v)
     ]
-    prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, 0, cu_seqlens), needs_grad)
+    prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False, sinks=sinks)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks))
+    out, lse = _VirtualRing.apply(q, k, v, sinks, _Plan(world_size, options, 0, cu_seqlens), needs_grad)
     return (out, lse) if return_lse else out
 
 
