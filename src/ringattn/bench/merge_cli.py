@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
     parser.add_argument(
-        "--threads", type=_positive, default=None, help="CPU threads for torch and numba (default: torch's count)"
+        "--threads", type=_positive, default=None, help="CPU threads for torch and numba (default torch's count)"
     )
     parser.add_argument(
         "--repeats", type=_positive, default=None, help="timed calls per provider (default 7, or 3 with --quick)"
