@@ -1,12 +1,14 @@
 """Note [slow sweeps] in ``tests/conftest.py``: the `slow` sweeps stay out of a narrowed run unless it asks for them.
 
-Each case collects ``tests/test_bench.py`` (two slow tests, many others; collection only, nothing runs) in a fresh
-pytest process with the repository's own configuration, as the README's commands do.
+Each case collects ``tests/test_bench.py`` (three slow tests, many others; collection only, nothing runs) in a fresh
+pytest process with the repository's own configuration, with the options of a README command.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +31,26 @@ def _collected(*args: str) -> set[str]:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return {line for line in result.stdout.splitlines() if line.startswith("tests/")}
+
+
+def _readme_pytest_options() -> list[list[str]]:
+    """The options of every ``python -m pytest`` command in the README (paths and -q left out: collection is -q)."""
+    commands = re.findall(r"^python -m pytest([^#\n]*)", (ROOT / "README.md").read_text(), flags=re.M)
+    return [
+        [arg for arg in shlex.split(command) if not arg.startswith("tests/") and arg != "-q"] for command in commands
+    ]
+
+
+@pytest.mark.timeout(600)
+def test_every_readme_test_command_runs_the_slow_sweeps_exactly_when_it_names_them() -> None:
+    commands = _readme_pytest_options()
+    assert ["-m", "slow"] in commands and len(commands) >= 3  # the three of the Tests section at least
+    for options in commands:
+        collected = _collected(*options)
+        if "slow" in " ".join(options):
+            assert collected == SLOW_IN_BENCH, options
+        else:
+            assert collected and not collected & SLOW_IN_BENCH, options
 
 
 @pytest.mark.timeout(600)
