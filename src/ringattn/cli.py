@@ -21,7 +21,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ringattn`` parser: ``demo`` with its options, and ``bench`` (whose options its own parsers own)."""
-    parser = argparse.ArgumentParser(prog="ringattn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ringattn", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
