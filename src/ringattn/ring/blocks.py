@@ -232,9 +232,13 @@ def _groups_to_repeat(impl: str, q: torch.Tensor, k: torch.Tensor) -> int:
     return 1 if kernel is not None and kernel.native_gqa else q.shape[1] // k.shape[1]
 
 
-def _kernel_for(impl: str, sq: int, sk: int) -> str:
+def _kernel_for(impl: str, sq: int, sk: int, band: tuple[int, int] | None = None, cuda: bool = False) -> str:
     """``impl`` for a block of ``sq`` queries and ``sk`` keys: cuDNN's frontend refuses ``s_q = s_kv = 1``
-    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch."""
+    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch; so
+    do a window's band blocks on CUDA, whose dense fused kernels take no band (FlashAttention-2's window arguments
+    live on its varlen entry point, which has not run on a GPU here)."""
+    if band is not None and cuda:
+        return "torch"
     return "torch" if impl == "cudnn" and sq == sk == 1 else impl
 
 
@@ -249,18 +253,31 @@ def _sum_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx.reshape(b, n // groups, groups, s, d).sum(2)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def band_mask(sq: int, sk: int, band: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``(sq, sk)`` mask of a window's band (Note [windows] in ``schedule.py``): 0 where row i sees column j,
+    ``i + lo <= j <= i + hi``, else ``-inf``. The CPU flash kernel takes it (a boolean mask it refuses)."""
+    offset = torch.arange(sk, device=device) - torch.arange(sq, device=device).unsqueeze(1)
+    keep = (offset >= band[0]) & (offset <= band[1])
+    return torch.zeros((sq, sk), dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+
+
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, band: tuple[int, int] | None = None
+) -> torch.Tensor:
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu_(1)
         s.masked_fill_(mask, float("-inf"))
+    if band is not None:
+        s = s + band_mask(s.shape[-2], s.shape[-1], band, s.dtype, s.device)
     return s
 
 
-def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool):
+def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool, band=None):
     if not cuda:
         q, k, v = (_cpu_layout(x) for x in (q, k, v))
-        return ATEN["flash_cpu"](q, k, v, 0.0, causal, scale=scale)
+        mask = None if band is None else band_mask(q.shape[2], k.shape[2], band, q.dtype, q.device)
+        return ATEN["flash_cpu"](q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     q, k, v = (_kernel_layout(x) for x in (q, k, v))
     if kernel == "flash":
         return ATEN["flash_cuda"](q, k, v, 0.0, causal, False, scale=scale)[:2]
@@ -271,10 +288,11 @@ def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool)
     return o, lse[..., : q.shape[2]]
 
 
-def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool):
+def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool, band=None):
     if not cuda:  # the CPU kernel takes the LSE in the inputs' accumulation dtype, any strides
         do, q, k, v, out = (_cpu_layout(x) for x in (do, q, k, v, out))
-        return ATEN["flash_cpu_backward"](do, q, k, v, out, lse, 0.0, causal, scale=scale)
+        mask = None if band is None else band_mask(q.shape[2], k.shape[2], band, q.dtype, q.device)
+        return ATEN["flash_cpu_backward"](do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     lse = _lse_for_backward(lse, kernel)
     do, q, k, v, out = (_kernel_layout(x) for x in (do, q, k, v, out))
     # No dropout: the random-state tensors are never read. Dense inputs: no cumulative sequence lengths.
@@ -291,25 +309,35 @@ def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: s
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, impl: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    impl: str,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block attention: ``(o (B, N, Sq, D) in q's dtype, lse (B, N, Sq) natural log)``.
 
     ``impl`` is a kernel name from :func:`resolve_impl`. lse is float32 (float64 with the ``torch`` kernel on
-    float64 inputs) and contiguous.
+    float64 inputs) and contiguous. ``band`` ``(lo, hi)``: row i sees only columns ``i + lo .. i + hi`` (a window,
+    Note [windows] in ``schedule.py``); every row must see at least one (the kernels' LSE of a row that sees none is
+    not ``-inf``).
     """
     b, n, sq, _ = q.shape
     if sq == 0 or k.shape[2] == 0:  # an empty block (kernels divide by these sizes)
         lse = torch.full((b, n, sq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
         return q.new_zeros(b, n, sq, v.shape[-1]), lse
-    impl = _kernel_for(impl, sq, k.shape[2])
+    cuda = device_type(q.device) == "cuda"
+    impl = _kernel_for(impl, sq, k.shape[2], band, cuda)
     groups = _groups_to_repeat(impl, q, k)
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
-        o, lse = _fused_forward(q, k, v, causal, scale, impl, device_type(q.device) == "cuda")
+        o, lse = _fused_forward(q, k, v, causal, scale, impl, cuda, band)
         return o, lse.contiguous()
     c = compute_dtype(q.dtype)
-    s = _scores(q.to(c), k.to(c), causal, scale)
+    s = _scores(q.to(c), k.to(c), causal, scale, band)
     lse = torch.logsumexp(s, dim=-1)
     o = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(c))
     return o.to(q.dtype), lse
@@ -326,6 +354,7 @@ def attend_backward(
     causal: bool,
     scale: float,
     impl: str,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of ``(dq, dk, dv)`` given the FINAL ``out`` and ``lse`` of the query rows.
 
@@ -335,16 +364,16 @@ def attend_backward(
     """
     if q.shape[2] == 0 or k.shape[2] == 0:  # an empty block contributes nothing
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    impl = _kernel_for(impl, q.shape[2], k.shape[2])
+    cuda = device_type(q.device) == "cuda"
+    impl = _kernel_for(impl, q.shape[2], k.shape[2], band, cuda)
     groups = _groups_to_repeat(impl, q, k)
     k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
-        dq, dk, dv = _fused_backward(do, q, k_rep, v_rep, out, lse, causal, scale, impl,
-                                     device_type(q.device) == "cuda")  # fmt: skip
+        dq, dk, dv = _fused_backward(do, q, k_rep, v_rep, out, lse, causal, scale, impl, cuda, band)
     else:
         c = compute_dtype(q.dtype)
         q_c, k_c, v_c, do_c = q.to(c), k_rep.to(c), v_rep.to(c), do.to(c)
-        p = torch.exp(_scores(q_c, k_c, causal, scale) - lse.to(c).unsqueeze(-1))
+        p = torch.exp(_scores(q_c, k_c, causal, scale, band) - lse.to(c).unsqueeze(-1))
         dv = torch.matmul(p.transpose(-1, -2), do_c)
         delta = (do_c * out.to(c)).sum(-1, keepdim=True)  # rowsum(dout * out) of the whole ring
         ds = p * (torch.matmul(do_c, v_c.transpose(-1, -2)) - delta)

@@ -56,7 +56,8 @@ class Block:
     q_hi: int
     k_lo: int
     k_hi: int
-    causal: bool  # top-left causal mask of a square block; else unmasked
+    causal: bool  # top-left causal mask of a square block; else unmasked (or ``band``)
+    band: tuple[int, int] | None = None  # a window's band: row i sees columns i + lo .. i + hi (Note [windows])
 
 
 def next_rank(rank: int, world_size: int) -> int:
@@ -100,6 +101,82 @@ def step_blocks(rank: int, step: int, world_size: int, *, causal: bool, sharding
     if src < rank:
         return (Block(0, 2, 0, 1, False),)
     return (Block(1, 2, 0, 2, False),)
+
+
+# Note [windows]
+# --------------
+# A sliding window ``(left, right)`` (flash-attn's convention, -1 unbounded) lets the query at global position i see
+# the keys j with ``i - left <= j <= i + right`` (and ``j <= i`` when causal). Relative to a pair of chunks of c
+# tokens, query chunk at global start ``qs`` and key chunk at ``ks`` (``d = ks - qs``), local row a sees local
+# columns b with ``lo <= b - a <= hi`` for ``lo = -left - d``, ``hi = right - d`` (``min(right, 0) - d`` causal). Each
+# pair is then empty (skipped: never computed, never merged), full (unmasked), the top-left causal square, or a band
+# (:func:`classify_pair`). :func:`window_step_blocks` lists the pairs of a step, or today's :func:`step_blocks` when
+# the window changes nothing at that step (same kernels, same merges: a window of S gives exactly the causal ring).
+#
+# Work follows the window: a step whose pairs are all empty on a rank costs that rank nothing, and a step no rank
+# needs is not taken at all (:func:`active_steps`: no transfer, no kernel, forward and backward alike). Skipped steps
+# break the relay of Note [ring schedule] (a block that travels rank to rank needs every hop), so a ring with skipped
+# steps sends each block straight to the rank that needs it (step s: rank r sends its own key/values to r + s and
+# receives those of r - s; dk/dv partials go straight back to their owner), only between ranks that need it.
+#
+# Sharding: zigzag balances the causal triangle; under a window much shorter than S the work is a diagonal band,
+# which contiguous shards cut into equal pieces too (each rank's band plus a spill into its predecessor), and the
+# band then reaches fewer ranks: rank r needs ranks ``r - 1 .. r - ceil(left / c)`` only, where zigzag's second chunk
+# reaches the other way round the ring as well. ``ringattn bench ring --window`` measures both; the caller picks
+# (``sharding=``), as without a window.
+
+
+def classify_pair(chunk: int, d: int, window: tuple[int, int], causal: bool) -> tuple[int, int] | None:
+    """The band ``(lo, hi)`` of columns minus rows that a ``chunk x chunk`` pair with key offset ``d`` (key chunk start
+    minus query chunk start) sees under ``window`` (Note [windows]), clipped to ``[-(chunk - 1), chunk - 1]``; None
+    when the pair sees nothing."""
+    left, right = window
+    edge = chunk - 1
+    lo = -edge if left < 0 else max(-left - d, -edge)
+    hi_window = edge if right < 0 else right - d
+    hi = min(hi_window, -d) if causal else hi_window
+    hi = min(hi, edge)
+    return None if lo > hi or chunk == 0 else (lo, hi)
+
+
+def _chunk_starts(rank: int, world_size: int, causal: bool, sharding: str, chunk: int, windowed: bool) -> list[int]:
+    """Global start of each local chunk of ``rank``."""
+    if chunks_per_rank(causal or windowed, sharding) == 2:
+        return [g * chunk for g in zigzag_chunks(rank, world_size)]
+    return [rank * chunk]
+
+
+def window_step_blocks(
+    rank: int, step: int, world_size: int, *, causal: bool, sharding: str, chunk: int, window: tuple[int, int]
+) -> tuple[Block, ...]:
+    """The blocks ``rank`` computes at ``step`` under ``window`` (Note [windows]), in local chunk units of ``chunk``
+    tokens: the step's chunk pairs that see something, each with its band; today's :func:`step_blocks` where the
+    window changes nothing at this step."""
+    src = source_rank(rank, step, world_size)
+    mine = _chunk_starts(rank, world_size, causal, sharding, chunk, True)
+    theirs = _chunk_starts(src, world_size, causal, sharding, chunk, True)
+    blocks, unwindowed = [], True
+    for a, qs in enumerate(mine):
+        for b, ks in enumerate(theirs):
+            band = classify_pair(chunk, ks - qs, window, causal)
+            plain = classify_pair(chunk, ks - qs, (-1, -1), causal)
+            unwindowed = unwindowed and band == plain
+            if band is None:
+                continue
+            full, square = band == (-(chunk - 1), chunk - 1), band == (-(chunk - 1), 0)
+            if full or (square and ks == qs):
+                blocks.append(Block(a, a + 1, b, b + 1, not full))
+            else:
+                blocks.append(Block(a, a + 1, b, b + 1, False, band))
+    if unwindowed and (causal or len(mine) == 1):
+        return step_blocks(rank, step, world_size, causal=causal, sharding=sharding)
+    return tuple(blocks)
+
+
+def active_steps(world_size: int, blocks_of) -> list[int]:
+    """The steps some rank computes a block at (``blocks_of(rank, step)``): the ring takes only these (Note
+    [windows]); step 0 always (it initialises every rank's output)."""
+    return [0] + [s for s in range(1, world_size) if any(blocks_of(r, s) for r in range(world_size))]
 
 
 def global_chunk_order(world_size: int, sharding: str) -> list[int]:

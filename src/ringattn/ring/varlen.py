@@ -63,11 +63,15 @@ def resolve_packed_impl(impl: str, device: torch.device, dtype: torch.dtype, hea
 class PackedPlan:
     """Layout plan of packed ``(1, T_local, N, D)`` shards (Note [layout plans], Note [packed blocks])."""
 
-    def __init__(self, lengths: list[int], causal: bool, impl: str, device: torch.device) -> None:
+    def __init__(self, lengths: list[int], causal: bool, impl: str, device: torch.device, world_size: int = 1) -> None:
         self.lengths, self.causal = lengths, causal
+        self.steps = list(range(world_size))  # every step (Rotation: the relay)
         self.varlen = impl == "flash" and blocks.device_type(device) == "cuda"
         self._blocks: dict[tuple[int, int, int], tuple[PackedBlock, ...]] = {}
         self._indices: dict[int, tuple] = {}
+
+    def initialises(self, rank: int, world_size: int) -> bool:
+        return True  # step 0's one block returns every local row
 
     def step_blocks(self, rank: int, step: int, world_size: int) -> tuple[PackedBlock, ...]:
         key = (rank, step, world_size)
@@ -172,7 +176,7 @@ def prepare_varlen(
     lengths = document_lengths(cu_seqlens)
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_packed_impl(options.impl, q.device, q.dtype, q.shape[-1])
-    plan = PackedPlan(lengths, bool(options.causal), impl, q.device)
+    plan = PackedPlan(lengths, bool(options.causal), impl, q.device, comm.world_size)
     cfg = RingConfig(float(scale), impl, checks.agreed_merge_backend(table), comm, plan)
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 

@@ -65,7 +65,7 @@ class _Baton:
         self.turn = 0
         self.finished = [False] * world_size
         self.idle_passes = 0  # baton passes in a row by ranks that could not proceed
-        self.mail: dict[tuple[int, int], deque[_Message]] = defaultdict(deque)  # (receiver, tag) -> messages
+        self.mail: dict[tuple[int, int, int], deque[_Message]] = defaultdict(deque)  # (receiver, sender, tag)
         self.rows: dict[int, dict[int, list[int]]] = defaultdict(dict)  # all_gather round -> rank -> row
         self.failure: BaseException | None = None
 
@@ -121,29 +121,46 @@ class VirtualComm:
         baton.wait_until(self.rank, lambda: len(baton.rows[round_]) == self.world_size)
         return [baton.rows[round_][r] for r in range(self.world_size)]
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor, *, tag: int = 0) -> Pending:
-        message = _Message(send)
-        with self.baton.cond:
-            self.baton.mail[next_rank(self.rank, self.world_size), tag].append(message)
-        return _VirtualPending(self, recv, tag, message)
+    def exchange(
+        self,
+        send: torch.Tensor | None,
+        recv: torch.Tensor | None,
+        *,
+        tag: int = 0,
+        send_to: int | None = None,
+        recv_from: int | None = None,
+    ) -> Pending:
+        """``RingComm.exchange``: messages are kept per (receiver, sender, tag), as P2P transports match them."""
+        to = next_rank(self.rank, self.world_size) if send_to is None else send_to
+        source = (self.rank - 1) % self.world_size if recv_from is None else recv_from
+        message = _Message(send) if send is not None else None
+        if message is not None:
+            with self.baton.cond:
+                self.baton.mail[to, self.rank, tag].append(message)
+        return _VirtualPending(self, recv, source, tag, message)
 
 
 class _VirtualPending(Pending):
     """One posted exchange of a virtual rank: ``wait`` receives into ``recv``, then waits until the message
     this rank sent has been received (as a completed real send would)."""
 
-    def __init__(self, comm: VirtualComm, recv: torch.Tensor, tag: int, sent: _Message) -> None:
+    def __init__(
+        self, comm: VirtualComm, recv: torch.Tensor | None, source: int, tag: int, sent: _Message | None
+    ) -> None:
         super().__init__([], (recv,))
-        self._comm, self._recv, self._tag, self._sent = comm, recv, tag, sent
+        self._comm, self._recv, self._source, self._tag, self._sent = comm, recv, source, tag, sent
 
     def wait(self) -> None:
         baton, rank = self._comm.baton, self._comm.rank
-        box = baton.mail[rank, self._tag]
-        baton.wait_until(rank, lambda: len(box) > 0)
-        message = box.popleft()
-        self._recv.copy_(message.tensor)
-        message.received = True
-        baton.wait_until(rank, lambda: self._sent.received)
+        if self._recv is not None:
+            box = baton.mail[rank, self._source, self._tag]
+            baton.wait_until(rank, lambda: len(box) > 0)
+            message = box.popleft()
+            self._recv.copy_(message.tensor)
+            message.received = True
+        if self._sent is not None:
+            sent = self._sent
+            baton.wait_until(rank, lambda: sent.received)
 
 
 class _Worker:
@@ -299,6 +316,7 @@ def simulate_ring_attention(
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention of ``world_size`` virtual ranks in this process, on FULL-sequence tensors.
 
@@ -328,6 +346,8 @@ def simulate_ring_attention(
         Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
     sinks : Tensor ``(N,)``, optional
         Attention sinks, as in :func:`ringattn.ring_attention`; the gradient is the total over every virtual rank.
+    window : (left, right), optional
+        A sliding window, as in :func:`ringattn.ring_attention` (dense inputs).
     cu_seqlens : Tensor, optional
         A PACKED batch: q, k, v are ``(T, N, D)`` / ``(T, Nkv, D)``, documents end to end with cumulative lengths
         ``cu_seqlens`` (int64 ``[0, ..., T]``), and every rank runs :func:`ringattn.ring_attention_varlen` on its
@@ -351,16 +371,16 @@ def simulate_ring_attention(
     q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
     with _amp.autocast_off(q, k, v):
         return _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend,
-                         cu_seqlens, sinks)  # fmt: skip
+                         cu_seqlens, sinks, window)  # fmt: skip
 
 
 def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend, cu_seqlens,
-              sinks):  # fmt: skip
+              sinks, window):  # fmt: skip
     if cu_seqlens is not None:
         causal = True if causal is None else causal
         return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend,
                                 sinks)  # fmt: skip
-    options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend)
+    options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend, window)
     # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
     # checks its shard again through the all-gather, as real ranks do.
     prepare(q, k, v, options, _SoloComm(), needs_grad=False, sinks=sinks)

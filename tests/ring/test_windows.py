@@ -1,0 +1,195 @@
+"""Sliding windows in the ring (Note [windows] in ``ring/schedule.py``) against float64 attention with the window's
+explicit mask, and the ring steps a window skips.
+
+Output, LSE and dq, dk, dv (random upstream gradients) of the virtual ring at W = 1..8 and over gloo at W = 2, 3,
+for windows of 0, 1 and 17 tokens, a chunk, several chunks and longer than S, causal and two-sided, zigzag and
+contiguous, GQA. float32 within 1e-5 of float64, relative to max(1, the reference's largest magnitude) (float32
+accumulation over <= 48 keys; a window of one token has dq exactly 0); bfloat16 no worse than 2x bfloat16 SDPA's own
+error with the same mask (+ 1e-3: one ulp of bf16 at the outputs' magnitude). Skipped steps send nothing: messages
+are counted at the comm layer and must equal what the pure schedule predicts; a window of S sends and computes
+exactly what the ring without a window does (bitwise). Bad windows raise ConfigError naming ``window``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ring_spawn import run_ranks
+
+import ringattn
+from ringattn.errors import ConfigError
+from ringattn.ring import schedule, virtual
+
+N, NKV, D = 4, 2, 8
+
+
+def window_mask(s: int, window: tuple[int, int], causal: bool) -> torch.Tensor:
+    i, j = torch.arange(s)[:, None], torch.arange(s)[None]
+    keep = torch.ones(s, s, dtype=torch.bool)
+    if window[0] >= 0:
+        keep &= j >= i - window[0]
+    if window[1] >= 0:
+        keep &= j <= i + window[1]
+    return keep & (j <= i) if causal else keep
+
+
+def attention64(q, k, v, mask):
+    groups = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
+    s = torch.einsum("bqnd,bknd->bnqk", q, k) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bnqk,bknd->bqnd", torch.softmax(s, -1), v), torch.logsumexp(s, -1)
+
+
+def _inputs(s: int, seed: int, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, s, N, D, generator=gen)
+    k, v = (torch.randn(1, s, NKV, D, generator=gen) for _ in range(2))
+    return [x.to(dtype) for x in (q, k, v, torch.randn(1, s, N, D, generator=gen))]
+
+
+def _reference(q, k, v, g, mask):
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out, lse = attention64(*leaves, mask)
+    return [out.detach(), lse.detach(), *torch.autograd.grad(out, leaves, g.double())]
+
+
+def _run(fn, q, k, v, g):
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fn(*leaves)
+    return [out.detach(), lse, *torch.autograd.grad(out, leaves, g)]
+
+
+def _assert_close(got, want, what) -> None:
+    for name, x, e in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        finite = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(x), finite), f"{what} {name}: -inf where the reference is not"
+        err = (x.double()[finite] - e[finite]).abs().max().item()
+        assert err <= 1e-5 * max(1.0, e[finite].abs().max().item()), f"{what} {name}: error {err:.3g}"
+
+
+CHUNK = 6  # tokens per zigzag chunk: S = 2 W CHUNK
+WINDOWS = [(0, 0), (1, 0), (17, 0), (CHUNK, 0), (3 * CHUNK, -1), (1000, 0), (1, 1), (17, 3), (-1, 2), (CHUNK, CHUNK)]
+
+
+def _simulate(world, causal, sharding, window):
+    def fn(q, k, v):
+        return ringattn.simulate_ring_attention(q, k, v, world_size=world, causal=causal, sharding=sharding,
+                                                layout="BSND", window=window, return_lse=True)  # fmt: skip
+
+    return fn
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize(("world", "sharding"), [(1, "zigzag"), (2, "zigzag"), (3, "contiguous"), (4, "zigzag"),
+                                                 (5, "contiguous"), (8, "zigzag")])  # fmt: skip
+@pytest.mark.parametrize("causal", [True, False])
+def test_virtual_ring_with_a_window(world, sharding, causal, window) -> None:
+    s = 2 * world * CHUNK
+    q, k, v, g = _inputs(s, seed=world)
+    want = _reference(q, k, v, g, window_mask(s, window, causal))
+    _assert_close(_run(_simulate(world, causal, sharding, window), q, k, v, g), want, f"W={world} {window}")
+
+
+@pytest.mark.parametrize("window", [(1, 0), (CHUNK, 0), (5, 5)], ids=str)
+def test_bf16_no_worse_than_sdpa(window) -> None:
+    s, causal = 4 * 2 * CHUNK, True
+    q, k, v, g = _inputs(s, seed=11)
+    mask = window_mask(s, window, causal)
+    out64 = attention64(*(x.double() for x in (q, k, v)), mask)[0]
+    bf = [x.bfloat16() for x in (q, k, v)]
+    sdpa = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in bf), attn_mask=mask, enable_gqa=True)
+    ours = ringattn.simulate_ring_attention(*bf, world_size=4, causal=causal, layout="BSND", window=window)
+    base_err = (sdpa.transpose(1, 2).double() - out64).abs().max().item()
+    err = (ours.double() - out64).abs().max().item()
+    assert err <= 2 * base_err + 1e-3, f"bf16 {window}: {err:.3g} vs SDPA {base_err:.3g}"
+
+
+def _gloo_rank(rank: int, world_size: int, window, sharding) -> None:
+    s = 2 * world_size * CHUNK
+    q, k, v, g = _inputs(s, seed=20 + world_size)
+    want = _reference(q, k, v, g, window_mask(s, window, True))
+    shard = [ringattn.shard_sequence(x, rank, world_size, sharding=sharding) for x in (q, k, v, g)]
+    got = _run(lambda q, k, v: ringattn.ring_attention(q, k, v, layout="BSND", causal=True, sharding=sharding,
+                                                       window=window, return_lse=True), *shard)  # fmt: skip
+    dims = (1, 2, 1, 1, 1)
+    mine = [
+        ringattn.shard_sequence(x, rank, world_size, sharding=sharding, dim=d) for x, d in zip(want, dims, strict=True)
+    ]
+    _assert_close(got, mine, f"gloo rank {rank} {window}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("world", "window", "sharding"), [(2, (3, 0), "zigzag"), (3, (CHUNK + 1, 0), "contiguous"),
+                                                           (3, (2, 0), "zigzag")], ids=str)  # fmt: skip
+def test_gloo_ring_with_a_window(tmp_path, world, window, sharding) -> None:
+    run_ranks(_gloo_rank, world, tmp_path, window=window, sharding=sharding)
+
+
+class _Counter:
+    def __init__(self, monkeypatch) -> None:
+        self.sent: list[tuple[int, int]] = []
+        exchange = virtual.VirtualComm.exchange
+
+        def counting(comm, send, recv, **kw):
+            if send is not None:
+                self.sent.append((comm.rank, kw.get("tag", 0)))
+            return exchange(comm, send, recv, **kw)
+
+        monkeypatch.setattr(virtual.VirtualComm, "exchange", counting)
+
+
+def _predicted_messages(world, causal, sharding, window) -> int:
+    """Messages of a forward + backward, from the pure schedule (Note [windows])."""
+    chunk = CHUNK if schedule.chunks_per_rank(causal or window is not None, sharding) == 2 else 2 * CHUNK
+
+    def blocks(r, s):
+        return schedule.window_step_blocks(r, s, world, causal=causal, sharding=sharding, chunk=chunk, window=window)
+
+    steps = schedule.active_steps(world, blocks)
+    if steps == list(range(world)):  # the relay: kv W-1 forward and backward, dk/dv W hops
+        return world * (3 * world - 2) if world > 1 else 0
+    kv = sum(1 for s in steps[1:] for r in range(world) if blocks((r + s) % world, s))  # sent where needed
+    dkv = sum(1 for s in steps[1:] for r in range(world) if blocks(r, s))
+    return 2 * kv + dkv
+
+
+@pytest.mark.parametrize(("world", "causal", "sharding", "window"), [
+    (8, True, "contiguous", (1, 0)), (8, True, "zigzag", (1, 0)), (8, True, "contiguous", (2 * CHUNK + 1, 0)),
+    (6, False, "contiguous", (3, 3)), (4, True, "zigzag", (0, 0)), (4, True, "zigzag", (1000, 0)),
+])  # fmt: skip
+def test_skipped_steps_send_nothing(monkeypatch, world, causal, sharding, window) -> None:
+    counter = _Counter(monkeypatch)
+    q, k, v, g = _inputs(2 * world * CHUNK, seed=3)
+    _run(_simulate(world, causal, sharding, window), q, k, v, g)
+    assert len(counter.sent) == _predicted_messages(world, causal, sharding, window)
+    if window == (1, 0) and sharding == "contiguous":  # only the neighbour: one kv and one dk/dv hop, no relay
+        assert len(counter.sent) == 3 * (world - 1)
+
+
+def test_a_window_of_s_is_the_ring_without_one() -> None:
+    """Bitwise: the same blocks, kernels, merges and messages (Note [windows])."""
+    q, k, v, g = _inputs(4 * 2 * CHUNK, seed=5)
+    plain = _run(_simulate(4, True, "zigzag", None), q, k, v, g)
+    wide = _run(_simulate(4, True, "zigzag", (4 * 2 * CHUNK, 0)), q, k, v, g)
+    assert all(torch.equal(a, b) for a, b in zip(plain, wide, strict=True))
+
+
+@pytest.mark.parametrize("window", [(-2, 0), (1.5, 0), (3,), "left", (True, 0), (0, -5)], ids=str)
+def test_bad_windows_name_the_argument(window) -> None:
+    q = torch.randn(1, 8, N, D)
+    with pytest.raises(ConfigError, match=r"^window: expected None or \(left, right\)"):
+        ringattn.ring_attention(q, q, q, layout="BSND", causal=True, window=window)
+    with pytest.raises(ConfigError, match=r"^window"):
+        ringattn.simulate_ring_attention(q, q, q, world_size=2, layout="BSND", causal=True, window=window)
+
+
+def test_ranks_that_disagree_on_the_window_raise_on_every_rank() -> None:
+    from ringattn.ring import checks
+    from ringattn.ring.attention import RingOptions
+
+    q = torch.randn(1, 4, N, D)
+    rows = [checks.encode(q, q, q, RingOptions(layout="BSND", window=w), needs_grad=False) for w in ((3, 0), None)]
+    with pytest.raises(ConfigError, match=r"window \(rank 1\)"):
+        checks.check_table(rows)
