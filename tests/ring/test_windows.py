@@ -193,3 +193,63 @@ def test_ranks_that_disagree_on_the_window_raise_on_every_rank() -> None:
     rows = [checks.encode(q, q, q, RingOptions(layout="BSND", window=w), needs_grad=False) for w in ((3, 0), None)]
     with pytest.raises(ConfigError, match=r"window \(rank 1\)"):
         checks.check_table(rows)
+
+
+@pytest.mark.parametrize(
+    ("sharding", "window", "causal"), [("zigzag", (40, 0), True), ("contiguous", (150, 60), False)]
+)
+def test_band_blocks_cut_into_tiles(sharding, window, causal) -> None:
+    """Chunks of 300 tokens under a narrow band: several row tiles per band block (``DensePlan._pieces``)."""
+    from ringattn.ring.attention import DensePlan
+
+    world, s = 2, 1200
+    plan = DensePlan(causal, sharding, s // world, world, window)
+    tiles = [
+        len(plan._pieces(b)) for r in range(world) for step in range(world) for b in plan.step_blocks(r, step, world)
+    ]
+    assert max(tiles) > 1, tiles
+    q, k, v, g = _inputs(s, seed=9)
+    want = _reference(q, k, v, g, window_mask(s, window, causal))
+    _assert_close(_run(_simulate(world, causal, sharding, window), q, k, v, g), want, f"tiles {window}")
+
+
+def _block_reference(q, k, v, window, causal):
+    """float64 ``(out, lse)`` of ``(B, Sq, N, D)`` over ``(B, Sk, Nkv, D)``, the window top-left aligned; rows that see
+    no key: (0, -inf)."""
+    sq, sk = q.shape[1], k.shape[1]
+    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None]
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if window[0] >= 0:
+        keep &= j >= i - window[0]
+    if window[1] >= 0:
+        keep &= j <= i + window[1]
+    if causal:
+        keep &= j <= i
+    empty = ~keep.any(1)  # rows that see no key: a finite softmax (then zeroed), so gradients stay finite
+    groups = q.shape[2] // k.shape[2]
+    k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
+    s = torch.einsum("bqnd,bknd->bnqk", q, k) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~keep, float("-inf")).masked_fill(empty[:, None], 0.0)
+    out = torch.einsum("bnqk,bknd->bqnd", torch.softmax(s, -1), v) * (~empty)[None, :, None, None]
+    return out, torch.logsumexp(s, -1).masked_fill(empty, float("-inf"))
+
+
+@pytest.mark.parametrize(("sq", "sk"), [(40, 40), (25, 300), (300, 33)])
+@pytest.mark.parametrize("window", [(0, 0), (3, 0), (17, 5), (-1, 2), (150, -1)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_attention_with_a_window(sq, sk, window, causal) -> None:
+    gen = torch.Generator().manual_seed(sq + sk)
+    q = torch.randn(2, sq, N, D, generator=gen)
+    k, v = (torch.randn(2, sk, NKV, D, generator=gen) for _ in range(2))
+    g_out, g_lse = torch.randn(2, sq, N, D, generator=gen), torch.randn(2, N, sq, generator=gen)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = ringattn.block_attention(*leaves, layout="BSND", causal=causal, window=window)
+    seen = torch.isfinite(lse)
+    grads = torch.autograd.grad((out, lse), leaves, (g_out, g_lse.masked_fill(~seen, 0)))
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    out64, lse64 = _block_reference(*ref, window, causal)
+    assert torch.equal(seen, torch.isfinite(lse64)), "rows that see no key: lse -inf"
+    want = torch.autograd.grad((out64, lse64.masked_fill(~seen, 0)), ref, (g_out.double(), g_lse.double()))
+    got = [out.detach(), lse, *grads]
+    expect = [out64.detach(), lse64.detach(), *want]
+    _assert_close(got, expect, f"block {sq}x{sk} {window} causal={causal}")

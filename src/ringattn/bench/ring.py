@@ -54,6 +54,7 @@ from ..ring import (
     shard_sequence,
     simulate_ring_attention,
 )
+from ..ring.comm import TRAFFIC
 from ..ring.demo import single_process_threads, usable_cpus
 from ..ring.schedule import packed_block_flops
 
@@ -76,6 +77,14 @@ class Case:
     repeats: int = 3
     kv_heads: int = 0  # 0: as many as heads; fewer: GQA/MQA (the providers other than --virtual repeat them)
     documents: int = 0  # > 0: a packed batch of this many documents (the varlen ring)
+    window: int = -1  # >= 0 (--virtual): a sliding window of this many earlier tokens (and later ones, not causal)
+    sharding: str = "zigzag"
+
+    @property
+    def window_pair(self) -> tuple[int, int] | None:
+        if self.window < 0:
+            return None
+        return (self.window, 0) if self.causal else (self.window, self.window)
 
 
 def random_document_lengths(case: Case) -> list[int]:
@@ -299,16 +308,23 @@ def measure_virtual(case: Case, device: str = "cpu", impls: tuple[str, ...] = ("
     kernel in ``impls``), on ``device``, with this process's threads: median seconds, ``speedup_vs_single``
     (single's time over the ring's), max |grad diff| vs single, ``threads``."""
     q, k, v, g = _inputs(case, device)
-    reference = _single(case, q, k, v, g)[1:]
+    window = case.window_pair
 
-    def virtual(impl: str) -> list[torch.Tensor]:
+    def virtual(impl: str, world: int = case.world_size) -> list[torch.Tensor]:
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        out = simulate_ring_attention(*leaves, world_size=case.world_size, causal=case.causal, impl=impl, layout="BSND")
+        out = simulate_ring_attention(*leaves, world_size=world, causal=case.causal, impl=impl, layout="BSND",
+                                      sharding=case.sharding, window=window)  # fmt: skip
         return list(torch.autograd.grad(out, leaves, g))
 
     threads = torch.get_num_threads()
-    rows = [{"provider": "single (SDPA)", "median_s": _seconds(lambda: _single(case, q, k, v, g), device, case.repeats),
-             "max_abs_diff": 0.0, "threads": threads}]  # fmt: skip
+    if window is None:
+        reference = _single(case, q, k, v, g)[1:]
+        single = {"provider": "single (SDPA)", "median_s": _seconds(lambda: _single(case, q, k, v, g), device,
+                                                                    case.repeats)}  # fmt: skip
+    else:  # one process, the same window on the same block kernels: the ring of one (Note [windows])
+        reference = virtual("auto", world=1)
+        single = {"provider": "single (window)", "median_s": _seconds(lambda: virtual("auto", 1), device, case.repeats)}
+    rows = [{**single, "max_abs_diff": 0.0, "threads": threads}]
     for impl in impls:
         name = f"virtual ring W={case.world_size} ({impl})"
         try:
@@ -319,11 +335,23 @@ def measure_virtual(case: Case, device: str = "cpu", impls: tuple[str, ...] = ("
         except Exception as exc:  # a kernel that cannot run this case is reported, not fatal
             rows.append({"provider": name, "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"})
             continue
-        rows.append({"provider": name, "median_s": seconds, "max_abs_diff": diff, "threads": threads})
+        TRAFFIC.reset()
+        virtual(impl)
+        sent = {"messages": TRAFFIC.messages, "sent_MB": TRAFFIC.bytes / 2**20}
+        rows.append({"provider": name, "median_s": seconds, "max_abs_diff": diff, "threads": threads, **sent})
     for row in rows:
         if "median_s" in row:
             row["speedup_vs_single"] = speedup(rows[0]["median_s"], row["median_s"])
     return rows
+
+
+def _window_note(case: Case) -> str:
+    """The ring steps a window leaves out (Note [windows]), from the plan the ring runs."""
+    from ..ring.attention import DensePlan
+
+    world = case.world_size
+    plan = DensePlan(case.causal, case.sharding, case.seq_len // world, world, case.window_pair)
+    return f"window {case.window_pair}: ring steps taken {plan.steps} of {world} (the others send and compute nothing)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--documents", type=int, default=defaults.documents, help="> 0: a packed batch of this many documents"
     )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=defaults.window,
+        help="--virtual only, >= 0: a sliding window of this many earlier tokens (causal; and later ones with "
+        "--no-causal), timed against the ring of one under the same window; -1: none",
+    )
+    parser.add_argument("--sharding", choices=("zigzag", "contiguous"), default=defaults.sharding,
+                        help="--virtual only: how the sequence is cut")  # fmt: skip
     parser.add_argument("--json", help="also write the rows to this file")
     return parser
 
@@ -390,8 +427,12 @@ def main(argv: list[str]) -> int:
         providers, notes = _providers(parser, ns) if not ns.virtual else ((), [])
     except SystemExit as exc:  # argparse reports and exits; the CLI wants a status
         return int(exc.code or 0)
+    if (ns.window >= 0 or ns.sharding != "zigzag") and not ns.virtual:
+        parser.print_usage(sys.stderr)
+        print("ringattn bench ring: error: --window and --sharding need --virtual", file=sys.stderr)
+        return 2
     case = Case(ns.world_size, ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.causal, ns.repeats,
-                ns.kv_heads, ns.documents)  # fmt: skip
+                ns.kv_heads, ns.documents, ns.window, ns.sharding)  # fmt: skip
     if ns.documents:
         rows = measure(case, providers)
         flops = packed_block_flops(random_document_lengths(case), case.world_size, causal=case.causal, heads=case.heads,
@@ -404,13 +445,17 @@ def main(argv: list[str]) -> int:
     else:
         rows = measure(case, providers)
     print(f"ring attention forward+backward: {case}")
-    print(f"{'provider':<24}{'median s':>10}{'x single':>10}{'max|grad diff|':>16}{'threads':>9}")
+    print(f"{'provider':<24}{'median s':>10}{'x single':>10}{'max|grad diff|':>16}{'threads':>9}{'messages':>10}"
+          f"{'sent MB':>10}")  # fmt: skip
     for row in rows:
         if "error" in row:
             print(f"{row['provider']:<24}  failed: {row['error']}")
         else:
+            sent = f"{row['messages']:>10}{row['sent_MB']:>10.1f}" if "messages" in row else ""
             print(f"{row['provider']:<24}{row['median_s']:>10.3f}{row['speedup_vs_single']:>10.2f}"
-                  f"{row['max_abs_diff']:>16.2e}{row['threads']:>9}")  # fmt: skip
+                  f"{row['max_abs_diff']:>16.2e}{row['threads']:>9}{sent}")  # fmt: skip
+    if ns.virtual and case.window_pair is not None:
+        notes.append(_window_note(case))
     notes.append("x single: single time / provider time (higher = faster; as x naive in `ringattn bench`)")
     if not ns.virtual:
         notes.append(f"threads: per process; single runs min(W, {usable_cpus()} usable CPU cores), each rank 1")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .. import _amp, backends
 from ..errors import refuse_double_backward
 from . import checks
-from .blocks import attend, attend_backward, compute_dtype, resolve_impl
+from .blocks import attend, attend_backward, band_pieces, compute_dtype, resolve_impl
 from .comm import RingComm
 from .schedule import active_steps, chunks_per_rank, step_blocks, window_step_blocks
 
@@ -124,27 +124,27 @@ class DensePlan:
         blocks = self.step_blocks(rank, 0, world_size)
         return blocks == step_blocks(rank, 0, world_size, causal=self.causal, sharding=self.sharding)
 
-    def _slices(self, block: Any) -> tuple[slice, slice, tuple[int, int] | None]:
-        """Query and key rows of ``block``; for a band, the box of rows that see a key and keys that a row sees, with
-        the band relative to the box (rows outside it see nothing: never computed, never merged)."""
+    def _pieces(self, block: Any) -> list[tuple[slice, slice, tuple[int, int] | None]]:
+        """``(query rows, key rows, band)`` of the kernel calls that compute ``block``: one for a plain block, the row
+        tiles of :func:`~ringattn.ring.blocks.band_pieces` for a band (Note [windows])."""
         c = self.chunk
         q0, k0 = block.q_lo * c, block.k_lo * c
         if block.band is None:
-            return slice(q0, block.q_hi * c), slice(k0, block.k_hi * c), None
-        lo, hi = block.band
-        rows = (max(0, -hi), min(c - 1, c - 1 - lo))
-        cols = (max(0, lo), min(c - 1, c - 1 + hi))
-        shift = cols[0] - rows[0]
-        box = (lo - shift, hi - shift)
-        return slice(q0 + rows[0], q0 + rows[1] + 1), slice(k0 + cols[0], k0 + cols[1] + 1), box
+            return [(slice(q0, block.q_hi * c), slice(k0, block.k_hi * c), None)]
+        return [(slice(q0 + r.start, q0 + r.stop), slice(k0 + k.start, k0 + k.stop), band)
+                for r, k, band in band_pieces(c, c, block.band)]  # fmt: skip
 
     def attend(self, q, k, v, block, cfg: RingConfig) -> tuple[torch.Tensor, torch.Tensor, slice]:
-        qs, ks, band = self._slices(block)
-        return (*attend_slices(q, k, v, qs, ks, block.causal, cfg, band), qs)
+        pieces = self._pieces(block)
+        results = [attend_slices(q, k, v, qs, ks, block.causal, cfg, band) for qs, ks, band in pieces]
+        rows = slice(pieces[0][0].start, pieces[-1][0].stop)  # the tiles cover consecutive rows
+        if len(results) == 1:
+            return (*results[0], rows)
+        return torch.cat([o for o, _ in results], dim=1), torch.cat([lse for _, lse in results], dim=2), rows
 
     def attend_backward(self, do, q, k, v, out, lse, block, cfg: RingConfig, dq_acc, dk_acc, dv_acc) -> None:
-        qs, ks, band = self._slices(block)
-        add_slice_gradients(do, q, k, v, out, lse, qs, ks, block.causal, cfg, dq_acc, dk_acc, dv_acc, band)
+        for qs, ks, band in self._pieces(block):
+            add_slice_gradients(do, q, k, v, out, lse, qs, ks, block.causal, cfg, dq_acc, dk_acc, dv_acc, band)
 
 
 def attend_slices(

@@ -253,6 +253,25 @@ def _sum_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx.reshape(b, n // groups, groups, s, d).sum(2)
 
 
+MIN_TILE = 128  # rows per band tile at least: smaller tiles cost more in calls than they save in masked scores
+
+
+def band_pieces(sq: int, sk: int, band: tuple[int, int]) -> list[tuple[slice, slice, tuple[int, int]]]:
+    """``(rows, columns, band relative to them)`` of the kernel calls that compute an ``sq x sk`` band block: row tiles
+    of the rows that see a key, each against only the columns its rows see. A band of width w over n rows costs about
+    ``n (w + tile)`` scores instead of ``n sk``, and no tile has a row that sees nothing (the kernels' LSE of such a row
+    is not ``-inf``)."""
+    lo, hi = band
+    first, last = max(0, -hi), min(sq - 1, sk - 1 - lo)
+    tile = max(MIN_TILE, (hi - lo + 1) // 2)
+    pieces = []
+    for r0 in range(first, last + 1, tile):
+        r1 = min(r0 + tile, last + 1)
+        c0, c1 = max(0, r0 + lo), min(sk - 1, r1 - 1 + hi)
+        pieces.append((slice(r0, r1), slice(c0, c1 + 1), (lo - (c0 - r0), hi - (c0 - r0))))
+    return pieces
+
+
 def band_mask(sq: int, sk: int, band: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Additive ``(sq, sk)`` mask of a window's band (Note [windows] in ``schedule.py``): 0 where row i sees column j,
     ``i + lo <= j <= i + hi``, else ``-inf``. The CPU flash kernel takes it (a boolean mask it refuses)."""

@@ -12,6 +12,25 @@ import torch.distributed as dist
 from .schedule import next_rank, prev_rank
 
 
+class Traffic:
+    """Messages and bytes this process posted for sending, by every ring comm (real and virtual): what a bench
+    reports as sent, counted where it is sent (``ringattn bench ring``). :meth:`reset` before a measured call."""
+
+    def __init__(self) -> None:
+        self.messages = self.bytes = 0
+
+    def record(self, send: torch.Tensor | None) -> None:
+        if send is not None:
+            self.messages += 1
+            self.bytes += send.numel() * send.element_size()
+
+    def reset(self) -> None:
+        self.messages = self.bytes = 0
+
+
+TRAFFIC = Traffic()
+
+
 class Pending:
     """Handles of one posted exchange; :meth:`wait` returns once both transfers have completed."""
 
@@ -78,6 +97,7 @@ class RingComm:
         separates concurrent streams (key/value vs dk/dv) on transports that honour tags (gloo).
         """
         ops = []
+        TRAFFIC.record(send)
         if send is not None:
             peer = self._send_to if send_to is None else self._global(send_to)
             ops.append(dist.P2POp(dist.isend, send, peer, self.group, tag))

@@ -110,7 +110,7 @@ def step_blocks(rank: int, step: int, world_size: int, *, causal: bool, sharding
 # tokens, query chunk at global start ``qs`` and key chunk at ``ks`` (``d = ks - qs``), local row a sees local
 # columns b with ``lo <= b - a <= hi`` for ``lo = -left - d``, ``hi = right - d`` (``min(right, 0) - d`` causal). Each
 # pair is then empty (skipped: never computed, never merged), full (unmasked), the top-left causal square, or a band
-# (:func:`classify_pair`). :func:`window_step_blocks` lists the pairs of a step, or today's :func:`step_blocks` when
+# (:func:`band_of`). :func:`window_step_blocks` lists the pairs of a step, or today's :func:`step_blocks` when
 # the window changes nothing at that step (same kernels, same merges: a window of S gives exactly the causal ring).
 #
 # Work follows the window: a step whose pairs are all empty on a rank costs that rank nothing, and a step no rank
@@ -126,17 +126,16 @@ def step_blocks(rank: int, step: int, world_size: int, *, causal: bool, sharding
 # (``sharding=``), as without a window.
 
 
-def classify_pair(chunk: int, d: int, window: tuple[int, int], causal: bool) -> tuple[int, int] | None:
-    """The band ``(lo, hi)`` of columns minus rows that a ``chunk x chunk`` pair with key offset ``d`` (key chunk start
-    minus query chunk start) sees under ``window`` (Note [windows]), clipped to ``[-(chunk - 1), chunk - 1]``; None
-    when the pair sees nothing."""
+def band_of(sq: int, sk: int, window: tuple[int, int], causal: bool, offset: int = 0) -> tuple[int, int] | None:
+    """The band ``(lo, hi)`` (local row i sees local columns ``i + lo .. i + hi``) of an ``sq x sk`` block whose keys
+    start ``offset`` positions after its queries, under ``window`` (flash-attn's ``(left, right)``, -1 unbounded),
+    clipped to the block's ``[-(sq - 1), sk - 1]``; None when no row sees a key (Note [windows])."""
     left, right = window
-    edge = chunk - 1
-    lo = -edge if left < 0 else max(-left - d, -edge)
-    hi_window = edge if right < 0 else right - d
-    hi = min(hi_window, -d) if causal else hi_window
-    hi = min(hi, edge)
-    return None if lo > hi or chunk == 0 else (lo, hi)
+    lo = -(sq - 1) if left < 0 else max(-left - offset, -(sq - 1))
+    hi = sk - 1 if right < 0 else min(right - offset, sk - 1)
+    if causal:
+        hi = min(hi, -offset)
+    return None if lo > hi or sq == 0 or sk == 0 else (lo, hi)
 
 
 def _chunk_starts(rank: int, world_size: int, causal: bool, sharding: str, chunk: int, windowed: bool) -> list[int]:
@@ -158,8 +157,8 @@ def window_step_blocks(
     blocks, unwindowed = [], True
     for a, qs in enumerate(mine):
         for b, ks in enumerate(theirs):
-            band = classify_pair(chunk, ks - qs, window, causal)
-            plain = classify_pair(chunk, ks - qs, (-1, -1), causal)
+            band = band_of(chunk, chunk, window, causal, ks - qs)
+            plain = band_of(chunk, chunk, (-1, -1), causal, ks - qs)
             unwindowed = unwindowed and band == plain
             if band is None:
                 continue

@@ -40,7 +40,7 @@ from .attention import (
     ring_forward,
     sink_gradient,
 )
-from .comm import Pending
+from .comm import TRAFFIC, Pending
 from .schedule import next_rank, packed_local_offsets
 from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
 from .varlen import prepare_varlen
@@ -133,6 +133,7 @@ class VirtualComm:
         """``RingComm.exchange``: messages are kept per (receiver, sender, tag), as P2P transports match them."""
         to = next_rank(self.rank, self.world_size) if send_to is None else send_to
         source = (self.rank - 1) % self.world_size if recv_from is None else recv_from
+        TRAFFIC.record(send)
         message = _Message(send) if send is not None else None
         if message is not None:
             with self.baton.cond:
