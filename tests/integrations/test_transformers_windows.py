@@ -19,7 +19,6 @@ transformers = pytest.importorskip("transformers", reason="needs Hugging Face tr
 import ringattn  # noqa: E402
 from integrations.test_transformers import _batch, _rel  # noqa: E402
 from ring.ring_spawn import run_ranks  # noqa: E402
-from ringattn.errors import ConfigError  # noqa: E402
 from ringattn.integrations.transformers import apply_ring_attention, shard_inputs  # noqa: E402
 
 TOL = 1e-5
@@ -97,9 +96,10 @@ def test_over_gloo(world_size, tmp_path) -> None:
     run_ranks(_rank, world_size, tmp_path, deadline_s=180)
 
 
-def test_windows_on_packed_batches_raise() -> None:
-    model = apply_ring_attention(_model("mistral"))
-    ids, labels = _batch(3, 1, 12)
-    batch = shard_inputs(ids, labels, cu_seqlens=torch.tensor([0, 5, 12]))
-    with pytest.raises(ConfigError, match="^sliding_window: expected None for packed batches"):
-        model(**batch)
+def test_packed_batches_with_windows() -> None:
+    """Documents packed in one row: each sees only itself, within its window (against each document run alone)."""
+    from integrations.test_transformers import _compare_packed
+
+    for name in ("mistral", "gemma3"):
+        ref = _model(name)
+        _compare_packed(f"{name} packed", ref, apply_ring_attention(copy.deepcopy(ref)), [3, 9, 1, 7], via="cu_seqlens")

@@ -253,3 +253,49 @@ def test_block_attention_with_a_window(sq, sk, window, causal) -> None:
     got = [out.detach(), lse, *grads]
     expect = [out64.detach(), lse64.detach(), *want]
     _assert_close(got, expect, f"block {sq}x{sk} {window} causal={causal}")
+
+
+def _packed_mask(cu: list[int], window, causal: bool) -> torch.Tensor:
+    doc = torch.repeat_interleave(torch.arange(len(cu) - 1), torch.tensor(cu).diff())
+    return (doc[:, None] == doc[None, :]) & window_mask(cu[-1], window, causal)
+
+
+PACKED = [0, 3, 4, 40, 47, 90]  # documents of 3, 1, 36, 7 and 43 tokens: shorter and longer than the windows
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize(("window", "causal"), [((2, 0), True), ((9, 0), True), ((5, 3), False), ((100, 0), True)],
+                         ids=str)  # fmt: skip
+def test_packed_ring_with_a_window(world, window, causal) -> None:
+    q, k, v, g = (x[0] for x in _inputs(PACKED[-1], seed=30 + world))
+    cu = torch.tensor(PACKED)
+    mask = _packed_mask(PACKED, window, causal)
+    want = _reference(*(x.unsqueeze(0) for x in (q, k, v, g)), mask)
+
+    def fn(q, k, v):
+        out, lse = ringattn.simulate_ring_attention(q, k, v, world_size=world, cu_seqlens=cu, causal=causal,
+                                                    window=window, return_lse=True)  # fmt: skip
+        return out, lse
+
+    got = _run(fn, q, k, v, g)
+    got = [got[0].unsqueeze(0), got[1].unsqueeze(0), *(x.unsqueeze(0) for x in got[2:])]
+    _assert_close(got, want, f"packed W={world} {window}")
+
+
+def _gloo_packed_rank(rank: int, world_size: int) -> None:
+    q, k, v, g = (x[0] for x in _inputs(PACKED[-1], seed=40))
+    cu = torch.tensor(PACKED)
+    want = _reference(*(x.unsqueeze(0) for x in (q, k, v, g)), _packed_mask(PACKED, (4, 0), True))
+    shards = [ringattn.shard_packed(x, cu, rank, world_size) for x in (q, k, v, g)]
+    leaves = [x.requires_grad_() for x in shards[:3]]
+    out = ringattn.ring_attention_varlen(*leaves, cu, window=(4, 0))
+    grads = torch.autograd.grad(out, leaves, shards[3])
+    for name, x, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *grads), (want[0], *want[2:]), strict=True):
+        mine = ringattn.shard_packed(e[0], cu, rank, world_size)
+        err = (x.double() - mine).abs().max().item()
+        assert err <= 1e-5 * max(1.0, mine.abs().max().item()), f"gloo packed rank {rank} {name}: {err:.3g}"
+
+
+@pytest.mark.distributed
+def test_gloo_packed_ring_with_a_window(tmp_path) -> None:
+    run_ranks(_gloo_packed_rank, 2, tmp_path)

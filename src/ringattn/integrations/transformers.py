@@ -41,10 +41,10 @@ either done right by construction or raises:
   values and changes nothing;
 * ``ring_attention``'s ``causal=False`` default: the integration always passes ``causal=True`` and refuses
   non-causal (encoder) attention modules;
-* attention dropout, logit soft-capping, a KV cache holding earlier tokens, sliding windows on packed batches, and
-  any explicit mask raise: the ring computes causal attention, with the model's sliding windows (``sliding_window``:
-  Mistral, Qwen2, Gemma 3's local layers, GPT-OSS) and attention sinks (``s_aux``, GPT-OSS) where it has them, and
-  nothing else.
+* attention dropout, logit soft-capping, a KV cache holding earlier tokens, and any explicit mask raise: the ring
+  computes causal attention, with the model's sliding windows (``sliding_window``: Mistral, Qwen2, Gemma 3's local
+  layers, GPT-OSS; packed batches too, within each document) and attention sinks (``s_aux``, GPT-OSS) where it has
+  them, and nothing else.
 
 Note [torch.compile]
 --------------------
@@ -236,13 +236,10 @@ def ring_attention_forward(
         out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD",
                              sinks=sinks, window=window)  # fmt: skip
         return out.transpose(1, 2), None
-    if window is not None:
-        raise ConfigError(
-            expected("sliding_window", "None for packed batches (the packed ring has no windows yet)", window[0] + 1)
-        )
     # A packed row (B = 1): the varlen ring, documents never attending to each other.
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group, sinks=sinks)
+    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group, sinks=sinks,
+                                window=window)  # fmt: skip
     return out.unsqueeze(0), None
 
 

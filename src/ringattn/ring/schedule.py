@@ -232,6 +232,7 @@ class PackedBlock:
     q_len: tuple[int, ...]
     k_start: tuple[int, ...]
     k_len: tuple[int, ...]
+    bands: tuple[tuple[int, int], ...] | None = None  # under a window: each document's band (Note [windows])
 
 
 def packed_chunk_sizes(lengths: list[int], world_size: int) -> list[int]:
@@ -273,6 +274,37 @@ def packed_step_blocks(lengths: list[int], rank: int, step: int, world_size: int
         if docs:
             q_start, q_len, k_start, k_len = zip(*docs, strict=True)
             result.append(PackedBlock(block.causal, q_start, q_len, k_start, k_len))
+    return tuple(result)
+
+
+def packed_window_step_blocks(
+    lengths: list[int], rank: int, step: int, world_size: int, *, causal: bool, window: tuple[int, int]
+) -> tuple:
+    """The :class:`PackedBlock` s of ``step`` under ``window`` (Note [windows], per document): one block per received
+    key chunk, holding every document's pieces (a query chunk's real prefix against the key chunk's) with the band
+    each sees, pieces that see nothing left out; :func:`packed_step_blocks` where the window changes nothing."""
+    src = source_rank(rank, step, world_size)
+    chunks, offsets = packed_chunk_sizes(lengths, world_size), packed_local_offsets(lengths, world_size)
+    mine, theirs = zigzag_chunks(rank, world_size), zigzag_chunks(src, world_size)
+    result, unwindowed = [], True
+    for b in (0, 1):
+        pieces = []
+        for length, c, off in zip(lengths, chunks, offsets, strict=False):
+            k_len = packed_real_tokens(length, c, src, world_size, b, b + 1)
+            for a in (0, 1):
+                q_len = packed_real_tokens(length, c, rank, world_size, a, a + 1)
+                if not (q_len and k_len):
+                    continue
+                offset = (theirs[b] - mine[a]) * c
+                band = band_of(q_len, k_len, window, causal, offset)
+                unwindowed = unwindowed and band == band_of(q_len, k_len, (-1, -1), causal, offset)
+                if band is not None:
+                    pieces.append((off + a * c, q_len, off + b * c, k_len, band))
+        if pieces:
+            q_start, q_len, k_start, k_len, bands = zip(*pieces, strict=True)
+            result.append(PackedBlock(False, q_start, q_len, k_start, k_len, bands))
+    if unwindowed:
+        return packed_step_blocks(lengths, rank, step, world_size, causal=causal)
     return tuple(result)
 
 

@@ -348,7 +348,7 @@ def simulate_ring_attention(
     sinks : Tensor ``(N,)``, optional
         Attention sinks, as in :func:`ringattn.ring_attention`; the gradient is the total over every virtual rank.
     window : (left, right), optional
-        A sliding window, as in :func:`ringattn.ring_attention` (dense inputs).
+        A sliding window, as in :func:`ringattn.ring_attention` (packed: within each document).
     cu_seqlens : Tensor, optional
         A PACKED batch: q, k, v are ``(T, N, D)`` / ``(T, Nkv, D)``, documents end to end with cumulative lengths
         ``cu_seqlens`` (int64 ``[0, ..., T]``), and every rank runs :func:`ringattn.ring_attention_varlen` on its
@@ -380,7 +380,7 @@ def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, retu
     if cu_seqlens is not None:
         causal = True if causal is None else causal
         return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend,
-                                sinks)  # fmt: skip
+                                sinks, window)  # fmt: skip
     options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend, window)
     # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
     # checks its shard again through the all-gather, as real ranks do.
@@ -401,8 +401,8 @@ def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, retu
     return (out, lse) if return_lse else out
 
 
-def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend, sinks):
-    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
+def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend, sinks, window):
+    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend, window)
     # The whole batch checked as a ring of one holding it all (cu_seqlens must end at T; its W = 1 slot count is
     # not asked of q), then every virtual rank checks its shard through the all-gather, as real ranks do.
     if isinstance(q, torch.Tensor) and q.dim() >= 1:
