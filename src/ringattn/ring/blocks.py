@@ -22,8 +22,15 @@ cudnn      cuda    ``_scaled_dot_product_cudnn_attention``               fp16/bf
                                                                          sm80+; lse ``(B, N, Sq, 1)``
 efficient  cuda    ``_scaled_dot_product_efficient_attention``           fp16/bf16/fp32, D % (16 bytes) == 0;
                                                                          lse padded to ``ceil(Sq/32)*32``
+flash_     cuda    ``_flash_attention_forward`` / ``_backward`` (FA2     fp16/bf16, D % 8 == 0, D <= 256;
+window             varlen) with ``window_size_left/right``: a window's  FA2's window, bottom-right aligned
+                   band tiles (Note [windows] in ``schedule.py``)        (:func:`_fa2_window`); rows contiguous
 torch      any     plain torch in float32 (float64 for float64)          none
 ========== ======= ===================================================== ====================================
+
+``flash_window`` has run only through its CPU double (``tests/ring/cuda_doubles.py``), never on a GPU (2026-12-08):
+the alignment it relies on is FlashAttention-2's documented one (row i sees keys ``i + sk - sq - left .. i + sk - sq
++ right``). A band FA2 cannot express (a negative size) runs on plain torch.
 
 The CPU flash kernel, forward and backward, reads ``q, k, v`` and ``out`` as if their stride along D were 1
 whatever it is. Measured on a grid of views (torch 2.13, ``B, N, S, D = 2, 3, 40, 16``: every one of the 24 memory
@@ -232,14 +239,41 @@ def _groups_to_repeat(impl: str, q: torch.Tensor, k: torch.Tensor) -> int:
     return 1 if kernel is not None and kernel.native_gqa else q.shape[1] // k.shape[1]
 
 
-def _kernel_for(impl: str, sq: int, sk: int, band: tuple[int, int] | None = None, cuda: bool = False) -> str:
+def _kernel_for(
+    impl: str, sq: int, sk: int, band: tuple[int, int] | None = None, cuda: bool = False, q: torch.Tensor | None = None
+) -> str:
     """``impl`` for a block of ``sq`` queries and ``sk`` keys: cuDNN's frontend refuses ``s_q = s_kv = 1``
-    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch; so
-    do a window's band blocks on CUDA, whose dense fused kernels take no band (FlashAttention-2's window arguments
-    live on its varlen entry point, which has not run on a GPU here)."""
+    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch. A
+    window's band block on CUDA runs ``flash_window`` (FlashAttention-2's window arguments, :func:`_fa2_window`) where
+    FA2 runs the inputs and can express the band, else plain torch: the dense fused kernels take no band."""
     if band is not None and cuda:
-        return "torch"
+        fa2 = q is not None and impl != "torch" and KERNELS["cuda", "flash"].unsupported(q.device, q.dtype, q.shape[-1])
+        return (
+            "flash_window"
+            if q is not None and impl != "torch" and fa2 is None and _fa2_window(sq, sk, band)
+            else "torch"
+        )
     return "torch" if impl == "cudnn" and sq == sk == 1 else impl
+
+
+def _fa2_window(sq: int, sk: int, band: tuple[int, int]) -> tuple[int, int] | None:
+    """FlashAttention-2's ``(window_size_left, window_size_right)`` for a band: FA2 aligns a window to the bottom-right
+    corner (row i sees keys ``i + sk - sq - left .. i + sk - sq + right``), so ``left = (sk - sq) - lo`` and ``right =
+    hi - (sk - sq)``; None when either is negative (FA2 reads a negative size as unbounded)."""
+    shift = sk - sq
+    left, right = shift - band[0], band[1] - shift
+    return (left, right) if left >= 0 and right >= 0 else None
+
+
+def _fa2_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, N, S, D)`` as FA2's varlen ``(B * S, N, D)`` rows, contiguous."""
+    b, n, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, n, d).contiguous()
+
+
+def _fa2_cumulative(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Cumulative lengths of ``batch`` documents of ``length`` rows, int32 on ``device`` (FA2's)."""
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -293,6 +327,16 @@ def _scores(
 
 
 def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool, band=None):
+    if kernel == "flash_window":  # a band on CUDA: FA2's varlen entry point, one document per batch element
+        b, n, sq, _ = q.shape
+        sk = k.shape[2]
+        left, right = _fa2_window(sq, sk, band)
+        cu_q, cu_k = _fa2_cumulative(b, sq, q.device), _fa2_cumulative(b, sk, q.device)
+        o, lse = ATEN["flash_varlen"](
+            _fa2_rows(q), _fa2_rows(k), _fa2_rows(v), cu_q, cu_k, sq, sk, 0.0, False, False, scale=scale,
+            window_size_left=left, window_size_right=right,
+        )[:2]  # fmt: skip
+        return o.view(b, sq, n, -1).transpose(1, 2), lse.view(n, b, sq).transpose(0, 1)
     if not cuda:
         q, k, v = (_cpu_layout(x) for x in (q, k, v))
         mask = None if band is None else band_mask(q.shape[2], k.shape[2], band, q.dtype, q.device)
@@ -308,6 +352,22 @@ def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool,
 
 
 def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool, band=None):
+    if kernel == "flash_window":
+        b, n, sq, _ = q.shape
+        sk = k.shape[2]
+        left, right = _fa2_window(sq, sk, band)
+        no_rng = torch.empty((), dtype=torch.int64, device=q.device)  # no dropout: never read
+        lse_rows = lse.to(torch.float32).transpose(0, 1).reshape(n, b * sq).contiguous()  # (N, total_q)
+        dq, dk, dv = ATEN["flash_varlen_backward"](
+            _fa2_rows(do), _fa2_rows(q), _fa2_rows(k), _fa2_rows(v), _fa2_rows(out), lse_rows,
+            _fa2_cumulative(b, sq, q.device), _fa2_cumulative(b, sk, q.device), sq, sk, 0.0, False, no_rng, no_rng,
+            scale=scale, window_size_left=left, window_size_right=right,
+        )  # fmt: skip
+        return (
+            dq.view(b, sq, n, -1).transpose(1, 2),
+            dk.view(b, sk, k.shape[1], -1).transpose(1, 2),
+            dv.view(b, sk, v.shape[1], -1).transpose(1, 2),
+        )
     if not cuda:  # the CPU kernel takes the LSE in the inputs' accumulation dtype, any strides
         do, q, k, v, out = (_cpu_layout(x) for x in (do, q, k, v, out))
         mask = None if band is None else band_mask(q.shape[2], k.shape[2], band, q.dtype, q.device)
@@ -349,7 +409,7 @@ def attend(
         lse = torch.full((b, n, sq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
         return q.new_zeros(b, n, sq, v.shape[-1]), lse
     cuda = device_type(q.device) == "cuda"
-    impl = _kernel_for(impl, sq, k.shape[2], band, cuda)
+    impl = _kernel_for(impl, sq, k.shape[2], band, cuda, q)
     groups = _groups_to_repeat(impl, q, k)
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
@@ -384,7 +444,7 @@ def attend_backward(
     if q.shape[2] == 0 or k.shape[2] == 0:  # an empty block contributes nothing
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     cuda = device_type(q.device) == "cuda"
-    impl = _kernel_for(impl, q.shape[2], k.shape[2], band, cuda)
+    impl = _kernel_for(impl, q.shape[2], k.shape[2], band, cuda, q)
     groups = _groups_to_repeat(impl, q, k)
     k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
