@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ring_spawn import run_ranks
+from test_strides import attention64
 
 import ringattn
 from ringattn.errors import ConfigError
@@ -24,22 +25,15 @@ from ringattn.ring import schedule, virtual
 N, NKV, D = 4, 2, 8
 
 
-def window_mask(s: int, window: tuple[int, int], causal: bool) -> torch.Tensor:
-    i, j = torch.arange(s)[:, None], torch.arange(s)[None]
-    keep = torch.ones(s, s, dtype=torch.bool)
+def window_mask(sq: int, window: tuple[int, int], causal: bool, sk: int | None = None) -> torch.Tensor:
+    """Keep-mask ``(sq, sk)`` of ``window``, top-left aligned: row i sees ``i - left .. i + right``, causal ``<= i``."""
+    i, j = torch.arange(sq)[:, None], torch.arange(sq if sk is None else sk)[None]
+    keep = torch.ones(i.shape[0], j.shape[1], dtype=torch.bool)
     if window[0] >= 0:
         keep &= j >= i - window[0]
     if window[1] >= 0:
         keep &= j <= i + window[1]
     return keep & (j <= i) if causal else keep
-
-
-def attention64(q, k, v, mask):
-    groups = q.shape[2] // k.shape[2]
-    k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
-    s = torch.einsum("bqnd,bknd->bnqk", q, k) * q.shape[-1] ** -0.5
-    s = s.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bnqk,bknd->bqnd", torch.softmax(s, -1), v), torch.logsumexp(s, -1)
 
 
 def _inputs(s: int, seed: int, dtype=torch.float32):
@@ -216,15 +210,7 @@ def test_band_blocks_cut_into_tiles(sharding, window, causal) -> None:
 def _block_reference(q, k, v, window, causal):
     """float64 ``(out, lse)`` of ``(B, Sq, N, D)`` over ``(B, Sk, Nkv, D)``, the window top-left aligned; rows that see
     no key: (0, -inf)."""
-    sq, sk = q.shape[1], k.shape[1]
-    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None]
-    keep = torch.ones(sq, sk, dtype=torch.bool)
-    if window[0] >= 0:
-        keep &= j >= i - window[0]
-    if window[1] >= 0:
-        keep &= j <= i + window[1]
-    if causal:
-        keep &= j <= i
+    keep = window_mask(q.shape[1], window, causal, sk=k.shape[1])
     empty = ~keep.any(1)  # rows that see no key: a finite softmax (then zeroed), so gradients stay finite
     groups = q.shape[2] // k.shape[2]
     k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))

@@ -1,9 +1,10 @@
-"""Models whose layers have sliding windows, made context parallel, match the single-process model.
+"""Models whose layers have sliding windows or attention sinks, made context parallel, match the single-process model.
 
 Tiny random models (nothing downloaded), each against the same weights with transformers' own attention (SDPA, or
 eager where sinks need it) on the whole sequence: a Mistral (a window on every layer), a Gemma 3 with alternating
-sliding-window and global layers (``layer_types``), and a GPT-OSS with a sliding-window layer and sinks. Windows
-shorter than a rank's shard, so that ring steps are skipped. Loss and every parameter gradient within 1e-5 relative
+sliding-window and global layers (``layer_types``), a GPT-OSS with sinks on full-attention layers, and one with a
+sliding-window layer and sinks (random sinks of both signs: they start at 0). Windows shorter than a rank's shard, so
+that ring steps are skipped. Loss and every parameter gradient within 1e-5 relative
 L2 (float32; the ring reassociates sums over blocks), at W = 1 in process and W = 2, 3 over gloo.
 """
 
@@ -36,10 +37,9 @@ def gemma3():
     return transformers.Gemma3ForCausalLM(config), "sdpa"
 
 
-def gpt_oss():
+def gpt_oss(layer_types=("sliding_attention", "full_attention")):
     config = transformers.GptOssConfig(**SMALL, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
-                                       sliding_window=4,
-                                       layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+                                       sliding_window=4, layer_types=list(layer_types))  # fmt: skip
     model = transformers.GptOssForCausalLM(config)
     with torch.no_grad():
         for layer in model.model.layers:
@@ -47,7 +47,11 @@ def gpt_oss():
     return model, "eager"  # transformers' SDPA path has no sinks
 
 
-MODELS = {"mistral": mistral, "gemma3": gemma3, "gpt_oss": gpt_oss}
+def gpt_oss_sinks_only():
+    return gpt_oss(layer_types=("full_attention", "full_attention"))
+
+
+MODELS = {"mistral": mistral, "gemma3": gemma3, "gpt_oss": gpt_oss, "gpt_oss_sinks_only": gpt_oss_sinks_only}
 
 
 def _model(name: str):
@@ -76,6 +80,8 @@ def _compare(name: str, seq: int) -> None:
             assert q.grad is None or not q.grad.any(), f"{name} d{pname}"
             continue
         assert _rel(q.grad, p.grad) < TOL, f"{name} d{pname}: rel. L2 error {_rel(q.grad, p.grad):.2e}"
+    sinks = [p for pname, p in ref.named_parameters() if pname.endswith("sinks")]
+    assert all(p.grad is not None and p.grad.any() for p in sinks), f"{name}: the sinks have gradients"
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -90,10 +96,10 @@ def _rank(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_over_gloo(world_size, tmp_path) -> None:
-    run_ranks(_rank, world_size, tmp_path, deadline_s=180)
+    run_ranks(_rank, world_size, tmp_path, deadline_s=220)
 
 
 def test_packed_batches_with_windows() -> None:
