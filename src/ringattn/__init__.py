@@ -7,6 +7,7 @@ from .errors import (
     AliasError,
     AutogradError,
     BackendError,
+    CommTimeoutError,
     ConfigError,
     DeviceError,
     DTypeError,
@@ -62,4 +63,5 @@ __all__ = [
     "AliasError",
     "ConfigError",
     "AutogradError",
+    "CommTimeoutError",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "AliasError",
     "ConfigError",
     "AutogradError",
+    "CommTimeoutError",
     "expected",
 ]
 
@@ -69,6 +70,13 @@ class ConfigError(RingAttnError, ValueError, RuntimeError):
 
 class AutogradError(RingAttnError, RuntimeError):
     """``out=`` was combined with inputs that require grad (the out= variants are not differentiable)."""
+
+
+class CommTimeoutError(RingAttnError, RuntimeError):
+    """A peer of the ring did not take part: a wait for it ran past the communication timeout (``timeout=`` of
+    ``RingComm``, else ``RINGATTN_COMM_TIMEOUT``, else 600 s), or its transport failed (its process ended). The
+    virtual ring raises it for a schedule in which every rank waits. The process group cannot be used again
+    afterwards (Note [bounded waits] in ``ring/comm.py``)."""
 
 
 def _describe(value: Any) -> str:
