@@ -80,6 +80,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, DTypeError, ShapeError, expected
 from ..ring import packed_shard_info, ring_attention, ring_attention_varlen, shard_packed, shard_sequence
+from ..ring.comm import group_rank_world
 
 try:
     import transformers
@@ -132,9 +133,10 @@ _STATES: dict[int, _RingState] = {}
 
 
 def _rank_world(group: Any) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    """``(rank, world size)`` in ``group``; a ring of one without a process group, except in a process launched as
+    one of several ranks, which raises ConfigError as the ring does (Note [launched without a process group] in
+    ``ring/comm.py``)."""
+    return group_rank_world(group)
 
 
 def _zigzag_positions(total: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
