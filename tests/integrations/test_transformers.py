@@ -434,9 +434,17 @@ class _TwoRanks:
     def __init__(self, other):
         self.other, self.calls = other, 0
 
-    def __call__(self, flat, op=None, group=None):
+    def __call__(self, flat, op=None, group=None, async_op=False):
         self.calls += 1
         flat.add_(self.other(flat.clone()))
+        return _DoneWork() if async_op else None
+
+
+class _DoneWork:
+    """A completed torch Work."""
+
+    def wait(self, timeout=None):
+        return True
 
 
 def _summed(monkeypatch, params, other, bucket_bytes=None):
@@ -444,6 +452,7 @@ def _summed(monkeypatch, params, other, bucket_bytes=None):
 
     fake = _TwoRanks(other)
     monkeypatch.setattr(integration.dist, "all_reduce", fake)
+    monkeypatch.setattr(integration, "bounded_wait", lambda work, what, **kw: work.wait())  # no process group here
     if bucket_bytes is not None:
         monkeypatch.setattr(integration, "_BUCKET_BYTES", bucket_bytes)
     summed = integration._GroupGradientSum(params, group=None)
@@ -586,3 +595,14 @@ def _replicas_stay_bitwise_equal(rank: int, world_size: int, steps: int) -> None
 def test_replicas_stay_bitwise_equal_over_20_steps_of_2_micro_batches(tmp_path):
     """Issue 22 item 3: one bit pattern per replica at W = 2, 20 optimizer steps of 2 micro-batches each."""
     run_ranks(_replicas_stay_bitwise_equal, 2, tmp_path, deadline_s=150, steps=20)
+
+
+def test_launched_as_one_of_several_ranks_without_a_process_group_raises(monkeypatch):
+    """The integration's "no group" path agrees with the ring's (Note [launched without a process group] in
+    ring/comm.py): under torchrun's WORLD_SIZE=2 without init_process_group, a ring of one would be silently wrong."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    _raises(ConfigError, "group", lambda: apply_ring_attention(tiny_llama()))
+    _raises(ConfigError, "group", lambda: shard_inputs(torch.randint(0, VOCAB, (1, 8))))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    apply_ring_attention(tiny_llama())  # a ring of one again

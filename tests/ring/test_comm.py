@@ -254,3 +254,14 @@ def test_a_ring_of_one_where_asked_for(monkeypatch, world_size_env):
             ringattn.ring_attention(q, k, v, causal=True, layout="BSND")
     for out in got:
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bounded_wait_of_a_collective_raises_naming_it():
+    """The integration's collectives (gradient sum, batch check) wait through bounded_wait: the same error."""
+    from ringattn.ring.comm import bounded_wait
+
+    with pytest.raises(CommTimeoutError, match=r"^the batch check: rank 0 of 1 waited .*2 s, set by the timeout="):
+        bounded_wait(_Work(RuntimeError("Operation timed out!")), "the batch check", timeout=2)
+    done = _Work()
+    bounded_wait(done, "x", timeout=2)
+    assert 1.9 < done.timeouts[0].total_seconds() <= 2

@@ -80,7 +80,7 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, DTypeError, ShapeError, expected
 from ..ring import packed_shard_info, ring_attention, ring_attention_varlen, shard_packed, shard_sequence
-from ..ring.comm import group_rank_world
+from ..ring.comm import bounded_wait, group_rank_world
 
 try:
     import transformers
@@ -360,7 +360,8 @@ class _GroupGradientSum:
                 if i in previous and self.params[i].grad is not None:
                     flat[offsets[j] : offsets[j + 1]].copy_(self.params[i].grad.reshape(-1))  # mine
                     flat[offsets[-1] + j] = 1  # this rank has a gradient for parameter i
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            bounded_wait(work, "reduce_gradients' all-reduce of the gradients", group=self.group, host_reads=False)
             for j, i in enumerate(bucket):
                 param, total = self.params[i], flat[offsets[j] : offsets[j + 1]].view_as(self.params[i])
                 before = previous[i] if i in previous else param.grad  # untouched when this backward missed it
@@ -611,7 +612,7 @@ def _check_same_batch(group: Any, tensors: list[torch.Tensor | None]) -> None:
     device = _collective_device(group, tensors[0].device)
     mine = torch.tensor(fingerprint, dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
+    bounded_wait(dist.all_gather(every, mine, group=group, async_op=True), "shard_inputs' batch check", group=group)
     if any(not torch.equal(mine, other) for other in every):
         raise ConfigError(
             expected(

@@ -171,6 +171,17 @@ class _Waiter:
             raise self.error(what, peer, exc) from exc
 
 
+def bounded_wait(work: Any, what: str, *, group: Any = None, timeout: Any = None, host_reads: bool = True) -> None:
+    """Wait for a collective's ``work`` (``async_op=True``) of ``group`` as :class:`RingComm` waits: bounded by
+    :func:`resolve_timeout` ``(timeout)``, raising :class:`CommTimeoutError` naming ``what`` (Note [bounded
+    waits]). On NCCL a result the host does not read keeps its stream-ordered wait (``host_reads=False``)."""
+    rank, world = group_rank_world(group)
+    seconds = resolve_timeout(timeout)
+    timed = host_reads or dist.get_backend(group) != "nccl"
+    peers = f"every other rank of the group (world size {world})"
+    _Waiter(rank, world, seconds, timeout_source(timeout)).wait(work, what, peers, timed=timed)
+
+
 class Pending:
     """Handles of one posted exchange; :meth:`wait` returns once both transfers have completed.
 
