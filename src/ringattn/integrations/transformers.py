@@ -436,7 +436,7 @@ def apply_ring_attention(
         A causal decoder whose attention goes through ``AttentionInterface`` (Llama, Mistral, Qwen2, ...).
     group : ProcessGroup, optional
         The context-parallel ranks (default: the default group; without an initialised process group, a ring of
-        one: plain attention).
+        one: plain attention, unless the process was launched as one of several ranks: ``WORLD_SIZE`` > 1 raises).
     reduce_gradients : bool
         Install the gradient hooks. Pass False under DDP / FSDP (module docstring: they then reduce over the
         flattened ``dp x cp`` group, the loss scaled by the cp size); left True there, ``backward`` raises.
@@ -447,7 +447,11 @@ def apply_ring_attention(
         ``model`` is not a transformers model, or its attention does not go through ``AttentionInterface``;
         transformers is too old (needs ``AttentionMaskInterface``, 4.53+). Unsupported features (attention
         dropout in training, sliding windows, soft-capping, padding masks reaching the model, KV caches) raise
-        when the model runs.
+        when the model runs. Also: no process group in a process launched with ``WORLD_SIZE`` > 1 (torchrun without
+        ``init_process_group``; Note [launched without a process group] in ``ring/comm.py``).
+    CommTimeoutError (RuntimeError)
+        From ``backward``: a rank of the group did not join the gradient sum within the communication timeout
+        (``RINGATTN_COMM_TIMEOUT``, default 600 s; Note [bounded waits] in ``ring/comm.py``).
     """
     _check_capabilities()
     if not isinstance(model, PreTrainedModel):
@@ -648,7 +652,8 @@ def shard_inputs(
         Unshifted labels, as transformers takes them (``ignore_index`` marks tokens not scored); shifted here over
         the FULL sequence before sharding, so the token after each cut keeps its target.
     group : ProcessGroup, optional
-        The context-parallel ranks (default group; without an initialised process group, a ring of one).
+        The context-parallel ranks (default group; without an initialised process group, a ring of one, unless
+        ``WORLD_SIZE`` > 1 says this process is one of several ranks: ConfigError).
     attention_mask : Tensor ``(B, S)`` of 0/1, optional
         Right padding only (``1...1 0...0`` per row); padded tokens are not scored. Left padding or holes raise.
     position_ids, cu_seqlens : optional
