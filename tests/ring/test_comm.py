@@ -130,6 +130,13 @@ def _ring(q, k, v):
     return ring_attention(q, k, v, causal=True, layout="BSND", backend="torch")
 
 
+def _until_all_raised(world: int, flags: str) -> None:
+    """Stay alive (a closed connection is the "exit" scenario) until every rank but the quitter has raised."""
+    end = time.monotonic() + 60
+    while len(list(Path(flags).iterdir())) < world - 1 and time.monotonic() < end:
+        time.sleep(0.05)
+
+
 def _stalled_peer(rank: int, world: int, scenario: str, flags: str) -> None:
     os.environ[TIMEOUT_ENV] = str(TIMEOUT_S)
     torch.set_num_threads(1)
@@ -151,9 +158,7 @@ def _stalled_peer(rank: int, world: int, scenario: str, flags: str) -> None:
             os._exit(0)
         if scenario == "skip_backward":
             _ring(*leaves)  # the forward, then no backward
-        end = time.monotonic() + 60  # stay alive (a closed connection is the other scenario) until all reported
-        while len(list(Path(flags).iterdir())) < world - 1 and time.monotonic() < end:
-            time.sleep(0.05)
+        _until_all_raised(world, flags)
         os._exit(0)
     start = time.monotonic()
     try:
@@ -176,6 +181,7 @@ def _stalled_peer(rank: int, world: int, scenario: str, flags: str) -> None:
         peers = {f"rank {(rank + 1) % world} (sending", f"rank {(rank - 1) % world} (receiving"}
         assert any(p in message for p in peers), message
         assert elapsed > TIMEOUT_S * 0.9, elapsed
+    _until_all_raised(world, flags)  # no rank closes its connections before every other rank's own timeout
     os._exit(0)  # the group cannot be used again (Note [bounded waits]): no destroy_process_group
 
 
