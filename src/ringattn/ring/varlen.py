@@ -217,6 +217,7 @@ def ring_attention_varlen(
     backend: str = "auto",
     sinks: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
+    timeout: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a packed batch of documents, sequence-parallel over the ranks of ``group``.
 
@@ -260,6 +261,8 @@ def ring_attention_varlen(
         stays 0 and its gradients 0).
     window : (left, right), optional
         A sliding window within each document, by position in the document, as in :func:`ringattn.ring_attention`.
+    timeout : float or timedelta, optional
+        Seconds any wait for another rank may last, as in :func:`ringattn.ring_attention`.
 
     Returns
     -------
@@ -277,7 +280,8 @@ def ring_attention_varlen(
         whether a backward will run); checked with one small all_gather before any transfer.
     """
     options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend, window)
-    return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse, sinks=sinks)
+    comm = RingComm(group, timeout=timeout)
+    return run_ring_varlen(q, k, v, cu_seqlens, comm, options, return_lse=return_lse, sinks=sinks)
 
 
 def run_ring_varlen(
