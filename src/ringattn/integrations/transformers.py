@@ -110,9 +110,14 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "ringattn"
+"""The name :func:`apply_ring_attention` registers the ring under (``AttentionInterface``,
+``AttentionMaskInterface``) and sets as the model's ``attn_implementation``."""
 # The model keyword that carries a packed batch's GLOBAL cu_seqlens from shard_inputs to the attention function.
 CU_SEQLENS_KEY = "ringattn_cu_seqlens"
+"""The model keyword (``str``) that carries a packed batch's GLOBAL ``cu_seqlens`` (int64 ``[0, ..., S]``) from
+:func:`shard_inputs` to :func:`ring_attention_forward`."""
 IGNORE_INDEX = -100
+"""The label of tokens not scored (``int``, transformers' default): :func:`shard_inputs`'s ``ignore_index``."""
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
 }
