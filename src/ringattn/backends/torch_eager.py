@@ -30,22 +30,32 @@ def _logical_rows(row_map: tuple[torch.Tensor, torch.Tensor], heads: int) -> tor
     return row_base.unsqueeze(1) + torch.arange(heads, device=row_base.device) * row_step.unsqueeze(1)
 
 
-def _gather_rows(stats: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Every lane of a stats view as ``(P, Q, N, lanes)`` aligned with attention rows (Note [canonical rows])."""
+def _gather_rows(
+    stats: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Every lane of a stats view as ``(P, Q, N, lanes)`` aligned with attention rows (Note [canonical rows]);
+    ``index``: :func:`_logical_rows` of ``row_map``, when already computed."""
     if row_map is None:
         return stats
     tokens, _, heads, lanes = stats.shape
-    return stats.reshape(tokens * heads, lanes)[_logical_rows(row_map, heads)].unsqueeze(1)
+    index = _logical_rows(row_map, heads) if index is None else index
+    return stats.reshape(tokens * heads, lanes)[index].unsqueeze(1)
 
 
-def _write_rows(lanes: torch.Tensor, out: torch.Tensor, row_map: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+def _write_rows(
+    lanes: torch.Tensor,
+    out: torch.Tensor,
+    row_map: tuple[torch.Tensor, torch.Tensor] | None,
+    index: torch.Tensor | None = None,
+) -> None:
     """Write ``lanes`` ``(P, Q, N, lanes)``, in attention-row order, to the stats view ``out``."""
     if row_map is None:
         out.copy_(lanes)
         return
     tokens, _, heads, width = out.shape
+    index = _logical_rows(row_map, heads) if index is None else index
     flat = torch.empty((tokens * heads, width), dtype=out.dtype, device=out.device)
-    flat[_logical_rows(row_map, heads).reshape(-1)] = lanes.reshape(-1, width).to(out.dtype)
+    flat[index.reshape(-1)] = lanes.reshape(-1, width).to(out.dtype)
     out.copy_(flat.view(tokens, 1, heads, width))
 
 
@@ -335,8 +345,14 @@ class _Merged:
     order for K = 2, within a rounding for more)."""
 
     def __init__(self, parts_m, parts_l, row_map, compute: torch.dtype, lse_scale: float) -> None:
+        # Per-batch statistics: the row index once, and lane 0 alone when all lanes are equal (checked before the
+        # gather, which then moves an eighth of the bytes).
+        self.index = index = None if row_map is None else _logical_rows(row_map, parts_m[0].shape[2])
+        if parts_l is not None and index is not None and parts_m[0].shape[-1] > 1:
+            if _equal_lanes([*parts_m, *parts_l]):
+                parts_m, parts_l = [m[..., :1] for m in parts_m], [s[..., :1] for s in parts_l]
         if parts_l is None:  # LSE form: one lane; +-inf is empty and reads as -inf
-            maxima = torch.stack([_gather_rows(m[..., :1], row_map) for m in parts_m]).to(compute)
+            maxima = torch.stack([_gather_rows(m[..., :1], row_map, index) for m in parts_m]).to(compute)
             if lse_scale != 1.0:
                 maxima = maxima * lse_scale
             flags = maxima.isinf()
@@ -345,9 +361,9 @@ class _Merged:
                 maxima = maxima.masked_fill(flags, float("-inf"))
             sums = None
         else:
-            maxima = torch.stack([_gather_rows(m, row_map) for m in parts_m]).to(compute)
-            sums = torch.stack([_gather_rows(s, row_map) for s in parts_l]).to(compute)
-            if maxima.shape[-1] > 1 and _equal_lanes([maxima, sums]):
+            maxima = torch.stack([_gather_rows(m, row_map, index) for m in parts_m]).to(compute)
+            sums = torch.stack([_gather_rows(s, row_map, index) for s in parts_l]).to(compute)
+            if maxima.shape[-1] > 1 and index is None and _equal_lanes([maxima, sums]):
                 maxima, sums = maxima[..., :1], sums[..., :1]
             flags = maxima.isneginf()
             has = neg = flags.flatten(1).any(1).tolist()  # -inf with l != 0 is not empty, but may make M -inf
@@ -432,10 +448,10 @@ def merge_rows(
             lse = lse / lse_scale
         if st.all_empty is not None:
             lse = lse.masked_fill(st.all_empty, float("-inf"))
-        _write_rows(_out_lanes(lse, lanes_out), out_m, row_map)
+        _write_rows(_out_lanes(lse, lanes_out), out_m, row_map, st.index)
     else:
-        _write_rows(_out_lanes(st.new_max, lanes_out), out_m, row_map)
-        _write_rows(_out_lanes(st.new_sum, lanes_out), out_l, row_map)
+        _write_rows(_out_lanes(st.new_max, lanes_out), out_m, row_map, st.index)
+        _write_rows(_out_lanes(st.new_sum, lanes_out), out_l, row_map, st.index)
 
 
 def merge_rows_backward(
@@ -512,13 +528,13 @@ def merge_rows_backward(
     def write(values: torch.Tensor, dst: Sequence[torch.Tensor], lse: bool = False) -> None:
         for k, e in enumerate(st.empty):  # an empty part's gradients are 0
             v = values[k] if e is None else torch.where(e, 0.0, values[k])
-            _write_rows(_lane0(v, dst[k]) if lse else v.expand(*v.shape[:-1], lanes), dst[k], row_map)
+            _write_rows(_lane0(v, dst[k]) if lse else v.expand(*v.shape[:-1], lanes), dst[k], row_map, st.index)
 
     if parts_l is None:
         write(weights * (lse_scale * centred + g_m), grad_parts_m, lse=True)
         return
     assert grad_l is not None and grad_parts_l is not None
-    g_l = _fold(_gather_rows(grad_l, row_map).to(compute), lanes)
+    g_l = _fold(_gather_rows(grad_l, row_map, st.index).to(compute), lanes)
     # The max is shared equally by tied parts (torch.maximum's rule and the central difference's); empty parts
     # take no share (their gradient is 0).
     ties = st.maxima == st.new_max
