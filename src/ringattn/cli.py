@@ -1,4 +1,5 @@
-"""The ``ringattn`` command: ``ringattn demo`` and ``ringattn bench`` (also ``python -m ringattn``)."""
+"""The ``ringattn`` command: ``ringattn demo``, ``ringattn bench`` and ``ringattn compile`` (also ``python -m
+ringattn``)."""
 
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--no-ring", action="store_true", help="only the merge part")
     sub.add_parser("bench", help="benchmarks; `ringattn bench --help` for options", add_help=False)
+    sub.add_parser("compile", help="compile the fused CPU kernels ahead of time; --where, --clear", add_help=False)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["compile"]:
+        from .backends._compile_cli import main as compile_main
+
+        return compile_main(argv[1:])
     args = parser.parse_args(argv)
     from .demo import main as demo_main
 
