@@ -245,7 +245,8 @@ def _merge_rows_backward_gather(
 #   that stay in cache (a part in another dtype is converted into one by ``copy_``: a mixed-dtype op would convert a
 #   whole copy first), and each output chunk is written once.
 # * The backward goes in chunks too: ``g`` converted once per chunk, each part read once for its per-lane dots
-#   ``<g, o_k>`` (a product in scratch, summed per lane), each ``w_k g`` written once.
+#   ``<g, o_k>`` (one lane and no empty row: a batched ``matmul`` of ``(..., 1, D)`` by ``(..., D, 1)``; otherwise
+#   a product in scratch, summed per lane), each ``w_k g`` written once.
 # * Empty parts are selected out, never multiplied by zero: a part with an empty row has its product set to -0.0
 #   there (forward: the identity of ``+``, as the select of Note [row merge]) or 0 (backward) by ``masked_fill_``;
 #   rows empty in every part are set to +0. Parts without an empty row (the common case) skip both.
@@ -500,14 +501,18 @@ def merge_rows_backward(
             tmp = tmp_buf.narrow(piece[0], 0, piece[2])
             for k, (o, e) in enumerate(zip(parts_o, st.empty, strict=True)):
                 o = _take(o, piece)
-                if o.dtype == compute:
-                    torch.mul(g, o, out=tmp)
+                if e is None and lanes == 1:  # one op, no product in memory: a batched dot product
+                    src = o if o.dtype == compute else tmp.copy_(o)
+                    dots[k].append(torch.matmul(g.unsqueeze(-2), src.unsqueeze(-1)).squeeze(-1))
                 else:
-                    tmp.copy_(o).mul_(g)
-                if e is not None:  # d_k = <g, o_k> leaves an empty part's output unread
-                    e = _take(e, piece)
-                    rows(tmp, e).masked_fill_(meet(e), 0.0)
-                dots[k].append(view.fold(tmp))
+                    if o.dtype == compute:
+                        torch.mul(g, o, out=tmp)
+                    else:
+                        tmp.copy_(o).mul_(g)
+                    if e is not None:  # d_k = <g, o_k> leaves an empty part's output unread
+                        e = _take(e, piece)
+                        rows(tmp, e).masked_fill_(meet(e), 0.0)
+                    dots[k].append(view.fold(tmp))
                 w = _take(weights[k], piece)
                 dst = _take(grad_parts_o[k], piece)
                 out = dst if dst.dtype == compute else tmp
