@@ -10,11 +10,13 @@ files behind in site-packages. ringattn's kernels use a per-user directory inste
 * else ``$NUMBA_CACHE_DIR`` when set: the user's choice for every numba cache, left to numba's own locator;
 * else ``$XDG_CACHE_HOME/ringattn/numba``, or ``~/.cache/ringattn/numba`` without ``XDG_CACHE_HOME``.
 
-Inside it, one subdirectory per module (``ringattn.backends``), not per install path, so every install whose kernel
-sources are the same shares the compiled kernels. An entry is valid for a source stamp, which here is a hash of the
-contents of every ``backends/numba_*.py`` (numba's own stamp covers the kernel's file only, so an edit of a helper it
-inlines from another file would otherwise leave a stale kernel), besides numba's own key (signature, CPU, numba
-version, the function's bytecode). A directory that cannot be created or written falls back to numba's default.
+Inside it, one subdirectory per package and *source stamp* (``ringattn.backends-<hash>``), not per install path: the
+stamp is a hash of the contents of every ``backends/numba_*.py``, so every install whose kernel sources are the same
+shares the compiled kernels, and installs of different sources (two versions, two git worktrees) keep theirs apart
+instead of overwriting one another's index. numba's own stamp covers the kernel's file only, so an edit of a helper
+it inlines from another file would otherwise leave a stale kernel. numba's own key (signature, CPU, numba version,
+the function's bytecode) applies within. A directory that cannot be created or written falls back to numba's
+default. Directories of older sources stay until ``--clear``.
 
 ``ringattn compile --clear`` deletes the directory; ``ringattn compile --where`` prints it. This is a locator class
 of numba's caching API (``numba.core.caching.CacheImpl._locator_classes``), installed by :func:`install` when a
@@ -86,7 +88,7 @@ def install() -> None:
         def __init__(self, py_func, py_file: str, root: Path) -> None:
             self._py_file = py_file
             self._lineno = py_func.__code__.co_firstlineno
-            self._cache_path = str(root / py_func.__module__.rpartition(".")[0])
+            self._cache_path = str(root / f"{py_func.__module__.rpartition('.')[0]}-{source_stamp()[:16]}")
 
         def get_cache_path(self) -> str:
             return self._cache_path
