@@ -1,7 +1,7 @@
 """Random inputs for ``ring_attention_update`` and the tolerances they are checked with.
 
-Tolerances (atol = rtol, against the float64 reference) per output dtype. SPEC section 6 gives the
-original's own: float32 1e-4, float16 1e-3, bfloat16 5e-3. Each is above one rounding of the result to
+Tolerances (atol = rtol, against the float64 reference) per output dtype. ``docs/contract.md`` ("Numerics") gives the
+tolerances, the original's own: float32 1e-4, float16 1e-3, bfloat16 5e-3. Each is above one rounding of the result to
 that dtype (2**-24, 2**-11, 2**-8 relative) plus float32 arithmetic on the weights, and below any real
 mistake (a wrong statistics row changes results at the 1e-1 level). float64 keeps 1e-12: only the
 order of float64 operations differs from the reference.

@@ -1,4 +1,5 @@
-"""One test per error of SPEC section 5 (and of ringattn's extensions): exception types and messages."""
+"""One test per error of ``docs/contract.md`` ("Errors") and of ringattn's extensions: exception types and
+messages."""
 
 from __future__ import annotations
 

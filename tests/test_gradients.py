@@ -4,7 +4,7 @@
 Edge rows in every case: one side empty, both sides empty, equal maxima (where ``max`` is not differentiable and
 the backward splits its gradient equally, as the central difference gradcheck uses does).
 Tolerances for the fp32/fp16/bf16 backward against the float64 gradient: the gradient of a part's output is
-``w_k g`` rounded once to the dtype (SPEC section 6 table: fp32 1e-4, fp16 1e-3, bf16 5e-3); the statistics'
+``w_k g`` rounded once to the dtype (``docs/contract.md``, "Numerics": fp32 1e-4, fp16 1e-3, bf16 5e-3); the statistics'
 gradients are float32 sums of D products, compared at 1e-4 relative to their scale.
 """
 

@@ -1,4 +1,4 @@
-"""The float64 oracle itself: SPEC section 4's per-batch layout on a hand-computed case, and identities."""
+"""The float64 oracle itself: ``docs/contract.md``'s per-batch layout on a hand-computed case, and identities."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import ringattn
 from inputs import available_backends, backend_device, make_update_inputs
 from ringattn.reference import merge_stats_reference, ring_attention_update_reference
 
-# Three batches of lengths 2, 0, 3 (T = 5) and N = 2 heads. SPEC section 4: token t of batch i, head n uses
-# statistics row c_i*N + n*S_i + (t - c_i). Written out by hand, (t, n) -> row:
+# Three batches of lengths 2, 0, 3 (T = 5) and N = 2 heads. ``docs/contract.md``, "Statistics orders": token t of
+# batch i, head n uses statistics row c_i*N + n*S_i + (t - c_i). Written out by hand, (t, n) -> row:
 PER_BATCH_ROWS = {
     (0, 0): 0, (1, 0): 1, (0, 1): 2, (1, 1): 3,  # batch 0: c = 0, S = 2
     (2, 0): 4, (3, 0): 5, (4, 0): 6, (2, 1): 7, (3, 1): 8, (4, 1): 9,  # batch 2: c = 2, S = 3

@@ -1,4 +1,5 @@
-"""Validation and layout normalisation for ``ring_attention_update`` (SPEC sections 2, 4 and 5).
+"""Validation and layout normalisation for ``ring_attention_update`` (``docs/contract.md``: layouts, statistics
+orders, errors).
 
 Every backend receives an :class:`UpdateProblem`: the validated user tensors plus the facts derived from
 them. Backends never re-validate and never see NumPy arrays.
@@ -19,8 +20,8 @@ TND, per-batch (default)    (T, 1)          (T, N, D)            see below
 =========================  ==============  ==================  =====================================
 
 For the first two, attention row ``[p, q, n]`` uses statistics row ``[p, q, n]`` of the views. For the
-per-batch TND layout (SPEC section 4) the statistics tensor, read as ``(T*N, 8)`` rows in its logical
-row-major order, holds batch ``i`` as a contiguous ``(N, S_i)`` block starting at row ``c_i * N``. Token
+per-batch TND layout (``docs/contract.md``, "Statistics orders") the statistics tensor, read as ``(T*N, 8)`` rows
+in its logical row-major order, holds batch ``i`` as a contiguous ``(N, S_i)`` block starting at row ``c_i * N``. Token
 ``t`` of batch ``i`` and head ``n`` therefore use logical row::
 
     r(t, n) = row_base[t] + n * row_step[t],   row_base[t] = c_i * (N - 1) + t,   row_step[t] = S_i
@@ -57,7 +58,7 @@ from .errors import (
 STATS_LANES = 8
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("SBH", "TND")
-# SPEC section 5: the Ascend kernel's unified-buffer budget for one TND row block.
+# ``docs/contract.md``, "Ascend limits": the Ascend kernel's unified-buffer budget for one TND row block.
 ASCEND_UB_BYTES = 192 * 1024
 ASCEND_HEAD_DIM_ALIGN = 64
 
@@ -428,7 +429,7 @@ def validate_update(
     softmax_layout: Any = None,
     ascend_limits: bool = True,
 ) -> UpdateProblem:
-    """Check a ``ring_attention_update`` call against SPEC section 5 and normalise it."""
+    """Check a ``ring_attention_update`` call against ``docs/contract.md`` ("Errors") and normalise it."""
     layout = normalise_layout(layout)
     if not isinstance(ascend_limits, (bool, np.bool_)):
         raise DTypeError(expected("ascend_limits", "True or False", repr(ascend_limits)))

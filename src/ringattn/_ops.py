@@ -1,10 +1,10 @@
-"""torch.library custom ops behind the public merges (layer 3 of STYLE.md C): ``torch.ops.ringattn.*``.
+"""torch.library custom ops behind the public merges : ``torch.ops.ringattn.*``.
 
 Forward ops (autograd for them is registered in ``_backward.py``):
 
 ``ringattn::ring_attention_update(prev_o, prev_m, prev_l, cur_o, cur_m, cur_l, seq_offsets, layout, stats_layout,
 backend) -> (o, m, l)``
-    The Ascend stats-form merge of two parts (SPEC). Runs ``backends.select(backend, problem)``.
+    The Ascend stats-form merge of two parts (``docs/contract.md``). Runs ``backends.select(backend, problem)``.
 ``ringattn::merge_states(parts_o, parts_lse, layout, lse_layout, lse_scale, backend) -> (o, lse)``
     The LSE-form merge of K parts. Runs ``merge_rows`` of ``backends.for_device(device, backend)``.
 ``ringattn::ring_attention_update_out`` / ``ringattn::merge_states_out``
@@ -33,7 +33,7 @@ TND        (T, N, D)              (T, 1)        ``unsqueeze(1)``
 =========  =====================  ============  ============================================================
 
 Statistics (``stats_layout``) ``BNS`` (B, N, S), ``NT`` (N, T), ``TN`` (T, N), and ``per_batch`` ((T, N) holding
-SPEC section 4's per-batch, head-major rows; located through ``seq_offsets``). A trailing axis of lanes (Ascend's
+``docs/contract.md``'s per-batch, head-major rows; located through ``seq_offsets``). A trailing axis of lanes (Ascend's
 8) is recognised by rank; LSE tensors have none. Statistics are viewed as ``(P, Q, N, lanes)`` without copying.
 """
 

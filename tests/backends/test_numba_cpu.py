@@ -3,7 +3,7 @@
 The shared property tests (every layout, dtype and edge row against the float64 reference) run this
 backend from ``test_ring_attention_update.py``; here: odd sizes, strides on every argument, thread
 counts, K-part merges in both statistics forms, per-batch row maps, bit-exact 16-bit rounding, NaN,
-empty rows, aliasing, zero sizes. Tolerances: ``inputs.TOL`` (SPEC section 6) against float64.
+empty rows, aliasing, zero sizes. Tolerances: ``inputs.TOL`` (``docs/contract.md``, "Numerics") against float64.
 
 Each distinct (dtype, K) compiles the kernel once per process (seconds, cached on disk afterwards), so
 the tests reuse few signatures: fp32 for K = 1..8, the other dtypes at K = 2.

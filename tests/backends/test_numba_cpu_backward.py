@@ -5,8 +5,9 @@ float64 formula of the forward, in both statistics forms, with edge rows in ever
 empty, maxima tied across all parts, an LSE of ``+inf``. Gradient outputs are poisoned with NaN before each call.
 Statistics have 8 lanes: lane j gets the gradient of the elements ``d % 8 == j`` (Note [row merge backward]).
 
-Tolerances (``inputs.TOL``, SPEC section 6): a part's output gradient is ``w_k g`` rounded once to its dtype, so it
-is within one rounding (plus float32 weights) of the float64 value: fp32 1e-4, fp16 1e-3, bf16 5e-3, fp64 1e-12.
+Tolerances (``inputs.TOL``, ``docs/contract.md`` "Numerics"): a part's output gradient is ``w_k g`` rounded once to
+its dtype, so it is within one rounding (plus float32 weights) of the float64 value: fp32 1e-4, fp16 1e-3, bf16 5e-3,
+fp64 1e-12.
 Statistic gradients are float32 (float64 for fp64) sums of D products whatever the parts' dtype: 1e-4 (1e-12),
 relative to the largest gradient of the tensor. Against the eager backend the same tables apply (both round once;
 they differ in ``exp``'s last bit and the dot's summation order).

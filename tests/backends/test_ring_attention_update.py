@@ -1,4 +1,4 @@
-"""Every backend of ``ring_attention_update`` against the float64 reference (SPEC sections 3, 4, 6, 7).
+"""Every backend of ``ring_attention_update`` against the float64 reference (``docs/contract.md``).
 
 Runs against each backend that can run here: ``torch`` always, ``cpu`` when numba imports, ``triton`` on the
 GPU when there is one, else on CPU tensors under ``TRITON_INTERPRET=1`` (fewer, smaller examples: the
@@ -152,7 +152,7 @@ def check_against_reference(backend: str, dtypes: tuple[torch.dtype, ...], examp
 @pytest.mark.parametrize("layout", ["SBH", "TND"])
 @pytest.mark.parametrize(("backend", "dtype"), BACKEND_DTYPES)
 def test_empty_rows(backend, layout, dtype):
-    """Empty with empty is empty (0, -inf, 0); empty with x is exactly x (SPEC section 7)."""
+    """Empty with empty is empty (0, -inf, 0); empty with x is exactly x (``docs/contract.md``, "Empty parts")."""
     gen = torch.Generator().manual_seed(7)
     x = make_update_inputs(layout, dtype, gen, seq=4, seq_lens=[2, 0, 3], head_dim=64, empty_fraction=0.0)
     assert x.prev_m.view(-1, 8).shape[0] > 3
@@ -175,7 +175,8 @@ def test_empty_rows(backend, layout, dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_and_inf_follow_ieee(backend, dtype):
-    """NaN statistics give NaN rows, NaN outputs NaN elements, +inf statistics NaN weights (SPEC 6)."""
+    """NaN statistics give NaN rows, NaN outputs NaN elements, +inf statistics NaN weights (IEEE arithmetic of the
+    merge, ``docs/contract.md``)."""
     gen = torch.Generator().manual_seed(11)
     x = make_update_inputs("SBH", dtype, gen, seq=6, batch=1, heads=2, head_dim=5, empty_fraction=0.0)
     x.prev_m[0, 0, 0] = math.nan  # row (s=0, b=0, n=0)

@@ -4,8 +4,8 @@
 Without a GPU the kernel runs on CPU tensors under ``TRITON_INTERPRET=1``, which must be set before
 Triton is first imported; the interpreter is ~1000x slower than compiled code, so shapes are small but
 chosen to cross tile edges (rows not a multiple of BLOCK_ROWS, D not a power of two, D = 1, D looping
-over several BLOCK_D chunks). Tolerances: ``inputs.TOL`` (SPEC section 6, atol = rtol), statistics at the
-float32 entry.
+over several BLOCK_D chunks). Tolerances: ``inputs.TOL``
+(``docs/contract.md``, "Numerics"; atol = rtol), statistics at the float32 entry.
 
 Both forward kernels (Note [triton row tiles], Note [triton flat merge]) run the public-path tests through the
 ``merge_kernel`` fixture (``RINGATTN_TRITON_MERGE``); the flat kernel's own tests compare its bits with the tile
@@ -202,7 +202,8 @@ def merge_reference(parts_o, parts_m, parts_l, lse_scale=1.0, row_index=None):
 
 
 def per_batch_index(offsets: list[int], heads: int) -> torch.Tensor:
-    """SPEC section 4 literally: token t of batch i, head n -> stats row c_i*N + n*S_i + (t - c_i)."""
+    """``docs/contract.md``'s statistics order literally: token t of batch i, head n -> stats row
+    c_i*N + n*S_i + (t - c_i)."""
     index = torch.empty(offsets[-1], heads, dtype=torch.int64)
     for start, end in zip(offsets[:-1], offsets[1:], strict=True):
         for t in range(start, end):

@@ -5,7 +5,7 @@ its own shard: output, LSE and dq, dk, dv for a random upstream gradient. One sp
 runs the whole grid.
 
 Tolerances (atol = rtol, against float64 on the same rounded inputs): float64 1e-12 (pure rounding
-of a few sums); float32 1e-4 and float16 1e-3 (SPEC section 6); bfloat16 3e-2, because every block
+of a few sums); float32 1e-4 and float16 1e-3 (``docs/contract.md``, "Numerics"); bfloat16 3e-2, because every block
 kernel rounds its output and gradients to bfloat16 once (2^-8 relative) and gradients sum S terms.
 On top, the ring's error must stay within 2x the error of the same code as a ring of one on the whole
 sequence (plus a floor of tol / 10), so error cannot grow with the world size.

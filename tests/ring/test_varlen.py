@@ -4,8 +4,9 @@ Pure functions (Note [packed zigzag]) are checked exhaustively against brute for
 gloo ranks against single-process float64 attention with a block-diagonal (per-document) causal mask: output, LSE
 and dq, dk, dv for a random upstream gradient, document lengths including 0, 1, lengths not divisible by 2W,
 documents longer than a shard and shorter than a chunk. Tolerances (atol = rtol, against float64 of the same
-rounded inputs), those of ``test_virtual.py``: float64 1e-12; float32 1e-4 (SPEC's float32 accuracy); bfloat16 3e-2
-(each block rounds its output and gradients to bfloat16 once, 2^-8 relative, and gradients sum up to ~40 terms).
+rounded inputs), those of ``test_virtual.py``: float64 1e-12; float32 1e-4 (``docs/contract.md``, "Numerics");
+bfloat16 3e-2 (each block rounds its output and gradients to bfloat16 once, 2^-8 relative, and gradients sum up to
+~40 terms).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Output, LSE and dq, dk, dv for a random upstream gradient, for W = 1..8, causal zigzag and contiguous,
 non-causal, MHA/GQA/MQA, odd chunk lengths and head sizes, BSND and BNSD, float64, float32 and bfloat16; on
 CPU always and on CUDA when there is a GPU. Tolerances (atol = rtol, against float64 attention of the same
-rounded inputs): float64 1e-12; float32 1e-4 (SPEC's float32 accuracy); bfloat16 3e-2 (each block rounds its
+rounded inputs): float64 1e-12; float32 1e-4 (``docs/contract.md``, "Numerics"); bfloat16 3e-2 (each block rounds its
 output and gradients to bfloat16 once, 2^-8 relative, and gradients sum S terms); float16 1e-2. On top, the
 ring's error must stay within 2x the error of a ring of one (plus tol / 10): no growth with W. One exception,
 measured and inherent: the fused half-precision kernels return each step's dq/dk/dv share rounded to the half

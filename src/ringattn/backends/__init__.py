@@ -39,7 +39,8 @@ A part is *empty* in a lane where ``m_k == -inf`` and ``l_k == 0`` (stats form),
 (LSE form). Its output is never read: a select, not a multiply by zero, so NaN or garbage there (outputs
 of rows no key reached are often ``torch.empty`` memory) does not leak; the select contributes -0.0, the
 identity of ``+``, so the row is bitwise the merge of the other parts. NaN in a statistic, or in the output
-of a non-empty part, propagates. For K = 2 this is SPEC section 3 exactly (two products then one add).
+of a non-empty part, propagates. For K = 2 this is ``docs/contract.md`` ("What it computes") exactly (two
+products then one add).
 Equal lanes (the contract) give every element lane 0's weights; the fused CPU kernel evaluates such rows
 once (Note [cpu merge kernel]).
 
@@ -52,7 +53,7 @@ Each backend module has:
 ``merge_rows(...)``
     Note [row merge]. ``ring_attention_update`` below runs the contract's op through it (K = 2). The
     reference backend has instead its own ``ring_attention_update(problem, out_o, out_m, out_l)``: a separate
-    transcription of the SPEC, sharing nothing with the row merge.
+    transcription of the contract (``docs/contract.md``), sharing nothing with the row merge.
 ``merge_rows_backward(...)``, optional
     Note [row merge backward] in ``_backward.py``; backends without it use the torch version.
 
@@ -211,7 +212,7 @@ def ring_attention_update(
 ) -> None:
     """Write ``problem``'s merge into ``out_o, out_m, out_l`` with backend ``module`` (outputs may be exactly
     the input views): the row merge of Note [row merge] with K = 2 in the stats form."""
-    if not hasattr(module, "merge_rows"):  # the reference: its own transcription of the SPEC
+    if not hasattr(module, "merge_rows"):  # the reference: its own transcription of the contract
         module.ring_attention_update(problem, out_o, out_m, out_l)
         return
     row_map = problem.per_batch_row_map() if problem.stats_order == "per_batch" else None

@@ -28,7 +28,7 @@ A tile runs in two phases, each walking memory in its own order:
 1. statistics: lane 0 of each part's max and sum, visited in the statistics' memory order (head-major
    for SBH and per-batch TND, whose statistics rows of one token are far apart), in chunks of
    ``_CHUNK_ROWS`` rows whose values stay in L1: (A) gather lane 0 of every part's max and sum into per-part
-   arrays (one ``_stats_at`` per row), (B) SPEC section 3 over the chunk in branch-free loops that vectorise
+   arrays (one ``_stats_at`` per row), (B) the contract's merge over the chunk in branch-free loops that vectorise
    (merged max, ``exp`` as a polynomial, products, sum, the K weights ``w_k / L`` as K vector divisions),
    (C) store the weights, contiguous in visit order, and write the output statistics to every lane.
    (A) also marks a row *general* when a part's lanes differ from its lane 0, or a part is empty (max
@@ -53,7 +53,7 @@ A tile runs in two phases, each walking memory in its own order:
    inlined helpers per call, which cost more than the arithmetic. (The previous shape, per-row loops over
    the whole tile with the weights scattered in attention order, was 1.0-1.16x slower on the bf16 merge);
 2. outputs: rows in attention order; each element reads every part once, forms ``o_0 * p_0 + o_1 * p_1
-   + ...`` (SPEC section 3: products, then adds in part order) and writes the rounded value once. K is
+   + ...`` (``docs/contract.md``: products, then adds in part order) and writes the rounded value once. K is
    a compile-time constant (the tuple length) and the sum is written out term by term for it
    (``_weighted_sum``); the per-row bases and weights are fixed-size tuples built per K
    (``_part_offsets``, ``_part_values``: no array views per row), i.e. registers, which lets LLVM vectorise.
@@ -311,7 +311,7 @@ def _exp_in_place_impl(values):
 
 
 def _weighted_sum(o_bufs, bases, steps, weights, d):  # pragma: no cover - numba stub
-    """``sum_k widen(o_k[bases[k] + d * steps[k]]) * weights[k]``: SPEC section 3's products, then adds in
+    """``sum_k widen(o_k[bases[k] + d * steps[k]]) * weights[k]``: the contract's products, then adds in
     part order, in the compute type."""
 
 
@@ -694,7 +694,7 @@ def _merge_rows_kernel(
                         general[a * inner + b] = True
                         chunk_general = True
                 tile_general |= chunk_general
-                # B: SPEC section 3 for the chunk; branch-free loops that vectorise.
+                # B: the contract's merge for the chunk; branch-free loops that vectorise.
                 for j in range(size):
                     top = neg_inf
                     for k in range(parts):

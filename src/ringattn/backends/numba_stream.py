@@ -93,7 +93,7 @@ def store_fence(typingctx):
 #
 # * a 32-byte load, read as 8 int32 lanes, holds elements 2i (low half) and 2i + 1 (high half) of lane i, so
 #   ``lane << 16`` and ``lane & 0xFFFF0000`` are the even and the odd elements widened to float32, in place;
-# * SPEC section 3's arithmetic in float32, products then adds in part order (fmul / fadd, no contraction), so
+# * the contract's arithmetic in float32, products then adds in part order (fmul / fadd, no contraction), so
 #   the results are bitwise those of the scalar loop;
 # * rounding as ``_narrow``: ``(b + 0x7FFF + ((b >> 16) & 1)) >> 16``, NaN kept NaN as ``(b >> 16) | 0x40``;
 # * the two halves recombine as ``(even >> 16) | (odd & 0xFFFF0000)``: no pack, no lane crossing;

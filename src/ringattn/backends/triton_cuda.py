@@ -266,7 +266,7 @@ def _launch_merge_rows(
             ONE_CHUNK=D <= block_d,
             WIDE_COLS=_wide_columns((*parts_o, out_o), D) if wide_cols is None else wide_cols,
             num_warps=num_warps or 4,
-            # SPEC section 3 rounds two products, then adds: no fused multiply-add.
+            # The contract rounds two products, then adds: no fused multiply-add.
             enable_fp_fusion=False,
         )
 

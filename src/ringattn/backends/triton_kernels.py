@@ -21,7 +21,7 @@ each row the program
    ``rr = row_base[t] + n * row_step[t]`` lives at ``[rr // N, 0, rr % N]``), and forms the maximum;
 2. per ``D`` chunk, accumulates ``o_k * (w_k / L)`` in float32 (weights recomputed from the statistics,
    which are L1 hits) and rounds once (to nearest even) into ``out_o``. FMA contraction is disabled at
-   launch and ``w_k / L`` is an IEEE division (``div_rn``), so ``K = 2`` is SPEC section 3's two
+   launch and ``w_k / L`` is an IEEE division (``div_rn``), so ``K = 2`` is the contract's two
    products then one add; ``exp`` is Triton's (``ex2.approx`` on CUDA, a few ulp: far inside 1e-4);
 3. writes the merged statistics to every lane of ``out_m`` (and ``out_l``).
 

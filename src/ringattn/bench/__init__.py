@@ -1,4 +1,4 @@
-"""``ringattn bench``: benchmarks of ringattn's ops, one module per op (STYLE.md section F).
+"""``ringattn bench``: benchmarks of ringattn's ops, one module per op.
 
 ``ringattn bench [merge] ...`` times ``ring_attention_update`` (:mod:`ringattn.bench.merge`, its command
 line in :mod:`ringattn.bench.merge_cli`); ``ringattn bench ring ...`` times ring attention
