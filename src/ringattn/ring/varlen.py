@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _amp
-from . import blocks, checks
+from . import blocks, checks, ops
 from .attention import (
     RingConfig,
     RingOptions,
@@ -43,7 +43,6 @@ from .attention import (
     add_slice_gradients,
     attend_slices,
     local_merge_backend,
-    opaque_to_compile,
 )
 from .blocks import ATEN, KERNELS, compute_dtype, resolve_impl
 from .comm import RingComm
@@ -166,7 +165,6 @@ def prepare_varlen(
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
 
-@opaque_to_compile  # Note [ring under torch.compile] in attention.py
 def ring_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -235,7 +233,12 @@ def ring_attention_varlen(
         whether a backward will run); checked with one small all_gather before any transfer.
     """
     options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
-    return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse)
+
+    # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
+    def direct() -> Any:
+        return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse)
+
+    return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct)
 
 
 def run_ring_varlen(

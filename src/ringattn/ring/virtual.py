@@ -31,7 +31,8 @@ import torch
 
 from .. import _amp
 from ..errors import ConfigError, ShapeError, expected, refuse_double_backward
-from .attention import RingOptions, _heads_first, opaque_to_compile, prepare, ring_backward, ring_forward
+from . import ops
+from .attention import RingOptions, _heads_first, prepare, ring_backward, ring_forward
 from .comm import Pending
 from .schedule import next_rank, packed_local_offsets
 from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
@@ -227,48 +228,83 @@ def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
     return unshard_sequence(shards, sharding=_sharding(plan), dim=dim)
 
 
+def virtual_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, needs_grad: bool) -> tuple:
+    """Every virtual rank's forward: ``(out, lse, per_rank)``, out in the caller's layout, ``per_rank`` the
+    ``((q_r, k_r, v_r, out_r, lse_r), cfg)`` of each rank that its backward needs."""
+    shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
+
+    def rank_forward(comm: VirtualComm):
+        q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad)
+        out, lse = ring_forward(q_r, k_r, v_r, cfg)
+        return (q_r, k_r, v_r, out, lse), cfg
+
+    per_rank = run_virtual_ranks(plan.world_size, rank_forward)
+    out = _unshard([saved[3] for saved, _ in per_rank], plan, dim=1)  # (B, S, N, D); packed (T, N, D)
+    lse = _unshard([saved[4] for saved, _ in per_rank], plan, dim=2)  # (B, N, S); packed (N, T)
+    if plan.options.layout == "BNSD":
+        out = _heads_first(out)
+    return out, lse, per_rank
+
+
+def virtual_backward(dout: torch.Tensor, per_rank: list, plan: _Plan) -> tuple[torch.Tensor, ...]:
+    """dq, dk, dv of the whole sequence (the caller's layout) from :func:`virtual_forward`'s ``per_rank``."""
+    douts = _shards(dout, plan)
+
+    def rank_backward(comm: VirtualComm):
+        (q_r, k_r, v_r, out, lse), cfg = per_rank[comm.rank]
+        do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
+        do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
+        return ring_backward(do_r, q_r, k_r, v_r, out, lse, dataclasses.replace(cfg, comm=comm))
+
+    grads = run_virtual_ranks(plan.world_size, rank_backward)
+    full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
+    if plan.options.layout == "BNSD":
+        full = [_heads_first(g) for g in full]
+    return tuple(full)
+
+
+class _CheckedRank:
+    """Virtual rank ``rank`` of a call the forward checked: its all_gather returns its own row for every rank."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        return [list(values) for _ in range(self.world_size)]
+
+
+def rebuild_per_rank(q, k, v, out, lse, plan: _Plan) -> list:
+    """:func:`virtual_forward`'s ``per_rank`` from the call's inputs and outputs (the op's backward saves only
+    tensors): each rank's shards, and its configuration as ``prepare`` makes it, without the forward's checks."""
+    plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, backend="torch"))  # no probe merge
+    per_rank = []
+    for rank, inputs in enumerate(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True)):
+        q_r, k_r, v_r, cfg = plan.prepare(*inputs, _CheckedRank(rank, plan.world_size), True)
+        if plan.cu_seqlens is not None:
+            out_r = shard_packed(out, plan.cu_seqlens, rank, plan.world_size).unsqueeze(0)
+            lse_r = shard_packed(lse, plan.cu_seqlens, rank, plan.world_size, dim=1).unsqueeze(0)
+        else:
+            out_r = _shards(out, plan)[rank]
+            out_r = _heads_first(out_r) if plan.options.layout == "BNSD" else out_r
+            lse_r = shard_sequence(lse, rank, plan.world_size, sharding=_sharding(plan), dim=2)
+        per_rank.append(((q_r, k_r, v_r, out_r, lse_r), cfg))
+    return per_rank
+
+
 class _VirtualRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, needs_grad: bool) -> Any:
-        shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
-
-        def rank_forward(comm: VirtualComm):
-            q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad)
-            out, lse = ring_forward(q_r, k_r, v_r, cfg)
-            return (q_r, k_r, v_r, out, lse), cfg
-
-        results = run_virtual_ranks(plan.world_size, rank_forward)
-        ctx.saved = [saved for saved, _ in results]
-        ctx.configs = [cfg for _, cfg in results]
+        out, lse, ctx.per_rank = virtual_forward(q, k, v, plan, needs_grad)
         ctx.plan = plan
-        out = _unshard([saved[3] for saved in ctx.saved], plan, dim=1)  # (B, S, N, D); packed (T, N, D)
-        lse = _unshard([saved[4] for saved in ctx.saved], plan, dim=2)  # (B, N, S); packed (N, T)
-        if plan.options.layout == "BNSD":
-            out = _heads_first(out)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
         refuse_double_backward("simulate_ring_attention")
-        plan = ctx.plan
-        douts = _shards(dout, plan)
-
-        def rank_backward(comm: VirtualComm):
-            q_r, k_r, v_r, out, lse = ctx.saved[comm.rank]
-            do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
-            do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
-            cfg = dataclasses.replace(ctx.configs[comm.rank], comm=comm)
-            return ring_backward(do_r, q_r, k_r, v_r, out, lse, cfg)
-
-        grads = run_virtual_ranks(plan.world_size, rank_backward)
-        full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
-        if plan.options.layout == "BNSD":
-            full = [_heads_first(g) for g in full]
-        return (*full, None, None)
+        return (*virtual_backward(dout, ctx.per_rank, ctx.plan), None, None)
 
 
-@opaque_to_compile  # Note [ring under torch.compile] in attention.py
 def simulate_ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -331,21 +367,31 @@ def simulate_ring_attention(
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
-    q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
-    with _amp.autocast_off(q, k, v):
-        return _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend,
-                         cu_seqlens)  # fmt: skip
-
-
-def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend, cu_seqlens):
     if cu_seqlens is not None:
-        causal = True if causal is None else causal
-        return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend)
-    options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend)
-    # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
-    # checks its shard again through the all-gather, as real ranks do.
-    prepare(q, k, v, options, _SoloComm(), needs_grad=False)
+        options = RingOptions(True if causal is None else causal, softmax_scale, "TND", "zigzag", impl, backend)
+    else:
+        options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend)
+
+    def direct() -> Any:
+        q_, k_, v_ = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
+        with _amp.autocast_off(q_, k_, v_):
+            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_, k_, v_))
+            out, lse = _VirtualRing.apply(q_, k_, v_, checked_plan(q_, k_, v_, world_size, options, cu_seqlens),
+                                          needs_grad)  # fmt: skip
+        return (out, lse) if return_lse else out
+
+    # The op ringattn::simulate_ring_attention, or the direct eager call (Note [ring under torch.compile] in ops.py)
+    return ops.call(q, k, v, cu_seqlens, None, options, return_lse, direct, world_size=world_size)
+
+
+def checked_plan(q, k, v, world_size: int, options: RingOptions, cu_seqlens: Any) -> _Plan:
+    """The whole call's checks, raising here (one process): as a ring of one, then whether the sequence cuts into
+    ``world_size`` shards; every virtual rank checks its shard again through the all-gather, as real ranks do."""
+    if cu_seqlens is not None:
+        return _checked_packed_plan(q, k, v, cu_seqlens, world_size, options)
+    prepare(q, k, v, options, _SoloComm(), needs_grad=False)  # sharding needs valid tensors
     seq_dim = 1 if options.layout == "BSND" else 2
+    sharding = options.sharding
     chunks = 2 * world_size if sharding == "zigzag" and world_size > 1 else world_size
     for name, x in (("q", q), ("k", k)):
         if x.shape[seq_dim] % chunks:
@@ -356,13 +402,10 @@ def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, retu
                     x.shape[seq_dim],
                 )
             )
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, seq_dim), needs_grad)
-    return (out, lse) if return_lse else out
+    return _Plan(world_size, options, seq_dim)
 
 
-def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend):
-    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
+def _checked_packed_plan(q, k, v, cu_seqlens, world_size: int, options: RingOptions) -> _Plan:
     # The whole batch checked as a ring of one holding it all (cu_seqlens must end at T; its W = 1 slot count is
     # not asked of q), then every virtual rank checks its shard through the all-gather, as real ranks do.
     if isinstance(q, torch.Tensor) and q.dim() >= 1:
@@ -379,9 +422,7 @@ def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, ret
         for x in (q, k, v)
     ]
     prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False)
-    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    out, lse = _VirtualRing.apply(q, k, v, _Plan(world_size, options, 0, cu_seqlens), needs_grad)
-    return (out, lse) if return_lse else out
+    return _Plan(world_size, options, 0, cu_seqlens)
 
 
 class _SoloComm:
