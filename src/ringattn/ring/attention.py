@@ -331,9 +331,10 @@ def ring_attention(
         Mask key positions after the query position, in GLOBAL sequence order as set by ``sharding``.
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``. Must be the same on every rank.
-    group : ProcessGroup, optional
+    group : ProcessGroup or DeviceMesh, optional
         The ring (default: the default group). Without an initialised process group the call is a
-        ring of one and computes plain attention.
+        ring of one and computes plain attention. A DeviceMesh: 1-D, or with a dimension named ``"cp"`` (the ring
+        is then ``mesh["cp"]``, as in torchtitan's ``dp x cp`` meshes).
     sharding : {"zigzag", "contiguous"}
         How the global sequence was cut (matters only when causal). ``"zigzag"``: the sequence is cut
         into ``2W`` chunks and rank r holds chunks ``r`` and ``2W-1-r`` concatenated (:func:`shard_sequence`);
@@ -369,7 +370,7 @@ def ring_attention(
 
     # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
     def direct() -> Any:
-        return run_ring(q, k, v, RingComm(group), options, return_lse=return_lse)
+        return run_ring(q, k, v, RingComm(ops.process_group(group)), options, return_lse=return_lse)
 
     return ops.call(q, k, v, None, group, options, return_lse, direct)
 

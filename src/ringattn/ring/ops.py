@@ -127,13 +127,32 @@ def decode_options(invalid: str, values: Any) -> Any:
 # --- the process group ------------------------------------------------------------------------------------------
 
 
+_GROUP_WANTED = "None, a torch.distributed ProcessGroup, a 1-D DeviceMesh or a DeviceMesh with a dimension named 'cp'"
+
+
+def process_group(group: Any, name: str = "group") -> Any:
+    """The ring's process group for ``group`` as the entry points take it: None (the default group), a ProcessGroup,
+    or a DeviceMesh: 1-D (its group), or of several dimensions, one named ``cp`` (the context-parallel ranks, as
+    torchtitan names them: ``mesh["cp"]``). ConfigError naming ``name`` otherwise."""
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim == 1:
+            return group.get_group()
+        if "cp" in (group.mesh_dim_names or ()):
+            return group.get_group("cp")
+        dims = f"dimensions {group.mesh_dim_names}" if group.mesh_dim_names else f"{group.ndim} unnamed dimensions"
+        raise ConfigError(expected(name, f"{_GROUP_WANTED} (or pass mesh['<your cp dimension>'])", f"a mesh of {dims}"))
+    raise ConfigError(expected(name, _GROUP_WANTED, type(group).__name__))
+
+
 def group_name(group: Any) -> str:
-    """The name the ops carry for ``group``: ``""`` for None (the default group), else ``group.group_name``."""
-    if group is None:
-        return ""
-    if isinstance(group, dist.ProcessGroup):
-        return group.group_name
-    raise ConfigError(expected("group", "None or a torch.distributed ProcessGroup", type(group).__name__))
+    """The name the ops carry for ``group`` (see :func:`process_group`): ``""`` for the default group, else
+    ``group_name`` of the process group."""
+    group = process_group(group)
+    return "" if group is None else group.group_name
 
 
 def resolve_group(name: str) -> Any:

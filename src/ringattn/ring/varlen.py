@@ -206,8 +206,9 @@ def ring_attention_varlen(
         Causal attention within each document, by position in the document.
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``. Must be the same on every rank.
-    group : ProcessGroup, optional
-        The ring (default: the default group; without an initialised process group, a ring of one).
+    group : ProcessGroup or DeviceMesh, optional
+        The ring (default: the default group; without an initialised process group, a ring of one); a DeviceMesh as
+        in :func:`ringattn.ring_attention` (1-D, or its ``"cp"`` dimension).
     return_lse : bool
         Also return the log-sum-exp (not differentiable).
     impl : {"auto", "sdpa", "cudnn", "flash", "efficient", "torch"}
@@ -236,7 +237,7 @@ def ring_attention_varlen(
 
     # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
     def direct() -> Any:
-        return run_ring_varlen(q, k, v, cu_seqlens, RingComm(group), options, return_lse=return_lse)
+        return run_ring_varlen(q, k, v, cu_seqlens, RingComm(ops.process_group(group)), options, return_lse=return_lse)
 
     return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct)
 
