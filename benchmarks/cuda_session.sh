@@ -41,7 +41,7 @@ if [[ $stage == ring ]]; then
 fi
 
 if [[ $stage == ring || $stage == all ]]; then
-    # Issue 11's cases: B=1, N=32, Nkv=8, D=128, bfloat16; sum of all virtual ranks' fwd+bwd / one SDPA fwd+bwd.
+    # Issue 11's cases: B=1, N=32, Nkv=8, D=128, bfloat16; x single = one SDPA fwd+bwd / all virtual ranks' fwd+bwd.
     common=(--virtual --device cuda --batch 1 --heads 32 --kv-heads 8 --head-dim 128 --dtype bfloat16)
     {
         timeout 120 python3 -m ringattn.bench ring "${common[@]}" --world-size 8 --seq-len 32768 --repeats 5 \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,7 +39,38 @@ _precompile: subprocess.Popen | None = None
 _done_dir: Path | None = None
 
 
+# --- the slow sweeps (Note [slow sweeps]) -------------------------------------------------------------------------
+
+# Note [slow sweeps]: tests marked `slow` (exhaustive sweeps, minutes each) are left out of every run unless the run
+# asks for them: `-m` names `slow` (`python -m pytest -q -m slow`, CI's second command, runs exactly them; any other
+# expression naming it decides for itself), or `--run-slow` is given. Done here, not with `addopts = -m "not slow"`,
+# because a command-line `-m` replaces the addopts one: `pytest -m "not distributed" tests/test_merge.py` would run
+# the sweeps. tests/test_slow_marker.py runs the README's narrowed commands' collection to check it.
+_NAMES_SLOW = re.compile(r"\bslow\b")
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (left out by default)")
+
+
+def slow_wanted(config) -> bool:
+    """Whether this run keeps the `slow` tests: `--run-slow`, or a `-m` expression that names `slow`."""
+    return bool(config.getoption("--run-slow") or _NAMES_SLOW.search(config.getoption("markexpr") or ""))
+
+
+def deselect_slow(config, items: list) -> None:
+    """Drop the `slow` tests from ``items`` (reported as deselected) unless the run asks for them."""
+    if slow_wanted(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        names = {id(item) for item in slow}
+        items[:] = [item for item in items if id(item) not in names]
+        config.hook.pytest_deselected(items=slow)
+
+
 def pytest_collection_modifyitems(session, config, items) -> None:
+    deselect_slow(config, items)
     heavy = [item for item in items if item.path.name in _KERNEL_TEST_FILES]
     if not heavy or os.environ.get("RINGATTN_TEST_PRECOMPILE", "1") == "0" or importlib.util.find_spec("numba") is None:
         return

@@ -4,8 +4,10 @@ arguments. Nothing here asserts a timing: only that figures exist, are positive 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import sys
 import types
 
@@ -236,13 +238,93 @@ def test_subcommand_is_dispatched_lazily_to_its_command_line_module(monkeypatch,
     assert seen == [rest]
 
 
-def test_missing_ring_peer_is_a_failed_row_naming_the_extra(monkeypatch, capsys):
+RING_TINY = ["--seq-len", "16", "--heads", "1", "--head-dim", "8", "--repeats", "1"]
+
+
+def _fake_measure(calls: list, failing: str | None = None):
+    """``ring.measure`` without spawning: records the providers asked for; ``failing`` gets an error row."""
+
+    def measure(case, providers):
+        calls.append(providers)
+        rows = [{"provider": "single", "median_s": 2.0, "max_abs_diff": 0.0, "threads": 2}]
+        for name in providers[1:]:
+            if name == failing:
+                rows.append({"provider": name, "error": "boom"})
+            else:
+                rows.append({"provider": name, "median_s": 1.0, "max_abs_diff": 1e-7, "threads": 1})
+        for row in rows:
+            if "median_s" in row:
+                row["speedup_vs_single"] = ring.speedup(2.0, row["median_s"])
+        return rows
+
+    return measure
+
+
+def test_missing_ring_peer_is_left_out_of_the_defaults_with_a_note_not_a_failed_row(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ring_attention_pytorch", None)  # import raises ModuleNotFoundError
-    argv = ["--seq-len", "16", "--heads", "1", "--head-dim", "8", "--repeats", "1"]
-    assert bench.main(["ring", *argv, "--providers", "single,ring-attention-pytorch"]) == 0
+    calls: list = []
+    monkeypatch.setattr(ring, "measure", _fake_measure(calls))
+    assert bench.main(["ring", *RING_TINY]) == 0
     out = capsys.readouterr().out
-    assert "ring-attention-pytorch    failed: ring-attention-pytorch is not importable" in out
-    assert "pip install 'ringattn[peers]'" in out
+    assert calls == [("single", "ringattn")]
+    assert "ring-attention-pytorch: not installed, left out (pip install 'ringattn[peers]'" in out
+    assert "failed" not in out
+    assert ring.default_providers() == ("single", "ringattn") and not ring.installed(ring.PEER)
+    monkeypatch.setitem(sys.modules, "ring_attention_pytorch", types.ModuleType("ring_attention_pytorch"))
+    assert ring.default_providers() == ring.PROVIDERS and ring.installed(ring.PEER)
+    assert ring.default_providers(documents=3) == ("single", "single-mask", "ringattn")
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--providers", "single,ring-attention-pytorch"],
+         "--providers: ring-attention-pytorch is not installed; install it with pip install 'ringattn[peers]'"),
+        (["--providers", "single,fast"],
+         "--providers: expected providers from single, ringattn, ring-attention-pytorch, got 'single,fast'"),
+        (["--providers", ","],
+         "--providers: expected providers from single, ringattn, ring-attention-pytorch, got ','"),
+        (["--documents", "3", "--providers", "ringattn,ring-attention-pytorch"],
+         "--providers: expected providers from single, single-mask, ringattn with --documents"),
+    ],
+)  # fmt: skip
+def test_bad_ring_provider_is_an_argument_error_with_status_2(monkeypatch, capsys, argv, fragment):
+    monkeypatch.setitem(sys.modules, "ring_attention_pytorch", None)
+    monkeypatch.setattr(ring, "measure", _fake_measure([]))
+    assert bench.main(["ring", *RING_TINY, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "usage: ringattn bench ring" in err and fragment in err
+
+
+def test_a_failing_ring_provider_makes_the_command_exit_1(monkeypatch, capsys):
+    calls: list = []
+    monkeypatch.setattr(ring, "measure", _fake_measure(calls, failing="ringattn"))
+    assert bench.main(["ring", *RING_TINY, "--providers", "ringattn"]) == 1
+    captured = capsys.readouterr()
+    assert calls == [("single", "ringattn")]  # single is the baseline of every ratio: always run
+    assert "ringattn                  failed: boom" in captured.out
+    assert "ringattn bench ring: 1 provider(s) failed: ringattn" in captured.err
+
+
+def test_ring_table_ratio_reads_as_the_merge_tables_higher_is_faster(monkeypatch, capsys):
+    """``x single`` (ring) and ``x naive`` (merge) are both the baseline's time over the provider's."""
+    monkeypatch.setattr(ring, "measure", _fake_measure([]))
+    assert bench.main(["ring", *RING_TINY, "--providers", "single,ringattn"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("ringattn "))
+    assert line.split()[1:3] == ["1.000", "2.00"]  # 1 s against single's 2 s: 2x faster
+    assert "x single: single time / provider time (higher = faster; as x naive in `ringattn bench`)" in out
+    rows = [
+        report.Row(case="c", series="s", nbytes=1, provider=name, seconds=[seconds])
+        for name, seconds in (("naive", 2.0), ("ringattn[cpu]", 1.0))
+    ]
+    report.add_ratios(rows)
+    assert rows[1].speedup_vs_naive == 2.0 == ring.speedup(2.0, 1.0)
+
+
+def test_missing_ring_peer_is_an_error_row_of_measure(monkeypatch):
+    """Called as a function (not the command), ``measure`` reports a peer it cannot import as a row, not a crash."""
+    monkeypatch.setitem(sys.modules, "ring_attention_pytorch", None)
     single, peer = ring.measure(
         ring.Case(seq_len=16, heads=1, head_dim=8, repeats=1), ("single", "ring-attention-pytorch")
     )
@@ -252,15 +334,27 @@ def test_missing_ring_peer_is_a_failed_row_naming_the_extra(monkeypatch, capsys)
     )
 
 
+@pytest.mark.parametrize(("cores", "world", "threads"), [({0, 1}, 3, 2), (set(range(8)), 3, 3), ({0}, 2, 1)])
+def test_single_runs_and_reports_one_thread_per_rank_at_most_one_per_core(monkeypatch, cores, world, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
+    before = torch.get_num_threads()
+    (row,) = ring.measure(ring.Case(world_size=world, seq_len=4 * world, heads=1, head_dim=8, repeats=1), ("single",))
+    assert row["threads"] == threads and torch.get_num_threads() == before
+
+
 def test_bench_ring_virtual_reports_the_decomposition_cost(capsys):
-    """``bench ring --virtual``: single SDPA and the virtual ring per block kernel, grads compared once."""
+    """``bench ring --virtual``: single SDPA and the virtual ring per block kernel, grads compared once; a block
+    kernel that cannot run here (cudnn on CPU) is a failed row and the command's status is 1."""
     argv = ["ring", "--virtual", "--world-size", "2", "--seq-len", "16", "--heads", "2", "--kv-heads", "1"]
-    assert bench.main([*argv, "--head-dim", "8", "--repeats", "1", "--impls", "auto,torch,cudnn"]) == 0
-    out = capsys.readouterr().out
+    assert bench.main([*argv, "--head-dim", "8", "--repeats", "1", "--impls", "auto,torch,cudnn"]) == 1
+    captured = capsys.readouterr()
     rows = ring.measure_virtual(ring.Case(world_size=2, seq_len=16, heads=2, head_dim=8, repeats=1, kv_heads=1))
     assert [r["provider"] for r in rows] == ["single (SDPA)", "virtual ring W=2 (auto)"]
-    assert rows[1]["max_abs_diff"] < 1e-4 and rows[1]["ratio_to_single"] > 0
+    assert rows[1]["max_abs_diff"] < 1e-4
+    assert rows[1]["speedup_vs_single"] == pytest.approx(rows[0]["median_s"] / rows[1]["median_s"])
+    out = captured.out
     assert "virtual ring W=2 (torch)" in out and "virtual ring W=2 (cudnn)  failed: BackendError" in out
+    assert "1 provider(s) failed: virtual ring W=2 (cudnn)" in captured.err
 
 
 def test_naive_merge_matches_reference_in_vllm_layout():
@@ -487,3 +581,37 @@ def test_cuda_backward_pass_is_checked_and_timed(tmp_path):
     assert {r["provider"] for r in rows} == {"ringattn[auto]", "naive", "compiled", "copy"}
     assert all(r["max_err"] <= r["tol"] for r in rows if r["provider"] != "copy")
     assert {r["backend"] for r in rows if r["provider"] == "ringattn[auto]"} == {"triton"}
+
+
+def _cli_parsers():
+    from ringattn import cli
+    from ringattn.ring import demo as ring_demo
+
+    (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {
+        "ringattn demo": commands.choices["demo"],
+        "ringattn bench": merge_cli.build_parser(),
+        "ringattn bench ring": ring.build_parser(),
+        "python -m ringattn.ring.demo": ring_demo.build_parser(),
+    }
+
+
+@pytest.mark.parametrize(
+    "name", ["ringattn demo", "ringattn bench", "ringattn bench ring", "python -m ringattn.ring.demo"]
+)
+def test_every_help_line_states_a_real_default_once(name):
+    """No ``(default: True)`` on a flag, no ``(default: None)`` after prose that gives the default, no default said
+    twice; every option with a value default states it."""
+    parser = _cli_parsers()[name]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help in (None, argparse.SUPPRESS) or action.dest == "help":
+            continue
+        text = formatter._expand_help(action)
+        option = action.option_strings[-1]
+        assert "(default: None)" not in text and "(default None)" not in text, (option, text)
+        assert text.count("default") <= 1, (option, text)
+        if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+            assert "default" not in text, (option, text)
+        elif action.default is not None:
+            assert "default" in text, (option, text)

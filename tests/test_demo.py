@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -25,6 +26,12 @@ def test_cli_refuses_a_length_that_does_not_split_with_status_2(capsys) -> None:
     assert cli.main(["demo", "--world-size", "3", "--seq-len", "4096"]) == 2
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "--seq-len 4096 is not a multiple of 2 x world size = 6" in out
+
+
+@pytest.mark.parametrize(("cores", "world", "threads"), [({0, 1}, 3, 2), ({0, 1, 2, 3}, 3, 3), ({0}, 1, 1)])
+def test_single_process_threads_are_one_per_rank_at_most_one_per_core(monkeypatch, cores, world, threads) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
+    assert ring_demo.usable_cpus() == len(cores) and ring_demo.single_process_threads(world) == threads
 
 
 def test_speed_and_check_lines_are_plain_words() -> None:
@@ -63,10 +70,14 @@ def test_a_failing_check_prints_fail_and_exits_1(monkeypatch, capsys) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-def test_ring_part_on_three_processes_gives_a_verdict_per_output() -> None:
-    report = ring_demo.run_demo(world_size=3, seq_len=48, heads=2, head_dim=16, verbose=False)
+def test_ring_part_on_three_processes_gives_a_verdict_per_output(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # W = 3 on 2 cores
+    report = ring_demo.run_demo(world_size=3, seq_len=48, heads=2, head_dim=16)
     assert [c["name"] for c in report["checks"]] == [f"ring attention {n}" for n in ("out", "dq", "dk", "dv")]
     assert all(c["passed"] and c["error"] <= c["limit"] for c in report["checks"])
+    # The single process runs (and says it runs) one thread per core, not one per rank: 2, not 3.
+    assert report["single_threads"] == 2
+    assert "single process: SDPA causal forward+backward, 2 threads (2 CPU cores usable)" in capsys.readouterr().out
     with pytest.raises(ValueError, match="2 x world size = 6"):
         ring_demo.run_demo(world_size=3, seq_len=50, verbose=False)
 
@@ -75,7 +86,7 @@ def test_ring_part_on_three_processes_gives_a_verdict_per_output() -> None:
 def test_python_dash_m_ringattn_is_the_command() -> None:
     result = subprocess.run([sys.executable, "-m", "ringattn", "demo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "--seq-len" in result.stdout and "--world-size" in result.stdout and "(default: 2)" in result.stdout
+    assert "--seq-len" in result.stdout and "--world-size" in result.stdout and "(default 2)" in result.stdout
 
 
 @pytest.mark.timeout(300)

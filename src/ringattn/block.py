@@ -44,7 +44,9 @@ from ._contract import check_offset_values
 from .errors import BackendError, DeviceError, DTypeError, LayoutError, SeqLenError, ShapeError, expected
 from .merge import lse_to_stats
 from .ring import blocks
-from .ring.blocks import IMPLS, attend, attend_backward, compute_dtype, resolve_impl
+from .ring.blocks import IMPLS, attend, attend_backward, band_pieces, compute_dtype, resolve_impl
+from .ring.checks import window_of
+from .ring.schedule import band_of
 
 __all__ = ["block_attention"]
 
@@ -67,6 +69,7 @@ class _BlockConfig:
     impl: str  # resolved: "sdpa" | "torch"
     q_offsets: tuple[int, ...] | None  # TND: cumulative query lengths [0, ..., T]
     kv_offsets: tuple[int, ...] | None  # TND: cumulative key/value lengths [0, ..., T_kv]
+    window: tuple[int, int] | None = None  # (left, right), top-left aligned in each batch (Note [windows])
 
 
 def _heads_first(x: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
@@ -118,17 +121,27 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: _BlockConfi
     for q_b, k_b, v_b, out_b, lse_b in pieces:
         if q_b.shape[2] == 0:
             continue
-        if k_b.shape[2] == 0:  # no keys: the empty partial result, the identity of every merge
+        parts = _parts(q_b.shape[2], k_b.shape[2], cfg)
+        if cfg.window is not None or k_b.shape[2] == 0:  # rows no part reaches: the empty partial result (0, -inf)
             out_b.zero_()
             lse_b.fill_(float("-inf"))
-            continue
-        for rows, keys, causal in _square_parts(q_b.shape[2], k_b.shape[2], cfg.causal):
-            o, l = attend(
-                q_b[:, :, rows], k_b[:, :, keys], v_b[:, :, keys], causal=causal, scale=cfg.scale, impl=cfg.impl
-            )
+        for rows, keys, causal, band in parts:
+            o, l = attend(q_b[:, :, rows], k_b[:, :, keys], v_b[:, :, keys], causal=causal, scale=cfg.scale,
+                          impl=cfg.impl, band=band)  # fmt: skip
             out_b[:, :, rows].copy_(o)
             lse_b[:, :, rows].copy_(l)
     return out, lse
+
+
+def _parts(sq: int, sk: int, cfg: _BlockConfig) -> list[tuple[slice, slice, bool, tuple[int, int] | None]]:
+    """``(query rows, keys, causal, band)`` of the kernel calls of one ``sq x sk`` batch: Note [causal blocks], or
+    under a window the tiles of its band (``band_pieces``; rows that see no key are in none)."""
+    if sk == 0:
+        return []
+    if cfg.window is None:
+        return [(rows, keys, causal, None) for rows, keys, causal in _square_parts(sq, sk, cfg.causal)]
+    band = band_of(sq, sk, cfg.window, cfg.causal)
+    return [] if band is None else [(rows, keys, False, b) for rows, keys, b in band_pieces(sq, sk, band)]
 
 
 def _square_parts(sq: int, sk: int, causal: bool) -> list[tuple[slice, slice, bool]]:
@@ -159,9 +172,10 @@ def _piece_backward(
     lse: torch.Tensor,
     cfg: _BlockConfig,
     causal: bool,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of one ``(B, N, S, D)`` block; with ``dlse``, Note [gradient of the LSE output]."""
-    kw = {"causal": causal, "scale": cfg.scale}
+    kw = {"causal": causal, "scale": cfg.scale, "band": band}
     if dlse is None:
         return attend_backward(do, q, k, v, out, lse, impl=cfg.impl, **kw)
     d = q.shape[-1]
@@ -218,7 +232,7 @@ def _backward(
         if q_b.shape[2] == 0 or k_b.shape[2] == 0:  # empty rows or no keys: gradient 0
             continue
         dlse_b = dlse_pieces[i] if dlse_pieces is not None else None
-        for rows, keys, causal in _square_parts(q_b.shape[2], k_b.shape[2], cfg.causal):
+        for rows, keys, causal, band in _parts(q_b.shape[2], k_b.shape[2], cfg):
             g_q, g_k, g_v = _piece_backward(
                 do_b[:, :, rows],
                 dlse_b[:, :, rows] if dlse_b is not None else None,
@@ -229,6 +243,7 @@ def _backward(
                 lse_b[:, :, rows],
                 cfg,
                 causal,
+                band,
             )
             dq_b[:, :, rows] += g_q
             dk_b[:, :, keys] += g_k
@@ -321,6 +336,7 @@ def _validate(
     actual_seq_kvlen: Any,
     softmax_layout: Any,
     impl: Any,
+    window: Any = None,
 ) -> tuple[_BlockConfig, str]:
     layout = _option("layout", layout, LAYOUTS)
     stats = _option("stats", stats, STATS)
@@ -388,7 +404,7 @@ def _validate(
     else:
         raise DTypeError(expected("softmax_scale", "None or a finite float", repr(softmax_scale)))
     resolved = resolve_impl(impl, q.device, q.dtype, head_dim)
-    cfg = _BlockConfig(layout, heads, kv_heads, causal, scale, resolved, q_offsets, kv_offsets)
+    cfg = _BlockConfig(layout, heads, kv_heads, causal, scale, resolved, q_offsets, kv_offsets, window_of(window))
     return cfg, stats
 
 
@@ -414,6 +430,7 @@ def block_attention(
     actual_seq_kvlen: Any = None,
     softmax_layout: str | None = None,
     impl: str = "auto",
+    window: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Attention of a block of queries over a block of keys/values, with the statistics that let it be merged.
 
@@ -455,6 +472,10 @@ def block_attention(
     impl : ``"auto"``, ``"sdpa"`` or ``"torch"``
         Block kernels, as in :func:`ringattn.ring_attention`: fused flash kernels, or plain torch (float64 runs
         on ``torch`` under ``auto``).
+    window : (left, right), optional
+        A sliding window, flash-attn's ``window_size``, top-left aligned within each batch: query i sees keys
+        ``i - left .. i + right`` (-1: unbounded; ``causal`` caps ``right`` at 0). Rows that see no key are empty
+        (0, -inf). Computed by row tiles of the band (Note [windows] in ``ring/schedule.py``).
 
     Returns
     -------
@@ -487,7 +508,19 @@ def block_attention(
     """
     q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
     cfg, stats = _validate(
-        q, k, v, layout, causal, softmax_scale, stats, head_num, actual_seq_qlen, actual_seq_kvlen, softmax_layout, impl
+        q,
+        k,
+        v,
+        layout,
+        causal,
+        softmax_scale,
+        stats,
+        head_num,
+        actual_seq_qlen,
+        actual_seq_kvlen,
+        softmax_layout,
+        impl,
+        window,
     )
     with _amp.autocast_off(q):
         out, lse = _BlockAttention.apply(q, k, v, cfg)

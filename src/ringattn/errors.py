@@ -2,7 +2,9 @@
 
 Every class inherits the builtin type MindSpore raises for the condition *and* RuntimeError where the
 Ascend kernel (or the MindSpore page) promises RuntimeError, so ``except ValueError`` written against
-MindSpore and ``except RuntimeError`` written against torch_npu both keep working.
+MindSpore and ``except RuntimeError`` written against torch_npu both keep working. The classes add no attributes
+or methods of their own (``help`` on one shows only what it inherits from Exception); ``ringattn``'s module
+docstring lists them with a line each.
 """
 
 from __future__ import annotations

@@ -403,7 +403,7 @@ def test_transformers_example_two_ranks(tmp_path):
     run_ranks(_run_example, 2, tmp_path, deadline_s=100)
 
 
-@pytest.mark.parametrize(("kwarg", "value"), [("sliding_window", 4), ("softcap", 30.0), ("s_aux", torch.zeros(4))])
+@pytest.mark.parametrize(("kwarg", "value"), [("softcap", 30.0)])
 def test_attention_features_the_ring_does_not_implement_raise(kwarg, value):
     from ringattn.integrations.transformers import ring_attention_forward
 

@@ -147,7 +147,18 @@ def _heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0)  # (S, N, D) -> (1, N, S, D)
 
 
-def flash_varlen(q, k, v, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale):
+def _window_band(name: str, sq: int, sk: int, left, right) -> tuple[int, int] | None:
+    """FA2's window of one document as a band (columns minus rows): bottom-right aligned, sizes ints >= 0 or None."""
+    if left is None and right is None:
+        return None
+    for size in (left, right):
+        assert isinstance(size, int) and size >= 0, f"{name}: window sizes must be ints >= 0, got {left}, {right}"
+    shift = sk - sq
+    return (shift - left, shift + right)
+
+
+def flash_varlen(q, k, v, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale,
+                 window_size_left=None, window_size_right=None):  # fmt: skip
     _packed_rows("flash varlen", q, k, v)
     cu_q, cu_k = _cumulative("flash varlen", cum_q, q, max_q), _cumulative("flash varlen", cum_k, k, max_k)
     assert dropout_p == 0.0 and not return_debug_mask
@@ -155,7 +166,9 @@ def flash_varlen(q, k, v, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, retu
     lse = torch.full((q.shape[1], q.shape[0]), float("nan"))
 
     def doc(qs, ks):
-        o, l = blocks.attend(_heads(q[qs]), _heads(k[ks]), _heads(v[ks]), causal=is_causal, scale=scale, impl="torch")
+        band = _window_band("flash varlen", qs.stop - qs.start, ks.stop - ks.start, window_size_left, window_size_right)
+        o, l = blocks.attend(_heads(q[qs]), _heads(k[ks]), _heads(v[ks]), causal=is_causal, scale=scale, impl="torch",
+                             band=band)  # fmt: skip
         out[qs] = o[0].transpose(0, 1).to(q.dtype)
         lse[:, qs] = l[0].float()
 
@@ -164,7 +177,7 @@ def flash_varlen(q, k, v, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, retu
 
 
 def flash_varlen_backward(do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dropout_p, is_causal, rng_state,
-                          unused, *, scale):  # fmt: skip
+                          unused, *, scale, window_size_left=None, window_size_right=None):  # fmt: skip
     _packed_rows("flash varlen backward", q, k, v, do, out)
     _lse("flash varlen backward", lse, (q.shape[1], q.shape[0]))  # (N, total_q), heads first
     cu_q = _cumulative("flash varlen backward", cum_q, q, max_q)
@@ -173,8 +186,11 @@ def flash_varlen_backward(do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, dro
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
     def doc(qs, ks):
+        band = _window_band("flash varlen backward", qs.stop - qs.start, ks.stop - ks.start, window_size_left,
+                            window_size_right)  # fmt: skip
         rows = [_heads(x[qs]) for x in (do, q)] + [_heads(x[ks]) for x in (k, v)] + [_heads(out[qs])]
-        grads = blocks.attend_backward(*rows, lse[:, qs].unsqueeze(0), causal=is_causal, scale=scale, impl="torch")
+        grads = blocks.attend_backward(*rows, lse[:, qs].unsqueeze(0), causal=is_causal, scale=scale, impl="torch",
+                                       band=band)  # fmt: skip
         for acc, g, rows in zip((dq, dk, dv), grads, (qs, ks, ks), strict=True):
             acc[rows] += g[0].transpose(0, 1).to(q.dtype)
 

@@ -46,6 +46,8 @@ class Case:
     impl: str = "auto"
     packed: tuple[int, ...] = ()  # document lengths of a packed batch (ring_attention_varlen)
     virtual: int = 0  # simulate_ring_attention of this many virtual ranks (on the whole sequence)
+    sinks: bool = False  # attention sinks, one learned logit per head (a 4th differentiable input)
+    window: tuple[int, int] | None = None
 
     def inputs(self, seed: int, requires_grad: bool = True, whole: bool = False):
         """q, k, v of a ring of one (packed: its slots, 2 ceil(L / 2) per document), or the whole packed batch."""
@@ -58,17 +60,21 @@ class Case:
             shapes = [(self.batch, h, self.seq, 8) for h in (self.heads, self.kv_heads, self.kv_heads)]
         else:
             shapes = [(self.batch, self.seq, h, 8) for h in (self.heads, self.kv_heads, self.kv_heads)]
+        if self.sinks:
+            shapes.append((self.heads,))
         return [torch.randn(s, generator=gen, dtype=self.dtype).requires_grad_(requires_grad) for s in shapes]
 
     def cu_seqlens(self) -> torch.Tensor:
         return torch.tensor([0, *itertools.accumulate(self.packed)])
 
-    def call(self, q, k, v, **kw):
+    def call(self, q, k, v, sinks=None, **kw):
         """The entry point, then a pointwise op (so the graph holds more than the ring)."""
+        kw = {**kw, "sinks": sinks, "window": self.window}
         if self.virtual:
             out, lse = ringattn.simulate_ring_attention(
                 q * 2, k, v, world_size=self.virtual, causal=self.causal, softmax_scale=self.scale, impl=self.impl,
-                return_lse=True, **({"cu_seqlens": self.cu_seqlens()} if self.packed else {"layout": self.layout}),
+                return_lse=True, **kw,
+                **({"cu_seqlens": self.cu_seqlens()} if self.packed else {"layout": self.layout}),
             )  # fmt: skip
         elif self.packed:
             out, lse = ringattn.ring_attention_varlen(
@@ -92,19 +98,22 @@ CASES = [
     Case(packed=(6, 1, 5), causal=False, heads=2, kv_heads=1),
     Case(virtual=2, layout="BNSD"),
     Case(virtual=3, packed=(5, 9, 2), heads=2, kv_heads=1),
+    Case(sinks=True, window=(3, 0)),
+    Case(packed=(4, 8, 2), sinks=True, window=(2, 0)),
+    Case(virtual=2, sinks=True, layout="BNSD", window=(5, 1), causal=False),
 ]
 
 
 def _run(fn, case: Case, seed: int):
-    q, k, v = case.inputs(seed)
-    out, lse = fn(q, k, v)
+    inputs = case.inputs(seed)
+    out, lse = fn(*inputs)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=out.dtype)
-    return (out, lse, *torch.autograd.grad(out, (q, k, v), g))
+    return (out, lse, *torch.autograd.grad(out, inputs, g))
 
 
 def _float64_reference(case: Case, seed: int):
     """out (before sin), q/k/v gradients of ``sin(attention(2q, k, v))`` in float64, layouts of the inputs."""
-    q, k, v = (x.detach().to(torch.float64) for x in case.inputs(seed))
+    q, k, v = (x.detach().to(torch.float64) for x in case.inputs(seed)[:3])
     bsnd = case.layout == "BNSD"
     q, k, v = ((x.transpose(1, 2) if bsnd else x) for x in (q, k, v))
     scale = case.scale if case.scale is not None else q.shape[-1] ** -0.5
@@ -121,10 +130,12 @@ def test_fullgraph_aot_eager_equals_eager_with_no_graph_break(case):
     torch._dynamo.reset()
     want = _run(case.call, case, 1)
     got = _run(torch.compile(case.call, backend="aot_eager", fullgraph=True), case, 1)
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+    assert len(got) == len(want) == 5 + case.sinks
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, want, strict=False):
         assert g.shape == w.shape and g.stride() == w.stride() and g.dtype == w.dtype, name
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
-    if not case.packed:  # and the compiled output is attention (the eager ring's own references: test_ring.py)
+    if not (case.packed or case.sinks or case.window):  # the compiled output is attention (the eager ring's own
+        # float64 references: test_ring.py; test_sinks.py and test_windows.py for sinks and windows)
         out = torch.asin(got[0].detach().to(torch.float64).clamp(-1, 1))
         ref = _float64_reference(case, 1)
         ok = ref.abs() < 1.4  # asin inverts sin only where |x| < pi/2
@@ -137,11 +148,12 @@ def test_fullgraph_inductor_equals_eager():
     torch._dynamo.reset()
     want = _run(case.call, case, 2)
     got = _run(torch.compile(case.call, backend="inductor", fullgraph=True), case, 2)
-    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want, strict=True):
+    assert len(got) == len(want) == 5
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv", "dsinks"), got, want, strict=False):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[6], CASES[7]], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4], CASES[6], CASES[7], *CASES[8:]], ids=str)
 def test_eager_op_path_equals_direct_path(case, monkeypatch):
     want = _run(case.call, case, 3)
     monkeypatch.setattr(ops, "DIRECT_EAGER", False)
@@ -191,33 +203,36 @@ def test_fake_impls_match_eager_outputs(case):
     """Shapes, dtypes and strides of both ops' fake impls (what torch.compile traces) against their eager outputs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    q, k, v = (x.detach() for x in case.inputs(7))
+    q, k, v, *sinks = (x.detach() for x in case.inputs(7))
+    sinks = sinks[0] if sinks else None
     cu = case.cu_seqlens() if case.packed else None
-    invalid, values = ops.encode_options(
-        RingOptions(case.causal, case.scale, "TND" if case.packed else case.layout, "zigzag", case.impl, "auto")
-    )
+    layout = "TND" if case.packed else case.layout
+    options = RingOptions(case.causal, case.scale, layout, "zigzag", case.impl, "auto", case.window)
+    invalid, values = ops.encode_options(options)
     if case.virtual:
         fwd, bwd = torch.ops.ringattn.simulate_ring_attention, torch.ops.ringattn.simulate_ring_attention_backward
     else:
         fwd, bwd = torch.ops.ringattn.ring_attention, torch.ops.ringattn.ring_attention_backward
     ring = case.virtual or ""  # the virtual ring's world size, or the default group's name
-    real = fwd(q, k, v, cu, ring, True, invalid, *values)
+    real = fwd(q, k, v, cu, sinks, ring, True, invalid, *values)
     dout = torch.randn_like(real[0])
-    real_grads = bwd(dout, q, k, v, *real, cu, ring, *values)
+    real_grads = bwd(dout, q, k, v, *real, cu, sinks, ring, *values)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fq, fk, fv, fdout = (mode.from_tensor(x) for x in (q, k, v, dout))
-        fcu = mode.from_tensor(cu) if cu is not None else None
-        fake = fwd(fq, fk, fv, fcu, ring, True, invalid, *values)
-        fake_grads = bwd(fdout, fq, fk, fv, *fake, fcu, ring, *values)
-    for name, f, r in zip(("out", "lse", "dq", "dk", "dv"), [*fake, *fake_grads], [*real, *real_grads], strict=True):
+        fcu, fsinks = (mode.from_tensor(x) if x is not None else None for x in (cu, sinks))
+        fake = fwd(fq, fk, fv, fcu, fsinks, ring, True, invalid, *values)
+        fake_grads = bwd(fdout, fq, fk, fv, *fake, fcu, fsinks, ring, *values)
+    names = ("out", "lse", "dq", "dk", "dv", "dsinks")  # dsinks: empty without sinks
+    for name, f, r in zip(names, [*fake, *fake_grads], [*real, *real_grads], strict=True):
         assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), name
 
 
 def test_opcheck_of_the_forward_op():
     """torch.library.opcheck: schema, fake impl, autograd registration and AOT dispatch of ringattn::ring_attention."""
-    q, k, v = (x.detach().requires_grad_() for x in Case().inputs(8))
-    invalid, values = ops.encode_options(RingOptions(True, None, "BSND", "zigzag", "auto", "auto"))
-    torch.library.opcheck(torch.ops.ringattn.ring_attention.default, (q, k, v, None, "", True, invalid, *values))
+    q, k, v, sinks = (x.detach().requires_grad_() for x in Case(sinks=True).inputs(8))
+    invalid, values = ops.encode_options(RingOptions(True, None, "BSND", "zigzag", "auto", "auto", (4, 0)))
+    args = (q, k, v, None, sinks, "", True, invalid, *values)
+    torch.library.opcheck(torch.ops.ringattn.ring_attention.default, args)
 
 
 def test_every_ring_option_has_a_schema_type():
@@ -234,6 +249,8 @@ def test_every_ring_option_has_a_schema_type():
         ({"softmax_scale": float("inf")}, ConfigError, "softmax_scale", "inf"),
         ({"impl": ["torch"]}, Exception, "impl", "['torch']"),
         ({"group": 42}, ConfigError, "group", "int"),
+        ({"window": (2, "x")}, ConfigError, "window", "(2, 'x')"),
+        ({"window": (2, -5)}, ConfigError, "window", "(2, -5)"),
     ],
 )
 @pytest.mark.parametrize("compiled", [False, True])

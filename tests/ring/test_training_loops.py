@@ -277,3 +277,29 @@ def test_two_runs_under_deterministic_mode_are_bitwise_equal() -> None:
         for _ in range(2)
     ]
     assert len(runs[0]) == 64 and runs[0] == runs[1]
+
+
+# --- the CUDA code path, through CPU doubles of its kernels (tests/ring/cuda_doubles.py) ----------------------------
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "flash", "efficient"])
+def test_cuda_kernels_under_autocast_with_strided_views(monkeypatch, impl) -> None:
+    """The CUDA kernels' contracts (asserted by the doubles) hold for what a bf16 training loop hands the ring: q, k in
+    float32 and v in bfloat16 under autocast, head dims of non-unit stride; the result within bf16's tolerance of
+    ``test_virtual.py`` (3e-2) of float64 attention, in bfloat16, gradients in each input's dtype."""
+    import cuda_doubles
+    from test_strides import as_view
+
+    cuda_doubles.install(monkeypatch)
+    q32, k32, v32 = _qkv(10)
+    g = torch.randn(B, S, N, D, generator=torch.Generator().manual_seed(11))
+    leaves = [as_view(x, "d_outermost").requires_grad_() for x in (q32, k32, v32.bfloat16())]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ringattn.simulate_ring_attention(*leaves, world_size=2, layout="BSND", causal=True, impl=impl)
+    grads = torch.autograd.grad(out, leaves, as_view(g.bfloat16(), "d_outermost"))
+    assert out.dtype == torch.bfloat16 and [x.dtype for x in grads] == [torch.float32, torch.float32, torch.bfloat16]
+    ref = [x.double().requires_grad_() for x in (q32, k32, v32.bfloat16().float())]
+    want = _math_attention(*ref)
+    expect = [want.detach(), *torch.autograd.grad(want, ref, g.bfloat16().double())]
+    for name, x, e in zip(("out", "dq", "dk", "dv"), (out, *grads), expect, strict=True):
+        torch.testing.assert_close(x.double(), e, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{impl} {n}: {m}")

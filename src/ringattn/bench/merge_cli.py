@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "16384,16,128, or with --quick SBH 64,2,4,64 and TND 96,2,64)",
     )  # fmt: skip
     parser.add_argument("--sizes", type=_csv(_positive, "positive integers"), default=None,
-                        help="sweep the first dimension (S for SBH, T for TND) over these values (default: the "
+                        help="sweep the first dimension (S for SBH, T for TND) over these values (default the "
                         "shape's alone, or with --png 1/8, 1/4, 1/2 and 1 times it)")  # fmt: skip
     parser.add_argument(
         "--sweep-t", action="store_true",
@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend", type=_csv(_backend, "backends from auto, torch, cpu, triton"), default=["auto"],
         help="comma-separated backends to time (default auto; also torch, cpu, triton)",
     )  # fmt: skip
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default cpu)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to time on (default cpu)")
     parser.add_argument(
-        "--threads", type=_positive, default=None, help="CPU threads for torch and numba (default: torch's count)"
+        "--threads", type=_positive, default=None, help="CPU threads for torch and numba (default torch's count)"
     )
     parser.add_argument(
         "--repeats", type=_positive, default=None, help="timed calls per provider (default 7, or 3 with --quick)"

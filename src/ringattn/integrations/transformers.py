@@ -41,8 +41,10 @@ either done right by construction or raises:
   values and changes nothing;
 * ``ring_attention``'s ``causal=False`` default: the integration always passes ``causal=True`` and refuses
   non-causal (encoder) attention modules;
-* attention dropout, sliding windows, logit soft-capping, attention sinks, a KV cache holding earlier tokens, and
-  any explicit mask raise: the ring computes plain causal attention and nothing else.
+* attention dropout, logit soft-capping, a KV cache holding earlier tokens, and any explicit mask raise: the ring
+  computes causal attention, with the model's sliding windows (``sliding_window``: Mistral, Qwen2, Gemma 3's local
+  layers, GPT-OSS; packed batches too, within each document) and attention sinks (``s_aux``, GPT-OSS) where it has
+  them, and nothing else.
 
 Note [torch.compile]
 --------------------
@@ -121,9 +123,7 @@ ATTN_IMPLEMENTATION = "ringattn"
 CU_SEQLENS_KEY = "ringattn_cu_seqlens"
 IGNORE_INDEX = -100
 _UNSUPPORTED_KWARGS = {
-    "sliding_window": "a sliding window",
     "softcap": "logit soft-capping",
-    "s_aux": "attention sinks",
 }
 
 
@@ -265,13 +265,27 @@ def ring_attention_forward(
         torch.ops.ringattn.check_positions(position_ids, query.shape[2], ring_ops.group_name(state.group), cu_seqlens)
     else:
         _check_positions(kwargs.get("position_ids"), query.shape[2], state, cu_seqlens)
+    sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks: one logit per head (Note [attention sinks])
+    window = _window(kwargs.get("sliding_window"))
     if cu_seqlens is None:
-        out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD")
+        out = ring_attention(query, key, value, causal=True, softmax_scale=scaling, group=state.group, layout="BNSD",
+                             sinks=sinks, window=window)  # fmt: skip
         return out.transpose(1, 2), None
     # A packed row (B = 1): the varlen ring, documents never attending to each other.
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group)
+    out = ring_attention_varlen(q, k, v, cu_seqlens, causal=True, softmax_scale=scaling, group=state.group, sinks=sinks,
+                                window=window)  # fmt: skip
     return out.unsqueeze(0), None
+
+
+def _window(sliding_window: Any) -> tuple[int, int] | None:
+    """transformers' ``sliding_window`` (a query sees the keys ``q - sliding_window < k <= q``: its
+    ``sliding_window_causal_mask``) as the ring's ``window`` (Note [windows] in ``ring/schedule.py``)."""
+    if sliding_window is None:
+        return None
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+        raise ConfigError(expected("sliding_window", "None or an int >= 1", repr(sliding_window)))
+    return (sliding_window - 1, 0)
 
 
 def ring_attention_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:

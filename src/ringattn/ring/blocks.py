@@ -22,8 +22,15 @@ cudnn      cuda    ``_scaled_dot_product_cudnn_attention``               fp16/bf
                                                                          sm80+; lse ``(B, N, Sq, 1)``
 efficient  cuda    ``_scaled_dot_product_efficient_attention``           fp16/bf16/fp32, D % (16 bytes) == 0;
                                                                          lse padded to ``ceil(Sq/32)*32``
+flash_     cuda    ``_flash_attention_forward`` / ``_backward`` (FA2     fp16/bf16, D % 8 == 0, D <= 256;
+window             varlen) with ``window_size_left/right``: a window's  FA2's window, bottom-right aligned
+                   band tiles (Note [windows] in ``schedule.py``)        (:func:`_fa2_window`); rows contiguous
 torch      any     plain torch in float32 (float64 for float64)          none
 ========== ======= ===================================================== ====================================
+
+``flash_window`` has run only through its CPU double (``tests/ring/cuda_doubles.py``), never on a GPU (2026-12-08):
+the alignment it relies on is FlashAttention-2's documented one (row i sees keys ``i + sk - sq - left .. i + sk - sq
++ right``). A band FA2 cannot express (a negative size) runs on plain torch.
 
 The CPU flash kernel, forward and backward, reads ``q, k, v`` and ``out`` as if their stride along D were 1
 whatever it is. Measured on a grid of views (torch 2.13, ``B, N, S, D = 2, 3, 40, 16``: every one of the 24 memory
@@ -232,10 +239,41 @@ def _groups_to_repeat(impl: str, q: torch.Tensor, k: torch.Tensor) -> int:
     return 1 if kernel is not None and kernel.native_gqa else q.shape[1] // k.shape[1]
 
 
-def _kernel_for(impl: str, sq: int, sk: int) -> str:
+def _kernel_for(
+    impl: str, sq: int, sk: int, band: tuple[int, int] | None = None, cuda: bool = False, q: torch.Tensor | None = None
+) -> str:
     """``impl`` for a block of ``sq`` queries and ``sk`` keys: cuDNN's frontend refuses ``s_q = s_kv = 1``
-    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch."""
+    ("not supported", torch 2.11 on an H100: one-token documents of the packed ring), so those go to plain torch. A
+    window's band block on CUDA runs ``flash_window`` (FlashAttention-2's window arguments, :func:`_fa2_window`) where
+    FA2 runs the inputs and can express the band, else plain torch: the dense fused kernels take no band."""
+    if band is not None and cuda:
+        fa2 = q is not None and impl != "torch" and KERNELS["cuda", "flash"].unsupported(q.device, q.dtype, q.shape[-1])
+        return (
+            "flash_window"
+            if q is not None and impl != "torch" and fa2 is None and _fa2_window(sq, sk, band)
+            else "torch"
+        )
     return "torch" if impl == "cudnn" and sq == sk == 1 else impl
+
+
+def _fa2_window(sq: int, sk: int, band: tuple[int, int]) -> tuple[int, int] | None:
+    """FlashAttention-2's ``(window_size_left, window_size_right)`` for a band: FA2 aligns a window to the bottom-right
+    corner (row i sees keys ``i + sk - sq - left .. i + sk - sq + right``), so ``left = (sk - sq) - lo`` and ``right =
+    hi - (sk - sq)``; None when either is negative (FA2 reads a negative size as unbounded)."""
+    shift = sk - sq
+    left, right = shift - band[0], band[1] - shift
+    return (left, right) if left >= 0 and right >= 0 else None
+
+
+def _fa2_rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, N, S, D)`` as FA2's varlen ``(B * S, N, D)`` rows, contiguous."""
+    b, n, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, n, d).contiguous()
+
+
+def _fa2_cumulative(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """Cumulative lengths of ``batch`` documents of ``length`` rows, int32 on ``device`` (FA2's)."""
+    return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device)
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -249,18 +287,60 @@ def _sum_heads(dx: torch.Tensor, groups: int) -> torch.Tensor:
     return dx.reshape(b, n // groups, groups, s, d).sum(2)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+MIN_TILE = 128  # rows per band tile at least: smaller tiles cost more in calls than they save in masked scores
+
+
+def band_pieces(sq: int, sk: int, band: tuple[int, int]) -> list[tuple[slice, slice, tuple[int, int]]]:
+    """``(rows, columns, band relative to them)`` of the kernel calls that compute an ``sq x sk`` band block: row tiles
+    of the rows that see a key, each against only the columns its rows see. A band of width w over n rows costs about
+    ``n (w + tile)`` scores instead of ``n sk``, and no tile has a row that sees nothing (the kernels' LSE of such a row
+    is not ``-inf``)."""
+    lo, hi = band
+    first, last = max(0, -hi), min(sq - 1, sk - 1 - lo)
+    tile = max(MIN_TILE, (hi - lo + 1) // 2)
+    pieces = []
+    for r0 in range(first, last + 1, tile):
+        r1 = min(r0 + tile, last + 1)
+        c0, c1 = max(0, r0 + lo), min(sk - 1, r1 - 1 + hi)
+        pieces.append((slice(r0, r1), slice(c0, c1 + 1), (lo - (c0 - r0), hi - (c0 - r0))))
+    return pieces
+
+
+def band_mask(sq: int, sk: int, band: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive ``(sq, sk)`` mask of a window's band (Note [windows] in ``schedule.py``): 0 where row i sees column j,
+    ``i + lo <= j <= i + hi``, else ``-inf``. The CPU flash kernel takes it (a boolean mask it refuses)."""
+    offset = torch.arange(sk, device=device) - torch.arange(sq, device=device).unsqueeze(1)
+    keep = (offset >= band[0]) & (offset <= band[1])
+    return torch.zeros((sq, sk), dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+
+
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, causal: bool, scale: float, band: tuple[int, int] | None = None
+) -> torch.Tensor:
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if causal:
         mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu_(1)
         s.masked_fill_(mask, float("-inf"))
+    if band is not None:
+        s = s + band_mask(s.shape[-2], s.shape[-1], band, s.dtype, s.device)
     return s
 
 
-def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool):
+def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool, band=None):
+    if kernel == "flash_window":  # a band on CUDA: FA2's varlen entry point, one document per batch element
+        b, n, sq, _ = q.shape
+        sk = k.shape[2]
+        left, right = _fa2_window(sq, sk, band)
+        cu_q, cu_k = _fa2_cumulative(b, sq, q.device), _fa2_cumulative(b, sk, q.device)
+        o, lse = ATEN["flash_varlen"](
+            _fa2_rows(q), _fa2_rows(k), _fa2_rows(v), cu_q, cu_k, sq, sk, 0.0, False, False, scale=scale,
+            window_size_left=left, window_size_right=right,
+        )[:2]  # fmt: skip
+        return o.view(b, sq, n, -1).transpose(1, 2), lse.view(n, b, sq).transpose(0, 1)
     if not cuda:
         q, k, v = (_cpu_layout(x) for x in (q, k, v))
-        return ATEN["flash_cpu"](q, k, v, 0.0, causal, scale=scale)
+        mask = None if band is None else band_mask(q.shape[2], k.shape[2], band, q.dtype, q.device)
+        return ATEN["flash_cpu"](q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
     q, k, v = (_kernel_layout(x) for x in (q, k, v))
     if kernel == "flash":
         return ATEN["flash_cuda"](q, k, v, 0.0, causal, False, scale=scale)[:2]
@@ -271,10 +351,27 @@ def _fused_forward(q, k, v, causal: bool, scale: float, kernel: str, cuda: bool)
     return o, lse[..., : q.shape[2]]
 
 
-def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool):
+def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: str, cuda: bool, band=None):
+    if kernel == "flash_window":
+        b, n, sq, _ = q.shape
+        sk = k.shape[2]
+        left, right = _fa2_window(sq, sk, band)
+        no_rng = torch.empty((), dtype=torch.int64, device=q.device)  # no dropout: never read
+        lse_rows = lse.to(torch.float32).transpose(0, 1).reshape(n, b * sq).contiguous()  # (N, total_q)
+        dq, dk, dv = ATEN["flash_varlen_backward"](
+            _fa2_rows(do), _fa2_rows(q), _fa2_rows(k), _fa2_rows(v), _fa2_rows(out), lse_rows,
+            _fa2_cumulative(b, sq, q.device), _fa2_cumulative(b, sk, q.device), sq, sk, 0.0, False, no_rng, no_rng,
+            scale=scale, window_size_left=left, window_size_right=right,
+        )  # fmt: skip
+        return (
+            dq.view(b, sq, n, -1).transpose(1, 2),
+            dk.view(b, sk, k.shape[1], -1).transpose(1, 2),
+            dv.view(b, sk, v.shape[1], -1).transpose(1, 2),
+        )
     if not cuda:  # the CPU kernel takes the LSE in the inputs' accumulation dtype, any strides
         do, q, k, v, out = (_cpu_layout(x) for x in (do, q, k, v, out))
-        return ATEN["flash_cpu_backward"](do, q, k, v, out, lse, 0.0, causal, scale=scale)
+        mask = None if band is None else band_mask(q.shape[2], k.shape[2], band, q.dtype, q.device)
+        return ATEN["flash_cpu_backward"](do, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
     lse = _lse_for_backward(lse, kernel)
     do, q, k, v, out = (_kernel_layout(x) for x in (do, q, k, v, out))
     # No dropout: the random-state tensors are never read. Dense inputs: no cumulative sequence lengths.
@@ -291,25 +388,35 @@ def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float, kernel: s
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float, impl: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float,
+    impl: str,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block attention: ``(o (B, N, Sq, D) in q's dtype, lse (B, N, Sq) natural log)``.
 
     ``impl`` is a kernel name from :func:`resolve_impl`. lse is float32 (float64 with the ``torch`` kernel on
-    float64 inputs) and contiguous.
+    float64 inputs) and contiguous. ``band`` ``(lo, hi)``: row i sees only columns ``i + lo .. i + hi`` (a window,
+    Note [windows] in ``schedule.py``); every row must see at least one (the kernels' LSE of a row that sees none is
+    not ``-inf``).
     """
     b, n, sq, _ = q.shape
     if sq == 0 or k.shape[2] == 0:  # an empty block (kernels divide by these sizes)
         lse = torch.full((b, n, sq), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
         return q.new_zeros(b, n, sq, v.shape[-1]), lse
-    impl = _kernel_for(impl, sq, k.shape[2])
+    cuda = device_type(q.device) == "cuda"
+    impl = _kernel_for(impl, sq, k.shape[2], band, cuda, q)
     groups = _groups_to_repeat(impl, q, k)
     k, v = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
-        o, lse = _fused_forward(q, k, v, causal, scale, impl, device_type(q.device) == "cuda")
+        o, lse = _fused_forward(q, k, v, causal, scale, impl, cuda, band)
         return o, lse.contiguous()
     c = compute_dtype(q.dtype)
-    s = _scores(q.to(c), k.to(c), causal, scale)
+    s = _scores(q.to(c), k.to(c), causal, scale, band)
     lse = torch.logsumexp(s, dim=-1)
     o = torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v.to(c))
     return o.to(q.dtype), lse
@@ -326,6 +433,7 @@ def attend_backward(
     causal: bool,
     scale: float,
     impl: str,
+    band: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of ``(dq, dk, dv)`` given the FINAL ``out`` and ``lse`` of the query rows.
 
@@ -335,16 +443,16 @@ def attend_backward(
     """
     if q.shape[2] == 0 or k.shape[2] == 0:  # an empty block contributes nothing
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    impl = _kernel_for(impl, q.shape[2], k.shape[2])
+    cuda = device_type(q.device) == "cuda"
+    impl = _kernel_for(impl, q.shape[2], k.shape[2], band, cuda, q)
     groups = _groups_to_repeat(impl, q, k)
     k_rep, v_rep = _repeat_heads(k, groups), _repeat_heads(v, groups)
     if impl != "torch":
-        dq, dk, dv = _fused_backward(do, q, k_rep, v_rep, out, lse, causal, scale, impl,
-                                     device_type(q.device) == "cuda")  # fmt: skip
+        dq, dk, dv = _fused_backward(do, q, k_rep, v_rep, out, lse, causal, scale, impl, cuda, band)
     else:
         c = compute_dtype(q.dtype)
         q_c, k_c, v_c, do_c = q.to(c), k_rep.to(c), v_rep.to(c), do.to(c)
-        p = torch.exp(_scores(q_c, k_c, causal, scale) - lse.to(c).unsqueeze(-1))
+        p = torch.exp(_scores(q_c, k_c, causal, scale, band) - lse.to(c).unsqueeze(-1))
         dv = torch.matmul(p.transpose(-1, -2), do_c)
         delta = (do_c * out.to(c)).sum(-1, keepdim=True)  # rowsum(dout * out) of the whole ring
         ds = p * (torch.matmul(do_c, v_c.transpose(-1, -2)) - delta)

@@ -46,7 +46,37 @@ _CHOICES = (
 _SCALE_AT = len(_CHOICES)  # in the options part of a row
 _GRAD_AT = _SCALE_AT + 2
 _MERGE_AT = _GRAD_AT + 1  # the row-merge backend this rank could run now (Note [one merge backend per ring])
-_CU_AT = _MERGE_AT + 1
+_SINKS_AT = _MERGE_AT + 1  # the sinks tensor's fields (``_encode_tensor``), all 0 / -1 without sinks
+_WINDOW_AT = _SINKS_AT + _FIELDS  # (left, right), -1 unbounded; -2, -2 for an invalid window
+_CU_AT = _WINDOW_AT + 2
+
+
+def window_of(window: Any) -> tuple[int, int] | None:
+    """``window`` as ``(left, right)`` ints >= -1 (Note [windows] in ``schedule.py``), None for None or ``(-1, -1)``;
+    raises ConfigError for anything else (call after the check table, which raises the same on every rank)."""
+    if window is None:
+        return None
+    ok = (
+        isinstance(window, (tuple, list))
+        and len(window) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in window)
+    )
+    if not ok:
+        raise ConfigError(
+            expected(
+                "window", "None or (left, right): ints >= -1, -1 for unbounded (flash-attn's window_size)", repr(window)
+            )  # fmt: skip
+        )
+    return None if tuple(window) == (-1, -1) else (int(window[0]), int(window[1]))
+
+
+def _encode_window(window: Any) -> list[int]:
+    try:
+        normal = window_of(window)
+    except ConfigError:
+        return [-2, -2]
+    return [-1, -1] if normal is None else list(normal)
+
 
 # Note [one merge backend per ring]
 # ---------------------------------
@@ -99,6 +129,7 @@ def encode(
     *,
     needs_grad: bool,
     merge: str | None = None,
+    sinks: Any = None,
     cu_seqlens: Any = None,
     world_size: int = 1,
 ) -> list[int]:
@@ -114,6 +145,8 @@ def encode(
         choices[0] = _LAYOUT_CODES.index("TND")
     merge_code = backends.BACKEND_NAMES.index(merge) if merge in backends.BACKEND_NAMES else -1
     row = [*row, *choices, *_encode_scale(options.softmax_scale), int(needs_grad), merge_code]
+    row += _encode_tensor(sinks) if sinks is not None else [-1, *([-1] * (_FIELDS - 1))]
+    row += _encode_window(getattr(options, "window", None))
     return row if cu_seqlens is None else [*row, *inspect_cu_seqlens(cu_seqlens, world_size)]
 
 
@@ -204,6 +237,11 @@ def _check_options(row: Sequence[int], where: str, given: Any) -> None:
     if codes[_SCALE_AT] < 0:
         got = repr(given.softmax_scale) if given is not None else "another value on that rank"
         raise ConfigError(expected("softmax_scale" + where, "None or a finite float", got))
+    if codes[_WINDOW_AT] == -2:
+        got = repr(given.window) if given is not None else "another value on that rank"
+        raise ConfigError(
+            expected("window" + where, "None or (left, right): ints >= -1, -1 for unbounded (flash-attn's)", got)
+        )
 
 
 def _check_tensors(row: Sequence[int], where: str, world_size: int) -> None:
@@ -223,6 +261,7 @@ def _check_tensor_fields(row: Sequence[int], where: str, world_size: int) -> Non
     q, k, v = (_fields(row, i) for i in range(3))
     layout = _LAYOUT_CODES[_options(row)[0]]
     causal, sharding = bool(_options(row)[4]), SHARDINGS[_options(row)[1]]
+    windowed = _options(row)[_WINDOW_AT : _WINDOW_AT + 2] != [-1, -1]
     letters = {"BSND": "(B, S_local, N, D)", "BNSD": "(B, N, S_local, D)", "TND": "(T_local, N, D)"}[layout]
     rank_ = 3 if layout == "TND" else 4
     for name, (is_tensor, ndim, sizes, dtype, _) in zip(_NAMES, (q, k, v), strict=True):
@@ -253,10 +292,33 @@ def _check_tensor_fields(row: Sequence[int], where: str, world_size: int) -> Non
         if layout == "TND":  # k and v are sharded like q (Note [packed zigzag])
             raise ShapeError(expected("k" + where, f"{q[2][seq]} tokens like q (packed shards)", k[2][seq]))
         raise ShapeError(expected("k" + where, f"local sequence length {q[2][seq]} like q (causal)", k[2][seq]))
-    if causal and sharding == "zigzag" and layout != "TND" and world_size > 1 and q[2][seq] % 2:
+    if (causal or windowed) and sharding == "zigzag" and layout != "TND" and world_size > 1 and q[2][seq] % 2:
         raise ShapeError(
-            expected("q" + where, "an even local sequence length (causal zigzag holds two chunks)", q[2][seq])
+            expected("q" + where, "an even local sequence length (a zigzag shard holds two chunks)", q[2][seq])
         )
+    if windowed and not causal and k[2][seq] != q[2][seq] and layout != "TND":
+        raise ShapeError(expected("k" + where, f"local sequence length {q[2][seq]} like q (a window)", k[2][seq]))
+
+
+def _check_sinks(row: Sequence[int], where: str) -> None:
+    """``sinks``: absent (marker -1), or a 1-D floating tensor of q's head count on q's device type."""
+    fields = _options(row)[_SINKS_AT : _SINKS_AT + _FIELDS]
+    if fields[0] == -1:
+        return
+    name = "sinks" + where
+    is_tensor, ndim, *rest = fields
+    sizes, dtype, device = rest[:_MAX_DIMS], rest[_MAX_DIMS], rest[_MAX_DIMS + 1]
+    q = _fields(row, 0)
+    heads = q[2][1] if _LAYOUT_CODES[_options(row)[0]] in ("TND", "BNSD") else q[2][2]
+    if not is_tensor:
+        raise DTypeError(expected(name, "None or a torch.Tensor of one logit per query head", "a non-tensor"))
+    if ndim != 1 or sizes[0] != heads:
+        raise ShapeError(expected(name, f"shape ({heads},): one logit per query head", f"shape {tuple(sizes[:ndim])}"))
+    dtype_name = str(_DTYPES[dtype]) if dtype >= 0 else "an unsupported dtype"
+    if dtype_name not in map(str, ATTN_DTYPES):
+        raise DTypeError(expected(name, "float16, bfloat16, float32 or float64", dtype_name))
+    if device < 0 or _DEVICE_TYPES[device] != q[4]:
+        raise DeviceError(expected(name, f"a {q[4]} tensor like q", _DEVICE_TYPES[device] if device >= 0 else "other"))
 
 
 def _check_cu_seqlens(row: Sequence[int], where: str, world_size: int) -> None:
@@ -300,6 +362,7 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
         _check_options(row, f" (rank {rank})" if many else "", None if many else given)
     for rank, row in enumerate(table):
         _check_tensors(row, f" (rank {rank})" if many else "", len(table))
+        _check_sinks(row, f" (rank {rank})" if many else "")
     for rank, row in enumerate(table):
         if _options(row)[_CU_AT:]:
             _check_cu_seqlens(row, f" (rank {rank})" if many else "", len(table))
@@ -325,6 +388,11 @@ def check_table(table: Sequence[Sequence[int]], given: Any = None) -> None:
             raise ConfigError(expected(f"softmax_scale (rank {rank})", f"{scale0!r} as on rank 0", repr(scale)))
         if mine[_CU_AT:] and theirs[-1] != mine[-1]:
             raise ConfigError(expected(f"cu_seqlens (rank {rank})", "the same values as on rank 0", "other values"))
+        if theirs[_WINDOW_AT : _WINDOW_AT + 2] != mine[_WINDOW_AT : _WINDOW_AT + 2]:
+            want, got = (tuple(x[_WINDOW_AT : _WINDOW_AT + 2]) for x in (mine, theirs))
+            raise ConfigError(expected(f"window (rank {rank})", f"{want} as on rank 0", got))
+        if theirs[_SINKS_AT : _SINKS_AT + _FIELDS] != mine[_SINKS_AT : _SINKS_AT + _FIELDS]:
+            raise ConfigError(expected(f"sinks (rank {rank})", "the same shape and dtype as on rank 0", "others"))
         if theirs[_GRAD_AT] != mine[_GRAD_AT]:
             want_grad, got_grad = ("a", "no") if mine[_GRAD_AT] else ("no", "a")
             raise ConfigError(

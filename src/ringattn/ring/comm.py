@@ -12,6 +12,25 @@ import torch.distributed as dist
 from .schedule import next_rank, prev_rank
 
 
+class Traffic:
+    """Messages and bytes this process posted for sending, by every ring comm (real and virtual): what a bench
+    reports as sent, counted where it is sent (``ringattn bench ring``). :meth:`reset` before a measured call."""
+
+    def __init__(self) -> None:
+        self.messages = self.bytes = 0
+
+    def record(self, send: torch.Tensor | None) -> None:
+        if send is not None:
+            self.messages += 1
+            self.bytes += send.numel() * send.element_size()
+
+    def reset(self) -> None:
+        self.messages = self.bytes = 0
+
+
+TRAFFIC = Traffic()
+
+
 class Pending:
     """Handles of one posted exchange; :meth:`wait` returns once both transfers have completed."""
 
@@ -61,14 +80,31 @@ class RingComm:
         dist.all_gather(table, local, group=self.group)
         return [row.tolist() for row in table]
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor, *, tag: int = 0) -> Pending:
-        """Post ``send`` to the next rank and a receive into ``recv`` from the previous one; no waiting.
+    def exchange(
+        self,
+        send: torch.Tensor | None,
+        recv: torch.Tensor | None,
+        *,
+        tag: int = 0,
+        send_to: int | None = None,
+        recv_from: int | None = None,
+    ) -> Pending:
+        """Post ``send`` to rank ``send_to`` and a receive into ``recv`` from rank ``recv_from`` (ranks of the
+        group; default: the ring neighbours, next and previous); no waiting. ``send`` or ``recv`` None: that half is
+        not posted (a step of a windowed ring that one side does not need, Note [windows] in ``schedule.py``).
 
         ``send`` must not be written and ``recv`` not read until :meth:`Pending.wait` returns. ``tag``
         separates concurrent streams (key/value vs dk/dv) on transports that honour tags (gloo).
         """
-        ops = [
-            dist.P2POp(dist.isend, send, self._send_to, self.group, tag),
-            dist.P2POp(dist.irecv, recv, self._recv_from, self.group, tag),
-        ]
-        return Pending(dist.batch_isend_irecv(ops), (send, recv))
+        ops = []
+        TRAFFIC.record(send)
+        if send is not None:
+            peer = self._send_to if send_to is None else self._global(send_to)
+            ops.append(dist.P2POp(dist.isend, send, peer, self.group, tag))
+        if recv is not None:
+            peer = self._recv_from if recv_from is None else self._global(recv_from)
+            ops.append(dist.P2POp(dist.irecv, recv, peer, self.group, tag))
+        return Pending(dist.batch_isend_irecv(ops) if ops else [], (send, recv))
+
+    def _global(self, group_rank: int) -> int:
+        return dist.get_global_rank(self._group(), group_rank)

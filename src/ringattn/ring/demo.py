@@ -3,7 +3,8 @@
 ``run_demo`` spawns ``world_size`` CPU processes (gloo, ``file://`` rendezvous in a temporary directory,
 one thread each), runs ring attention forward and backward on a long random sequence, gathers the
 results, and compares output and gradients with single-process attention (PyTorch SDPA with
-``world_size`` threads) against a float64 reference; it prints errors and times.
+``single_process_threads(world_size)`` threads: one per rank, at most one per usable CPU core) against a float64
+reference; it prints errors, times and the thread counts used.
 
 Several machines (one process per CPU socket or GPU; NCCL when CUDA is available, else gloo)::
 
@@ -71,6 +72,20 @@ def _ring_rank(rank: int, world: int, args: DemoArgs, device: torch.device) -> d
     return {"forward_s": forward, "total_s": total, "results": full if rank == 0 else None}
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def single_process_threads(world_size: int) -> int:
+    """Threads the single-process baseline runs with against a ring of ``world_size`` one-thread ranks: one per rank,
+    but never more than the cores there are (3 threads on 2 cores would time oversubscription, not attention)."""
+    return max(1, min(world_size, usable_cpus()))
+
+
 def seq_len_problem(seq_len: int, world: int) -> str | None:
     """Why causal zigzag ring attention cannot split ``seq_len`` tokens over ``world`` ranks (one line), or None."""
     if world < 1:
@@ -107,7 +122,9 @@ def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -
     """Single-process attention and a float64 reference; errors of both, times of both, a PASS/FAIL per output
     (Note [demo tolerance]) in ``report["checks"]``."""
     q, k, v, g = _inputs(args, device)
-    say(f"single process: SDPA causal forward+backward, {torch.get_num_threads()} threads")
+    single_threads = torch.get_num_threads()  # what SDPA below runs with
+    say(f"single process: SDPA causal forward+backward, {single_threads} thread{'s' * (single_threads != 1)} "
+        f"({usable_cpus()} CPU cores usable)")  # fmt: skip
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     start = time.perf_counter()
     out = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True).transpose(1, 2)
@@ -136,6 +153,7 @@ def _report(args: DemoArgs, world: int, ring: dict, device: torch.device, say) -
         "ring_forward_s": ring["forward_s"],
         "ring_total_s": ring["total_s"],
         "single_total_s": single_s,
+        "single_threads": single_threads,
         "max_abs_error_vs_float64": errors,
         "checks": checks,
     }
@@ -197,7 +215,7 @@ def run_demo(
         mp.spawn(_spawned_rank, args=(world_size, f"file://{tmp}/rendezvous", args, result_path), nprocs=world_size)
         ring = torch.load(result_path)
     threads = torch.get_num_threads()
-    torch.set_num_threads(world_size)
+    torch.set_num_threads(single_process_threads(world_size))
     try:
         return _report(args, world_size, ring, torch.device("cpu"), say)
     finally:
@@ -227,15 +245,26 @@ def _torchrun_main(args: DemoArgs) -> int:
     return 0 if passed else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ringattn demo", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m ringattn.ring.demo`` (every option's help states its default once)."""
+    from ..cli import DefaultsFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ringattn.ring.demo", description=__doc__.split("\n")[0], formatter_class=DefaultsFormatter
+    )
     parser.add_argument("--world-size", type=int, default=2, help="local processes (ignored under torchrun)")
-    parser.add_argument("--seq-len", type=int, default=DemoArgs.seq_len)
-    parser.add_argument("--batch", type=int, default=DemoArgs.batch)
-    parser.add_argument("--heads", type=int, default=DemoArgs.heads)
-    parser.add_argument("--head-dim", type=int, default=DemoArgs.head_dim)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=DemoArgs.dtype)
-    parser.add_argument("--seed", type=int, default=DemoArgs.seed)
+    parser.add_argument("--seq-len", type=int, default=DemoArgs.seq_len, help="full sequence length S (multiple of 2W)")
+    parser.add_argument("--batch", type=int, default=DemoArgs.batch, help="batch size B")
+    parser.add_argument("--heads", type=int, default=DemoArgs.heads, help="heads N")
+    parser.add_argument("--head-dim", type=int, default=DemoArgs.head_dim, help="head size D")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=DemoArgs.dtype, help="q, k, v dtype")
+    parser.add_argument("--seed", type=int, default=DemoArgs.seed, help="input seed")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ringattn.ring.demo`` (spawned local ranks) or the same under torchrun; returns the exit status."""
+    parser = build_parser()
     ns = parser.parse_args(argv)
     args = DemoArgs(ns.seq_len, ns.batch, ns.heads, ns.head_dim, ns.dtype, ns.seed)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -64,6 +64,7 @@ OPTION_SCHEMA: dict[str, tuple[str, Any]] = {
     "sharding": ("str", ""),
     "impl": ("str", ""),
     "backend": ("str", ""),
+    "window": ("int[]?", None),
 }
 _OPTIONS = ", ".join(f"{kind} {name}" for name, (kind, _) in OPTION_SCHEMA.items())
 _INVALID_SEP = "\x1f"  # between the ``name=repr`` items of ``invalid``
@@ -84,6 +85,9 @@ def _fits(kind: str, value: Any) -> tuple[bool, Any]:
         return ok, float(value) if ok else None
     if kind == "int":
         return type(value) is int, value
+    if kind == "int[]":
+        ok = isinstance(value, (tuple, list)) and all(type(x) is int for x in value)
+        return ok, list(value) if ok else None
     if kind == "str":
         return isinstance(value, str), value
     raise AssertionError(f"no encoding for schema type {kind!r}")  # a new type in OPTION_SCHEMA
@@ -117,7 +121,10 @@ class _Given:
 def decode_options(invalid: str, values: Any) -> Any:
     from .attention import RingOptions
 
-    given = dict(zip(OPTION_SCHEMA, values, strict=True))
+    given = {
+        name: tuple(value) if kind == "int[]?" and value is not None else value  # int[] arrives as a list
+        for (name, (kind, _)), value in zip(OPTION_SCHEMA.items(), values, strict=True)
+    }
     for item in invalid.split(_INVALID_SEP) if invalid else ():
         name, _, text = item.partition("=")
         given[name] = _Given(text)
@@ -166,16 +173,16 @@ def resolve_group(name: str) -> Any:
 
 class _CheckedComm:
     """A comm of a call the forward already checked on every rank: its all_gather returns this rank's row for
-    every rank (no message); ``exchange``, ``rank`` and ``world_size`` are the real comm's."""
+    every rank (no message); everything else (``exchange``, ``rank``, ``world_size``, ...) is the real comm's."""
 
     def __init__(self, comm: Any) -> None:
-        self.comm, self.rank, self.world_size = comm, comm.rank, comm.world_size
+        self.comm = comm
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.comm, name)
 
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
-        return [list(values) for _ in range(self.world_size)]
-
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor, *, tag: int = 0) -> Any:
-        return self.comm.exchange(send, recv, tag=tag)
+        return [list(values) for _ in range(self.comm.world_size)]
 
 
 def _comm(name: str) -> Any:
@@ -189,7 +196,7 @@ def _comm(name: str) -> Any:
 _LIB = torch.library.Library("ringattn", "FRAGMENT")  # noqa: TOR901 - the schema is built from OPTION_SCHEMA
 
 
-def _forward(q, k, v, cu_seqlens, group, needs_grad, invalid, *values):
+def _forward(q, k, v, cu_seqlens, sinks, group, needs_grad, invalid, *values):
     from .attention import _heads_first, prepare, ring_forward
     from .varlen import prepare_varlen
 
@@ -197,16 +204,16 @@ def _forward(q, k, v, cu_seqlens, group, needs_grad, invalid, *values):
     comm = _comm(group)
     with _amp.autocast_off(q, k, v):
         if cu_seqlens is None:
-            q4, k4, v4, cfg = prepare(q, k, v, options, comm, needs_grad=needs_grad)
+            q4, k4, v4, cfg = prepare(q, k, v, options, comm, needs_grad=needs_grad, sinks=sinks)
         else:
-            q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm, needs_grad=needs_grad)
-        out, lse = ring_forward(q4, k4, v4, cfg)
+            q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm, needs_grad=needs_grad, sinks=sinks)
+        out, lse = ring_forward(q4, k4, v4, cfg, sinks)
     if cu_seqlens is not None:
         return out[0], lse[0]
     return (_heads_first(out) if options.layout == "BNSD" else out), lse
 
 
-def _forward_fake(q, k, v, cu_seqlens, group, needs_grad, invalid, *values):
+def _forward_fake(q, k, v, cu_seqlens, sinks, group, needs_grad, invalid, *values):
     options = decode_options(invalid, values)
     c = compute_dtype(q.dtype)
     if cu_seqlens is not None and q.dim() == 3:  # (T, N, D) -> out (T, N, D), lse (N, T)
@@ -220,8 +227,12 @@ def _forward_fake(q, k, v, cu_seqlens, group, needs_grad, invalid, *values):
     return q.new_empty(q.shape), q.new_empty((b, n, s), dtype=c)
 
 
-def _backward_op(dout, q, k, v, out, lse, cu_seqlens, group, *values):
-    from .attention import _heads_first, prepare, ring_backward
+def _no_sinks_gradient(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((0,))  # the 4th output of a backward op without sinks (op outputs may not be None)
+
+
+def _backward_op(dout, q, k, v, out, lse, cu_seqlens, sinks, group, *values):
+    from .attention import _heads_first, prepare, ring_backward, sink_gradient
     from .varlen import prepare_varlen
 
     # The backward merges nothing: "torch" spares prepare the probe merge of backend="auto" (its result is unused).
@@ -229,14 +240,15 @@ def _backward_op(dout, q, k, v, out, lse, cu_seqlens, group, *values):
     comm = _CheckedComm(_comm(group))
     with _amp.autocast_off(q, k, v):
         if cu_seqlens is None:
-            q4, k4, v4, cfg = prepare(q, k, v, options, comm, needs_grad=True)
+            q4, k4, v4, cfg = prepare(q, k, v, options, comm, needs_grad=True, sinks=sinks)
             if options.layout == "BNSD":
                 dout, out = _heads_first(dout), _heads_first(out)
             lse4 = lse
         else:
-            q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm, needs_grad=True)
+            q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm, needs_grad=True, sinks=sinks)
             dout, out, lse4 = dout.unsqueeze(0), out.unsqueeze(0), lse.unsqueeze(0)
         grads = ring_backward(dout, q4, k4, v4, out, lse4, cfg)
+        dsinks = sink_gradient(dout, out, lse4, sinks) if sinks is not None else _no_sinks_gradient(q)
     if cu_seqlens is not None:
         grads = tuple(g[0] for g in grads)
     elif options.layout == "BNSD":
@@ -244,65 +256,68 @@ def _backward_op(dout, q, k, v, out, lse, cu_seqlens, group, *values):
     dq, dk, dv = grads
     if dv.untyped_storage().data_ptr() == dk.untyped_storage().data_ptr():
         dv = dv.clone()  # dk and dv are views of one buffer (ring_backward's last hop); op outputs may not alias
-    return dq, dk, dv
+    return dq, dk, dv, dsinks
 
 
-def _backward_fake(dout, q, k, v, out, lse, cu_seqlens, group, *values):
+def _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, group, *values):
     """dq, dk, dv in the inputs' shapes and dtypes, contiguous in the ring's ``(B, S, N, D)`` order (heads first
     for ``BNSD``), as ``ring_backward`` makes them."""
     options = decode_options("", values)
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else _no_sinks_gradient(q)
     if cu_seqlens is None and options.layout == "BNSD" and q.dim() == 4:
-        return tuple(x.new_empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3])).transpose(1, 2) for x in (q, k, v))
-    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+        grads = tuple(x.new_empty((x.shape[0], x.shape[2], x.shape[1], x.shape[3])).transpose(1, 2) for x in (q, k, v))
+        return (*grads, dsinks)
+    return (*(x.new_empty(x.shape) for x in (q, k, v)), dsinks)
 
 
 # --- ringattn::simulate_ring_attention (the virtual ring, Note [virtual ring] in virtual.py) ------------------------
 
 
-def _virtual_forward(q, k, v, cu_seqlens, world_size, needs_grad, invalid, *values):
+def _virtual_forward(q, k, v, cu_seqlens, sinks, world_size, needs_grad, invalid, *values):
     from . import virtual
 
     options = decode_options(invalid, values)
     with _amp.autocast_off(q, k, v):
-        plan = virtual.checked_plan(q, k, v, world_size, options, cu_seqlens)
-        out, lse, _ = virtual.virtual_forward(q, k, v, plan, needs_grad)
+        plan = virtual.checked_plan(q, k, v, world_size, options, cu_seqlens, sinks)
+        out, lse, _ = virtual.virtual_forward(q, k, v, sinks, plan, needs_grad)
     return out, lse
 
 
-def _virtual_forward_fake(q, k, v, cu_seqlens, world_size, needs_grad, invalid, *values):
-    return _forward_fake(q, k, v, cu_seqlens, "", needs_grad, invalid, *values)  # the shapes of one rank's call
+def _virtual_forward_fake(q, k, v, cu_seqlens, sinks, world_size, needs_grad, invalid, *values):
+    return _forward_fake(q, k, v, cu_seqlens, sinks, "", needs_grad, invalid, *values)  # the shapes of one rank's call
 
 
-def _virtual_backward(dout, q, k, v, out, lse, cu_seqlens, world_size, *values):
+def _virtual_backward(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, *values):
     from . import virtual
 
     options = decode_options("", values)
     seq_dim = 0 if cu_seqlens is not None else (1 if options.layout == "BSND" else 2)
     plan = virtual._Plan(world_size, options, seq_dim, cu_seqlens)
     with _amp.autocast_off(q, k, v):
-        dq, dk, dv = virtual.virtual_backward(dout, virtual.rebuild_per_rank(q, k, v, out, lse, plan), plan)
-    return dq, dk, dv
+        per_rank = virtual.rebuild_per_rank(q, k, v, out, lse, sinks, plan)
+        dq, dk, dv, dsinks = virtual.virtual_backward(dout, per_rank, plan, sinks)
+    return dq, dk, dv, dsinks if dsinks is not None else _no_sinks_gradient(q)
 
 
-def _virtual_backward_fake(dout, q, k, v, out, lse, cu_seqlens, world_size, *values):
-    return _backward_fake(dout, q, k, v, out, lse, cu_seqlens, "", *values)
+def _virtual_backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, *values):
+    return _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, "", *values)
 
 
 _LIB.define(
-    "ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, str group, bool needs_grad, str invalid, "
-    f"{_OPTIONS}) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "ring_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
-    f"str group, {_OPTIONS}) -> (Tensor, Tensor, Tensor)"
-)
-_LIB.define(
-    "simulate_ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, int world_size, bool needs_grad, "
+    "ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? sinks, str group, bool needs_grad, "
     f"str invalid, {_OPTIONS}) -> (Tensor, Tensor)"
 )
 _LIB.define(
+    "ring_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+    f"Tensor? sinks, str group, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "simulate_ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? sinks, int world_size, "
+    f"bool needs_grad, str invalid, {_OPTIONS}) -> (Tensor, Tensor)"
+)
+_LIB.define(
     "simulate_ring_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    f"Tensor? cu_seqlens, int world_size, {_OPTIONS}) -> (Tensor, Tensor, Tensor)"
+    f"Tensor? cu_seqlens, Tensor? sinks, int world_size, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 for _name, _impl, _fake in (
     ("ring_attention", _forward, _forward_fake),
@@ -315,9 +330,9 @@ for _name, _impl, _fake in (
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, ring, _needs_grad, _invalid, *values = inputs  # ring: the group name or world_size
+    q, k, v, cu_seqlens, sinks, ring, _needs_grad, _invalid, *values = inputs  # ring: group name or world_size
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
     ctx.args = (ring, *values)
     ctx.mark_non_differentiable(lse)
 
@@ -325,9 +340,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _autograd_backward(backward_op: Any, what: str) -> Callable:
     def backward(ctx, dout, _dlse):
         refuse_double_backward(what)
-        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = backward_op(dout, q, k, v, out, lse, cu_seqlens, *ctx.args)
-        return (dq, dk, dv, *([None] * (4 + len(OPTION_SCHEMA))))
+        q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
+        dq, dk, dv, dsinks = backward_op(dout, q, k, v, out, lse, cu_seqlens, sinks, *ctx.args)
+        return (dq, dk, dv, None, dsinks if sinks is not None else None, *([None] * (3 + len(OPTION_SCHEMA))))
 
     return backward
 
@@ -368,21 +383,22 @@ def direct_call_ok(tensors: tuple[Any, ...]) -> bool:
 DIRECT_EAGER = True
 
 
-def call(q, k, v, cu_seqlens, group, options, return_lse: bool, direct: Callable, *, world_size: int | None = None):
+def call(q, k, v, cu_seqlens, group, options, return_lse: bool, direct: Callable, *, sinks: Any = None,
+         world_size: int | None = None) -> Any:  # fmt: skip
     """One entry point call: ``direct()`` (the eager code) when the op boundary would do nothing, else the op:
     ``ringattn::ring_attention`` over ``group``, or ``ringattn::simulate_ring_attention`` of ``world_size`` virtual
     ranks."""
-    tensors = (q, k, v) if cu_seqlens is None else (q, k, v, cu_seqlens)
+    tensors = (q, k, v, *(t for t in (cu_seqlens, sinks) if t is not None))
     if not all(isinstance(t, torch.Tensor) for t in tensors):
         return _eager_only(direct)()  # invalid inputs: the check table raises on every rank
     if direct_call_ok(tensors) and (DIRECT_EAGER or any(t.device.type not in ("cpu", "cuda") for t in tensors)):
         return direct()
     q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, sinks) if t is not None)
     invalid, values = encode_options(options)
     if world_size is not None:
         op, ring = torch.ops.ringattn.simulate_ring_attention, world_size
     else:
         op, ring = torch.ops.ringattn.ring_attention, group_name(group)
-    out, lse = op(q, k, v, cu_seqlens, ring, needs_grad, invalid, *values)
+    out, lse = op(q, k, v, cu_seqlens, sinks, ring, needs_grad, invalid, *values)
     return (out, lse) if return_lse else out

@@ -56,7 +56,8 @@ class Block:
     q_hi: int
     k_lo: int
     k_hi: int
-    causal: bool  # top-left causal mask of a square block; else unmasked
+    causal: bool  # top-left causal mask of a square block; else unmasked (or ``band``)
+    band: tuple[int, int] | None = None  # a window's band: row i sees columns i + lo .. i + hi (Note [windows])
 
 
 def next_rank(rank: int, world_size: int) -> int:
@@ -100,6 +101,86 @@ def step_blocks(rank: int, step: int, world_size: int, *, causal: bool, sharding
     if src < rank:
         return (Block(0, 2, 0, 1, False),)
     return (Block(1, 2, 0, 2, False),)
+
+
+# Note [windows]
+# --------------
+# A sliding window ``(left, right)`` (flash-attn's convention, -1 unbounded) lets the query at global position i see
+# the keys j with ``i - left <= j <= i + right`` (and ``j <= i`` when causal). Relative to a pair of chunks of c
+# tokens, query chunk at global start ``qs`` and key chunk at ``ks`` (``d = ks - qs``), local row a sees local
+# columns b with ``lo <= b - a <= hi`` for ``lo = -left - d``, ``hi = right - d`` (``min(right, 0) - d`` causal). Each
+# pair is then empty (skipped: never computed, never merged), full (unmasked), the top-left causal square, or a band
+# (:func:`band_of`). :func:`window_step_blocks` lists the pairs of a step, or today's :func:`step_blocks` when
+# the window changes nothing at that step (same kernels, same merges: a window of S gives exactly the causal ring).
+#
+# Work follows the window: a step whose pairs are all empty on a rank costs that rank nothing, and a step no rank
+# needs is not taken at all (:func:`active_steps`: no transfer, no kernel, forward and backward alike). Skipped steps
+# break the relay of Note [ring schedule] (a block that travels rank to rank needs every hop), so a ring with skipped
+# steps sends each block straight to the rank that needs it (step s: rank r sends its own key/values to r + s and
+# receives those of r - s; dk/dv partials go straight back to their owner), only between ranks that need it.
+#
+# A band block is computed in row tiles of half the window, each against only the keys its rows see
+# (``blocks.band_pieces``): the CPU flash kernel computes every score of a block whatever its mask, and the tiles
+# measured 2.5-7.7x faster than one masked call, on a par with compiled FlexAttention (``benchmarks/RESULTS.md``,
+# "Sliding windows"). On CUDA the tiles run FlashAttention-2's window arguments (Note [block kernels]).
+#
+# Sharding: zigzag balances the causal triangle; under a window much shorter than S the work is a diagonal band,
+# which contiguous shards cut into equal pieces too (each rank's band plus a spill into its predecessor), and the
+# band then reaches fewer ranks: rank r needs ranks ``r - 1 .. r - ceil(left / c)`` only, where zigzag's second chunk
+# reaches the other way round the ring as well. ``ringattn bench ring --window`` measures both; the caller picks
+# (``sharding=``), as without a window.
+
+
+def band_of(sq: int, sk: int, window: tuple[int, int], causal: bool, offset: int = 0) -> tuple[int, int] | None:
+    """The band ``(lo, hi)`` (local row i sees local columns ``i + lo .. i + hi``) of an ``sq x sk`` block whose keys
+    start ``offset`` positions after its queries, under ``window`` (flash-attn's ``(left, right)``, -1 unbounded),
+    clipped to the block's ``[-(sq - 1), sk - 1]``; None when no row sees a key (Note [windows])."""
+    left, right = window
+    lo = -(sq - 1) if left < 0 else max(-left - offset, -(sq - 1))
+    hi = sk - 1 if right < 0 else min(right - offset, sk - 1)
+    if causal:
+        hi = min(hi, -offset)
+    return None if lo > hi or sq == 0 or sk == 0 else (lo, hi)
+
+
+def _chunk_starts(rank: int, world_size: int, causal: bool, sharding: str, chunk: int, windowed: bool) -> list[int]:
+    """Global start of each local chunk of ``rank``."""
+    if chunks_per_rank(causal or windowed, sharding) == 2:
+        return [g * chunk for g in zigzag_chunks(rank, world_size)]
+    return [rank * chunk]
+
+
+def window_step_blocks(
+    rank: int, step: int, world_size: int, *, causal: bool, sharding: str, chunk: int, window: tuple[int, int]
+) -> tuple[Block, ...]:
+    """The blocks ``rank`` computes at ``step`` under ``window`` (Note [windows]), in local chunk units of ``chunk``
+    tokens: the step's chunk pairs that see something, each with its band; today's :func:`step_blocks` where the
+    window changes nothing at this step."""
+    src = source_rank(rank, step, world_size)
+    mine = _chunk_starts(rank, world_size, causal, sharding, chunk, True)
+    theirs = _chunk_starts(src, world_size, causal, sharding, chunk, True)
+    blocks, unwindowed = [], True
+    for a, qs in enumerate(mine):
+        for b, ks in enumerate(theirs):
+            band = band_of(chunk, chunk, window, causal, ks - qs)
+            plain = band_of(chunk, chunk, (-1, -1), causal, ks - qs)
+            unwindowed = unwindowed and band == plain
+            if band is None:
+                continue
+            full, square = band == (-(chunk - 1), chunk - 1), band == (-(chunk - 1), 0)
+            if full or (square and ks == qs):
+                blocks.append(Block(a, a + 1, b, b + 1, not full))
+            else:
+                blocks.append(Block(a, a + 1, b, b + 1, False, band))
+    if unwindowed and (causal or len(mine) == 1):
+        return step_blocks(rank, step, world_size, causal=causal, sharding=sharding)
+    return tuple(blocks)
+
+
+def active_steps(world_size: int, blocks_of) -> list[int]:
+    """The steps some rank computes a block at (``blocks_of(rank, step)``): the ring takes only these (Note
+    [windows]); step 0 always (it initialises every rank's output)."""
+    return [0] + [s for s in range(1, world_size) if any(blocks_of(r, s) for r in range(world_size))]
 
 
 def global_chunk_order(world_size: int, sharding: str) -> list[int]:
@@ -156,6 +237,7 @@ class PackedBlock:
     q_len: tuple[int, ...]
     k_start: tuple[int, ...]
     k_len: tuple[int, ...]
+    bands: tuple[tuple[int, int], ...] | None = None  # under a window: each document's band (Note [windows])
 
 
 def packed_chunk_sizes(lengths: list[int], world_size: int) -> list[int]:
@@ -197,6 +279,37 @@ def packed_step_blocks(lengths: list[int], rank: int, step: int, world_size: int
         if docs:
             q_start, q_len, k_start, k_len = zip(*docs, strict=True)
             result.append(PackedBlock(block.causal, q_start, q_len, k_start, k_len))
+    return tuple(result)
+
+
+def packed_window_step_blocks(
+    lengths: list[int], rank: int, step: int, world_size: int, *, causal: bool, window: tuple[int, int]
+) -> tuple:
+    """The :class:`PackedBlock` s of ``step`` under ``window`` (Note [windows], per document): one block per received
+    key chunk, holding every document's pieces (a query chunk's real prefix against the key chunk's) with the band
+    each sees, pieces that see nothing left out; :func:`packed_step_blocks` where the window changes nothing."""
+    src = source_rank(rank, step, world_size)
+    chunks, offsets = packed_chunk_sizes(lengths, world_size), packed_local_offsets(lengths, world_size)
+    mine, theirs = zigzag_chunks(rank, world_size), zigzag_chunks(src, world_size)
+    result, unwindowed = [], True
+    for b in (0, 1):
+        pieces = []
+        for length, c, off in zip(lengths, chunks, offsets, strict=False):
+            k_len = packed_real_tokens(length, c, src, world_size, b, b + 1)
+            for a in (0, 1):
+                q_len = packed_real_tokens(length, c, rank, world_size, a, a + 1)
+                if not (q_len and k_len):
+                    continue
+                offset = (theirs[b] - mine[a]) * c
+                band = band_of(q_len, k_len, window, causal, offset)
+                unwindowed = unwindowed and band == band_of(q_len, k_len, (-1, -1), causal, offset)
+                if band is not None:
+                    pieces.append((off + a * c, q_len, off + b * c, k_len, band))
+        if pieces:
+            q_start, q_len, k_start, k_len, bands = zip(*pieces, strict=True)
+            result.append(PackedBlock(False, q_start, q_len, k_start, k_len, bands))
+    if unwindowed:
+        return packed_step_blocks(lengths, rank, step, world_size, causal=causal)
     return tuple(result)
 
 

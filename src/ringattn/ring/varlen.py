@@ -44,9 +44,9 @@ from .attention import (
     attend_slices,
     local_merge_backend,
 )
-from .blocks import ATEN, KERNELS, compute_dtype, resolve_impl
+from .blocks import ATEN, KERNELS, band_pieces, compute_dtype, resolve_impl
 from .comm import RingComm
-from .schedule import PackedBlock, packed_step_blocks
+from .schedule import PackedBlock, active_steps, packed_step_blocks, packed_window_step_blocks
 from .sharding import document_lengths
 
 
@@ -62,16 +62,33 @@ def resolve_packed_impl(impl: str, device: torch.device, dtype: torch.dtype, hea
 class PackedPlan:
     """Layout plan of packed ``(1, T_local, N, D)`` shards (Note [layout plans], Note [packed blocks])."""
 
-    def __init__(self, lengths: list[int], causal: bool, impl: str, device: torch.device) -> None:
-        self.lengths, self.causal = lengths, causal
-        self.varlen = impl == "flash" and blocks.device_type(device) == "cuda"
+    def __init__(
+        self,
+        lengths: list[int],
+        causal: bool,
+        impl: str,
+        device: torch.device,
+        world_size: int = 1,
+        window: tuple[int, int] | None = None,
+    ) -> None:
+        self.lengths, self.causal, self.window = lengths, causal, window
+        # FA2's varlen call takes one window for every document; a window's bands differ per document: per document.
+        self.varlen = impl == "flash" and blocks.device_type(device) == "cuda" and window is None
         self._blocks: dict[tuple[int, int, int], tuple[PackedBlock, ...]] = {}
         self._indices: dict[int, tuple] = {}
+        self.steps = active_steps(world_size, lambda r, s: self.step_blocks(r, s, world_size))
+
+    def initialises(self, rank: int, world_size: int) -> bool:
+        return True  # step 0's one block returns every local row
 
     def step_blocks(self, rank: int, step: int, world_size: int) -> tuple[PackedBlock, ...]:
         key = (rank, step, world_size)
         if key not in self._blocks:
-            blocks = packed_step_blocks(self.lengths, rank, step, world_size, causal=self.causal)
+            if self.window is None:
+                blocks = packed_step_blocks(self.lengths, rank, step, world_size, causal=self.causal)
+            else:
+                blocks = packed_window_step_blocks(self.lengths, rank, step, world_size, causal=self.causal,
+                                                   window=self.window)  # fmt: skip
             if step == 0 and not blocks:  # no real local token: still one (empty) block to initialise the output
                 blocks = (PackedBlock(self.causal, (), (), (), ()),)
             self._blocks[key] = blocks
@@ -94,8 +111,8 @@ class PackedPlan:
             o[0].index_copy_(0, q_idx, o_g)
             lse[0].index_copy_(1, q_idx, lse_g.to(lse.dtype))
             return o, lse, slice(None)
-        for qs, ks in _document_slices(block):
-            o[:, qs], lse[:, :, qs] = attend_slices(q, k, v, qs, ks, block.causal, cfg)
+        for qs, ks, causal, band in _document_pieces(block):
+            o[:, qs], lse[:, :, qs] = attend_slices(q, k, v, qs, ks, causal, cfg, band)
         return o, lse, slice(None)
 
     # --- backward --------------------------------------------------------------------------------------------
@@ -117,8 +134,8 @@ class PackedPlan:
             dk_acc[0].index_add_(0, k_idx, dk.to(dk_acc.dtype))
             dv_acc[0].index_add_(0, k_idx, dv.to(dv_acc.dtype))
             return
-        for qs, ks in _document_slices(block):
-            add_slice_gradients(do, q, k, v, out, lse, qs, ks, block.causal, cfg, dq_acc, dk_acc, dv_acc)
+        for qs, ks, causal, band in _document_pieces(block):
+            add_slice_gradients(do, q, k, v, out, lse, qs, ks, causal, cfg, dq_acc, dk_acc, dv_acc, band)
 
     def _varlen_indices(self, block: PackedBlock, device: torch.device) -> tuple:
         """Rows to gather and the FA2 varlen arguments of ``block`` on ``device``, made once per block."""
@@ -131,9 +148,16 @@ class PackedPlan:
         return self._indices[key]
 
 
-def _document_slices(block: PackedBlock):
-    for q0, nq, k0, nk in zip(block.q_start, block.q_len, block.k_start, block.k_len, strict=True):
-        yield slice(q0, q0 + nq), slice(k0, k0 + nk)
+def _document_pieces(block: PackedBlock):
+    """``(query rows, key rows, causal, band)`` of every kernel call of ``block``: one per document, or under a window
+    the row tiles of each document's band (``band_pieces``, Note [windows] in ``schedule.py``)."""
+    bands = block.bands or (None,) * len(block.q_start)
+    for q0, nq, k0, nk, band in zip(block.q_start, block.q_len, block.k_start, block.k_len, bands, strict=True):
+        if band is None:
+            yield slice(q0, q0 + nq), slice(k0, k0 + nk), block.causal, None
+            continue
+        for rows, keys, tile in band_pieces(nq, nk, band):
+            yield slice(q0 + rows.start, q0 + rows.stop), slice(k0 + keys.start, k0 + keys.stop), False, tile
 
 
 def _gather_index(starts: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -145,22 +169,33 @@ def _gather_index(starts: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[np
 
 
 def prepare_varlen(
-    q: Any, k: Any, v: Any, cu_seqlens: Any, options: RingOptions, comm: Any, *, needs_grad: bool | None = None
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    options: RingOptions,
+    comm: Any,
+    *,
+    needs_grad: bool | None = None,
+    sinks: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, RingConfig]:
     """``attention.prepare`` for packed shards: validate on every rank (one all-gather, cu_seqlens included) and
     return ``(1, T_local, N, D)`` views and the :class:`RingConfig` with its :class:`PackedPlan`."""
     if needs_grad is None:
-        needs_grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v))
+        needs_grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, sinks)
+        )
     merge = local_merge_backend(q, options.backend)
     row = checks.encode(
-        q, k, v, options, needs_grad=needs_grad, merge=merge, cu_seqlens=cu_seqlens, world_size=comm.world_size
-    )
+        q, k, v, options, needs_grad=needs_grad, merge=merge, sinks=sinks, cu_seqlens=cu_seqlens,
+        world_size=comm.world_size,
+    )  # fmt: skip
     table = comm.all_gather_ints(row)
     checks.check_table(table, options)
     lengths = document_lengths(cu_seqlens)
     scale = options.softmax_scale if options.softmax_scale is not None else q.shape[-1] ** -0.5
     impl = resolve_packed_impl(options.impl, q.device, q.dtype, q.shape[-1])
-    plan = PackedPlan(lengths, bool(options.causal), impl, q.device)
+    plan = PackedPlan(lengths, bool(options.causal), impl, q.device, comm.world_size, checks.window_of(options.window))
     cfg = RingConfig(float(scale), impl, checks.agreed_merge_backend(table), comm, plan)
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
@@ -178,6 +213,8 @@ def ring_attention_varlen(
     return_lse: bool = False,
     impl: str = "auto",
     backend: str = "auto",
+    sinks: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a packed batch of documents, sequence-parallel over the ranks of ``group``.
 
@@ -217,6 +254,11 @@ def ring_attention_varlen(
         per document (Note [packed blocks] in ``ring/varlen.py``).
     backend : str
         Row-merge backend of ``ringattn.backends.for_device`` (``"auto"``: the device's fused one).
+    sinks : Tensor ``(N,)``, optional
+        Attention sinks, as in :func:`ringattn.ring_attention` (a padding slot's LSE is then the sink: its output
+        stays 0 and its gradients 0).
+    window : (left, right), optional
+        A sliding window within each document, by position in the document, as in :func:`ringattn.ring_attention`.
 
     Returns
     -------
@@ -233,21 +275,30 @@ def ring_attention_varlen(
         per rank, on another device) or ranks disagree (shapes, dtypes, devices, options, ``cu_seqlens`` values,
         whether a backward will run); checked with one small all_gather before any transfer.
     """
-    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend)
+    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend, window)
 
     # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
     def direct() -> Any:
-        return run_ring_varlen(q, k, v, cu_seqlens, RingComm(ops.process_group(group)), options, return_lse=return_lse)
+        comm = RingComm(ops.process_group(group))
+        return run_ring_varlen(q, k, v, cu_seqlens, comm, options, return_lse=return_lse, sinks=sinks)
 
-    return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct)
+    return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct, sinks=sinks)
 
 
 def run_ring_varlen(
-    q: Any, k: Any, v: Any, cu_seqlens: Any, comm: Any, options: RingOptions, *, return_lse: bool = False
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens: Any,
+    comm: Any,
+    options: RingOptions,
+    *,
+    return_lse: bool = False,
+    sinks: Any = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`ring_attention_varlen` over ``comm`` (a ``RingComm``, or a test double of its interface)."""
     q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
     with _amp.autocast_off(q, k, v):
-        q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm)
-        out, lse = _RingAttention.apply(q4, k4, v4, cfg)
+        q4, k4, v4, cfg = prepare_varlen(q, k, v, cu_seqlens, options, comm, sinks=sinks)
+        out, lse = _RingAttention.apply(q4, k4, v4, sinks, cfg)
     return (out[0], lse[0]) if return_lse else out[0]

@@ -32,8 +32,15 @@ import torch
 from .. import _amp
 from ..errors import ConfigError, ShapeError, expected, refuse_double_backward
 from . import ops
-from .attention import RingOptions, _heads_first, prepare, ring_backward, ring_forward
-from .comm import Pending
+from .attention import (
+    RingOptions,
+    _heads_first,
+    prepare,
+    ring_backward,
+    ring_forward,
+    sink_gradient,
+)
+from .comm import TRAFFIC, Pending
 from .schedule import next_rank, packed_local_offsets
 from .sharding import document_lengths, shard_packed, shard_sequence, unshard_packed, unshard_sequence
 from .varlen import prepare_varlen
@@ -58,7 +65,7 @@ class _Baton:
         self.turn = 0
         self.finished = [False] * world_size
         self.idle_passes = 0  # baton passes in a row by ranks that could not proceed
-        self.mail: dict[tuple[int, int], deque[_Message]] = defaultdict(deque)  # (receiver, tag) -> messages
+        self.mail: dict[tuple[int, int, int], deque[_Message]] = defaultdict(deque)  # (receiver, sender, tag)
         self.rows: dict[int, dict[int, list[int]]] = defaultdict(dict)  # all_gather round -> rank -> row
         self.failure: BaseException | None = None
 
@@ -114,29 +121,47 @@ class VirtualComm:
         baton.wait_until(self.rank, lambda: len(baton.rows[round_]) == self.world_size)
         return [baton.rows[round_][r] for r in range(self.world_size)]
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor, *, tag: int = 0) -> Pending:
-        message = _Message(send)
-        with self.baton.cond:
-            self.baton.mail[next_rank(self.rank, self.world_size), tag].append(message)
-        return _VirtualPending(self, recv, tag, message)
+    def exchange(
+        self,
+        send: torch.Tensor | None,
+        recv: torch.Tensor | None,
+        *,
+        tag: int = 0,
+        send_to: int | None = None,
+        recv_from: int | None = None,
+    ) -> Pending:
+        """``RingComm.exchange``: messages are kept per (receiver, sender, tag), as P2P transports match them."""
+        to = next_rank(self.rank, self.world_size) if send_to is None else send_to
+        source = (self.rank - 1) % self.world_size if recv_from is None else recv_from
+        TRAFFIC.record(send)
+        message = _Message(send) if send is not None else None
+        if message is not None:
+            with self.baton.cond:
+                self.baton.mail[to, self.rank, tag].append(message)
+        return _VirtualPending(self, recv, source, tag, message)
 
 
 class _VirtualPending(Pending):
     """One posted exchange of a virtual rank: ``wait`` receives into ``recv``, then waits until the message
     this rank sent has been received (as a completed real send would)."""
 
-    def __init__(self, comm: VirtualComm, recv: torch.Tensor, tag: int, sent: _Message) -> None:
+    def __init__(
+        self, comm: VirtualComm, recv: torch.Tensor | None, source: int, tag: int, sent: _Message | None
+    ) -> None:
         super().__init__([], (recv,))
-        self._comm, self._recv, self._tag, self._sent = comm, recv, tag, sent
+        self._comm, self._recv, self._source, self._tag, self._sent = comm, recv, source, tag, sent
 
     def wait(self) -> None:
         baton, rank = self._comm.baton, self._comm.rank
-        box = baton.mail[rank, self._tag]
-        baton.wait_until(rank, lambda: len(box) > 0)
-        message = box.popleft()
-        self._recv.copy_(message.tensor)
-        message.received = True
-        baton.wait_until(rank, lambda: self._sent.received)
+        if self._recv is not None:
+            box = baton.mail[rank, self._source, self._tag]
+            baton.wait_until(rank, lambda: len(box) > 0)
+            message = box.popleft()
+            self._recv.copy_(message.tensor)
+            message.received = True
+        if self._sent is not None:
+            sent = self._sent
+            baton.wait_until(rank, lambda: sent.received)
 
 
 class _Worker:
@@ -200,11 +225,11 @@ class _Plan:
     seq_dim: int  # of the caller's layout
     cu_seqlens: torch.Tensor | None = None  # a packed batch (T, N, D): per-document zigzag shards
 
-    def prepare(self, q, k, v, comm, needs_grad: bool):
+    def prepare(self, q, k, v, comm, needs_grad: bool, sinks=None):
         """One rank's ``prepare`` (dense) or ``prepare_varlen`` (packed): ``(B, S_local, N, D)`` views and config."""
         if self.cu_seqlens is None:
-            return prepare(q, k, v, self.options, comm, needs_grad=needs_grad)
-        return prepare_varlen(q, k, v, self.cu_seqlens, self.options, comm, needs_grad=needs_grad)
+            return prepare(q, k, v, self.options, comm, needs_grad=needs_grad, sinks=sinks)
+        return prepare_varlen(q, k, v, self.cu_seqlens, self.options, comm, needs_grad=needs_grad, sinks=sinks)
 
 
 def _sharding(plan: _Plan) -> str:
@@ -228,14 +253,14 @@ def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
     return unshard_sequence(shards, sharding=_sharding(plan), dim=dim)
 
 
-def virtual_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, needs_grad: bool) -> tuple:
+def virtual_forward(q, k, v, sinks: Any, plan: _Plan, needs_grad: bool) -> tuple:
     """Every virtual rank's forward: ``(out, lse, per_rank)``, out in the caller's layout, ``per_rank`` the
     ``((q_r, k_r, v_r, out_r, lse_r), cfg)`` of each rank that its backward needs."""
     shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
 
     def rank_forward(comm: VirtualComm):
-        q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad)
-        out, lse = ring_forward(q_r, k_r, v_r, cfg)
+        q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad, sinks)
+        out, lse = ring_forward(q_r, k_r, v_r, cfg, sinks)
         return (q_r, k_r, v_r, out, lse), cfg
 
     per_rank = run_virtual_ranks(plan.world_size, rank_forward)
@@ -246,21 +271,24 @@ def virtual_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Pl
     return out, lse, per_rank
 
 
-def virtual_backward(dout: torch.Tensor, per_rank: list, plan: _Plan) -> tuple[torch.Tensor, ...]:
-    """dq, dk, dv of the whole sequence (the caller's layout) from :func:`virtual_forward`'s ``per_rank``."""
+def virtual_backward(dout: torch.Tensor, per_rank: list, plan: _Plan, sinks: Any) -> tuple:
+    """``(dq, dk, dv, dsinks)`` of the whole sequence (the caller's layout; dsinks None without sinks) from
+    :func:`virtual_forward`'s ``per_rank``."""
     douts = _shards(dout, plan)
 
     def rank_backward(comm: VirtualComm):
         (q_r, k_r, v_r, out, lse), cfg = per_rank[comm.rank]
         do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
         do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
-        return ring_backward(do_r, q_r, k_r, v_r, out, lse, dataclasses.replace(cfg, comm=comm))
+        grads = ring_backward(do_r, q_r, k_r, v_r, out, lse, dataclasses.replace(cfg, comm=comm))
+        return (*grads, sink_gradient(do_r, out, lse, sinks) if sinks is not None else None)
 
     grads = run_virtual_ranks(plan.world_size, rank_backward)
     full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
     if plan.options.layout == "BNSD":
         full = [_heads_first(g) for g in full]
-    return tuple(full)
+    dsinks = torch.stack([g[3] for g in grads]).sum(0) if sinks is not None else None  # every rank's rows
+    return (*full, dsinks)
 
 
 class _CheckedRank:
@@ -273,13 +301,13 @@ class _CheckedRank:
         return [list(values) for _ in range(self.world_size)]
 
 
-def rebuild_per_rank(q, k, v, out, lse, plan: _Plan) -> list:
+def rebuild_per_rank(q, k, v, out, lse, sinks: Any, plan: _Plan) -> list:
     """:func:`virtual_forward`'s ``per_rank`` from the call's inputs and outputs (the op's backward saves only
     tensors): each rank's shards, and its configuration as ``prepare`` makes it, without the forward's checks."""
     plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, backend="torch"))  # no probe merge
     per_rank = []
     for rank, inputs in enumerate(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True)):
-        q_r, k_r, v_r, cfg = plan.prepare(*inputs, _CheckedRank(rank, plan.world_size), True)
+        q_r, k_r, v_r, cfg = plan.prepare(*inputs, _CheckedRank(rank, plan.world_size), True, sinks)
         if plan.cu_seqlens is not None:
             out_r = shard_packed(out, plan.cu_seqlens, rank, plan.world_size).unsqueeze(0)
             lse_r = shard_packed(lse, plan.cu_seqlens, rank, plan.world_size, dim=1).unsqueeze(0)
@@ -293,16 +321,20 @@ def rebuild_per_rank(q, k, v, out, lse, plan: _Plan) -> list:
 
 class _VirtualRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, needs_grad: bool) -> Any:
-        out, lse, ctx.per_rank = virtual_forward(q, k, v, plan, needs_grad)
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Any, plan: _Plan, needs_grad: bool
+    ) -> Any:
+        out, lse, ctx.per_rank = virtual_forward(q, k, v, sinks, plan, needs_grad)
         ctx.plan = plan
+        ctx.save_for_backward(sinks)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
         refuse_double_backward("simulate_ring_attention")
-        return (*virtual_backward(dout, ctx.per_rank, ctx.plan), None, None)
+        (sinks,) = ctx.saved_tensors
+        return (*virtual_backward(dout, ctx.per_rank, ctx.plan, sinks), None, None)
 
 
 def simulate_ring_attention(
@@ -320,6 +352,8 @@ def simulate_ring_attention(
     impl: str = "auto",
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Ring attention of ``world_size`` virtual ranks in this process, on FULL-sequence tensors.
 
@@ -347,6 +381,10 @@ def simulate_ring_attention(
         As in :func:`ringattn.ring_attention`.
     return_lse : bool
         Also return the log-sum-exp ``(B, N, S)`` (natural log, float32; float64 for float64 inputs).
+    sinks : Tensor ``(N,)``, optional
+        Attention sinks, as in :func:`ringattn.ring_attention`; the gradient is the total over every virtual rank.
+    window : (left, right), optional
+        A sliding window, as in :func:`ringattn.ring_attention` (packed: within each document).
     cu_seqlens : Tensor, optional
         A PACKED batch: q, k, v are ``(T, N, D)`` / ``(T, Nkv, D)``, documents end to end with cumulative lengths
         ``cu_seqlens`` (int64 ``[0, ..., T]``), and every rank runs :func:`ringattn.ring_attention_varlen` on its
@@ -368,28 +406,29 @@ def simulate_ring_attention(
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
     if cu_seqlens is not None:
-        options = RingOptions(True if causal is None else causal, softmax_scale, "TND", "zigzag", impl, backend)
+        options = RingOptions(True if causal is None else causal, softmax_scale, "TND", "zigzag", impl, backend, window)
     else:
-        options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend)
+        options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend,
+                              window)  # fmt: skip
 
     def direct() -> Any:
         q_, k_, v_ = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
         with _amp.autocast_off(q_, k_, v_):
-            needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q_, k_, v_))
-            out, lse = _VirtualRing.apply(q_, k_, v_, checked_plan(q_, k_, v_, world_size, options, cu_seqlens),
-                                          needs_grad)  # fmt: skip
+            plan = checked_plan(q_, k_, v_, world_size, options, cu_seqlens, sinks)
+            needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q_, k_, v_, sinks))
+            out, lse = _VirtualRing.apply(q_, k_, v_, sinks, plan, needs_grad)
         return (out, lse) if return_lse else out
 
     # The op ringattn::simulate_ring_attention, or the direct eager call (Note [ring under torch.compile] in ops.py)
-    return ops.call(q, k, v, cu_seqlens, None, options, return_lse, direct, world_size=world_size)
+    return ops.call(q, k, v, cu_seqlens, None, options, return_lse, direct, sinks=sinks, world_size=world_size)
 
 
-def checked_plan(q, k, v, world_size: int, options: RingOptions, cu_seqlens: Any) -> _Plan:
+def checked_plan(q, k, v, world_size: int, options: RingOptions, cu_seqlens: Any, sinks: Any) -> _Plan:
     """The whole call's checks, raising here (one process): as a ring of one, then whether the sequence cuts into
     ``world_size`` shards; every virtual rank checks its shard again through the all-gather, as real ranks do."""
     if cu_seqlens is not None:
-        return _checked_packed_plan(q, k, v, cu_seqlens, world_size, options)
-    prepare(q, k, v, options, _SoloComm(), needs_grad=False)  # sharding needs valid tensors
+        return _checked_packed_plan(q, k, v, cu_seqlens, world_size, options, sinks)
+    prepare(q, k, v, options, _SoloComm(), needs_grad=False, sinks=sinks)  # sharding needs valid tensors
     seq_dim = 1 if options.layout == "BSND" else 2
     sharding = options.sharding
     chunks = 2 * world_size if sharding == "zigzag" and world_size > 1 else world_size
@@ -405,7 +444,7 @@ def checked_plan(q, k, v, world_size: int, options: RingOptions, cu_seqlens: Any
     return _Plan(world_size, options, seq_dim)
 
 
-def _checked_packed_plan(q, k, v, cu_seqlens, world_size: int, options: RingOptions) -> _Plan:
+def _checked_packed_plan(q, k, v, cu_seqlens, world_size: int, options: RingOptions, sinks: Any) -> _Plan:
     # The whole batch checked as a ring of one holding it all (cu_seqlens must end at T; its W = 1 slot count is
     # not asked of q), then every virtual rank checks its shard through the all-gather, as real ranks do.
     if isinstance(q, torch.Tensor) and q.dim() >= 1:
@@ -421,7 +460,7 @@ def _checked_packed_plan(q, k, v, cu_seqlens, world_size: int, options: RingOpti
         else x
         for x in (q, k, v)
     ]
-    prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False)
+    prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False, sinks=sinks)
     return _Plan(world_size, options, 0, cu_seqlens)
 
 
