@@ -41,7 +41,8 @@ and RuntimeError where Ascend raises that); messages read ``"<argument>: expecte
   BackendError             an unknown backend, or one not available here
   AliasError               an out= destination that overlaps an input or output, or cannot be written
   ConfigError              options that must agree (across the ranks of a ring, say) and do not
-  AutogradError            out= with inputs that require grad
+  AutogradError            out= with inputs that require grad, or a double backward through the ring
+  CommTimeoutError         another rank of a ring stopped taking part (every wait is bounded: timeout=)
 """
 
 from . import ops
@@ -51,6 +52,7 @@ from .errors import (
     AliasError,
     AutogradError,
     BackendError,
+    CommTimeoutError,
     ConfigError,
     DeviceError,
     DTypeError,
@@ -106,4 +108,5 @@ __all__ = [
     "AliasError",
     "ConfigError",
     "AutogradError",
+    "CommTimeoutError",
 ]

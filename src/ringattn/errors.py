@@ -23,6 +23,7 @@ __all__ = [
     "AliasError",
     "ConfigError",
     "AutogradError",
+    "CommTimeoutError",
     "expected",
 ]
 
@@ -88,6 +89,12 @@ def refuse_double_backward(what: str) -> None:
             "e.g. a gradient penalty, would miss its second-order terms); compute the penalty with "
             "ringattn.block_attention or SDPA, or backward without create_graph"
         )
+
+
+class CommTimeoutError(RingAttnError, RuntimeError):
+    """A peer of the ring stopped taking part: a wait ran past ``timeout=`` (else ``RINGATTN_COMM_TIMEOUT``, else
+    600 s) or its transport failed; the process group cannot be used again (Note [bounded waits] in ``ring/comm.py``).
+    The virtual ring raises it at once for a schedule in which every rank waits."""
 
 
 def _describe(value: Any) -> str:

@@ -214,14 +214,14 @@ def test_fake_impls_match_eager_outputs(case):
     else:
         fwd, bwd = torch.ops.ringattn.ring_attention, torch.ops.ringattn.ring_attention_backward
     ring = case.virtual or ""  # the virtual ring's world size, or the default group's name
-    real = fwd(q, k, v, cu, sinks, ring, True, invalid, *values)
+    real = fwd(q, k, v, cu, sinks, ring, None, True, invalid, *values)
     dout = torch.randn_like(real[0])
-    real_grads = bwd(dout, q, k, v, *real, cu, sinks, ring, *values)
+    real_grads = bwd(dout, q, k, v, *real, cu, sinks, ring, None, *values)
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         fq, fk, fv, fdout = (mode.from_tensor(x) for x in (q, k, v, dout))
         fcu, fsinks = (mode.from_tensor(x) if x is not None else None for x in (cu, sinks))
-        fake = fwd(fq, fk, fv, fcu, fsinks, ring, True, invalid, *values)
-        fake_grads = bwd(fdout, fq, fk, fv, *fake, fcu, fsinks, ring, *values)
+        fake = fwd(fq, fk, fv, fcu, fsinks, ring, None, True, invalid, *values)
+        fake_grads = bwd(fdout, fq, fk, fv, *fake, fcu, fsinks, ring, None, *values)
     names = ("out", "lse", "dq", "dk", "dv", "dsinks")  # dsinks: empty without sinks
     for name, f, r in zip(names, [*fake, *fake_grads], [*real, *real_grads], strict=True):
         assert (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), name
@@ -231,7 +231,7 @@ def test_opcheck_of_the_forward_op():
     """torch.library.opcheck: schema, fake impl, autograd registration and AOT dispatch of ringattn::ring_attention."""
     q, k, v, sinks = (x.detach().requires_grad_() for x in Case(sinks=True).inputs(8))
     invalid, values = ops.encode_options(RingOptions(True, None, "BSND", "zigzag", "auto", "auto", (4, 0)))
-    args = (q, k, v, None, sinks, "", True, invalid, *values)
+    args = (q, k, v, None, sinks, "", 30.0, True, invalid, *values)
     torch.library.opcheck(torch.ops.ringattn.ring_attention.default, args)
 
 

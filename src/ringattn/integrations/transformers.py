@@ -91,6 +91,7 @@ from torch.fx.node import has_side_effect
 from ..errors import ConfigError, DTypeError, ShapeError, expected
 from ..ring import ops as ring_ops
 from ..ring import packed_shard_info, ring_attention, ring_attention_varlen, shard_packed, shard_sequence
+from ..ring.comm import bounded_wait, group_rank_world
 from . import _mesh
 
 try:
@@ -119,9 +120,14 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "ringattn"
+"""The name :func:`apply_ring_attention` registers the ring under (``AttentionInterface``,
+``AttentionMaskInterface``) and sets as the model's ``attn_implementation``."""
 # The model keyword that carries a packed batch's GLOBAL cu_seqlens from shard_inputs to the attention function.
 CU_SEQLENS_KEY = "ringattn_cu_seqlens"
+"""The model keyword (``str``) that carries a packed batch's GLOBAL ``cu_seqlens`` (int64 ``[0, ..., S]``) from
+:func:`shard_inputs` to :func:`ring_attention_forward`."""
 IGNORE_INDEX = -100
+"""The label of tokens not scored (``int``, transformers' default): :func:`shard_inputs`'s ``ignore_index``."""
 _UNSUPPORTED_KWARGS = {
     "softcap": "logit soft-capping",
 }
@@ -147,9 +153,10 @@ _STATES: dict[int, _RingState] = {}
 
 
 def _rank_world(group: Any) -> tuple[int, int]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+    """``(rank, world size)`` in ``group``; a ring of one without a process group, except in a process launched as
+    one of several ranks, which raises ConfigError as the ring does (Note [launched without a process group] in
+    ``ring/comm.py``)."""
+    return group_rank_world(group)
 
 
 def _zigzag_positions(total: int, rank: int, world: int, device: torch.device) -> torch.Tensor:
@@ -360,13 +367,21 @@ class _GroupGradientSum:
     Note [gradient sum over the group]
     ----------------------------------
     Each rank's loss is its share of the global mean, so the gradient of the global loss is the SUM over the ranks of
-    each rank's gradient. A hook on each parameter records the gradient this backward brings (``mine``; returned
-    unchanged, so autograd accumulates it as usual) and, on the first one, queues a callback that runs when the
-    backward ends: it all-reduces the recorded gradients in a few flat messages (per device and dtype, up to
-    ``_BUCKET_BYTES``) and makes ``.grad = previous + sum`` (``.grad`` holds ``previous + mine`` by then, so gradient
-    accumulation over several backwards stays right). A parameter with no gradient on a rank sends zeros and a flag
-    (the flags travel in the same message), so every rank runs the same collectives, and it gets ``.grad = sum`` only
-    if some rank had a gradient for it: a parameter no rank used keeps ``None``, as in one process.
+    each rank's gradient. A hook on each parameter sets the gradient accumulated so far (``previous``, None at the
+    first backward) aside and leaves ``.grad`` None, so that autograd stores in ``.grad`` exactly what THIS backward
+    brings (``mine``); on the first hook it queues a callback that runs when the backward ends: it all-reduces every
+    ``mine`` in a few flat messages (per device and dtype, up to ``_BUCKET_BYTES``) and makes ``.grad = previous +
+    sum``, so gradient accumulation over several backwards stays exact. A parameter with no gradient on a rank sends
+    zeros and a flag (the flags travel in the same message), so every rank runs the same collectives, and it gets
+    ``.grad = sum`` only if some rank had a gradient for it: a parameter no rank used keeps ``None``, as in one
+    process.
+
+    One bit pattern per replica: the all-reduce hands every rank the same ``sum`` (ring and tree all-reduces end
+    with every rank holding the reduced buffer of one reduction), and ``previous`` is the same on every rank (it
+    was made by the same rule, or is None), so ``previous + sum`` is one IEEE addition of the same operands on
+    every rank: bitwise equal gradients, hence bitwise equal parameters after any number of optimizer steps. The
+    earlier ``.grad.add_(sum - mine)`` on ``previous + mine`` rounded differently on each rank (issue 22: 25,356 of
+    90,432 gradient elements differed after two micro-batches, 23,795 parameters after 20 steps).
 
     One all-reduce per parameter, inside the backward (the previous design, exact too), made the W=2 step on gloo
     (2 cores) 1.17-1.24x the single-process step: each of the 21 all-reduces waited for the slower rank; one message
@@ -383,11 +398,15 @@ class _GroupGradientSum:
         self.params = params
         self.group = group
         self.buckets = self._buckets()
-        self.mine: dict[int, tuple[torch.Tensor, bool]] = {}  # index -> (gradient of this backward, had no .grad)
+        # index -> the gradient accumulated before this backward (None: none), for parameters this backward reached
+        self.previous: dict[int, torch.Tensor | None] = {}
         self.queued = False
 
     def hook(self, index: int, grad: torch.Tensor) -> torch.Tensor:
-        self.mine[index] = (grad, self.params[index].grad is None)
+        param = self.params[index]
+        if index not in self.previous:  # a second call in the same backward (reentrant checkpointing) keeps it
+            self.previous[index] = param.grad
+            param.grad = None  # autograd now stores this backward's gradient alone in .grad
         if not self.queued:
             self.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.sum)
@@ -395,7 +414,7 @@ class _GroupGradientSum:
 
     def sum(self) -> None:
         self.queued = False
-        mine, self.mine = self.mine, {}
+        previous, self.previous = self.previous, {}
         written = []
         for bucket in self.buckets:
             sizes = [self.params[i].numel() for i in bucket]
@@ -403,20 +422,24 @@ class _GroupGradientSum:
             flat = torch.zeros(sum(sizes) + len(bucket), dtype=like.dtype, device=like.device)
             offsets = [0, *itertools.accumulate(sizes)]
             for j, i in enumerate(bucket):
-                if i in mine:
-                    flat[offsets[j] : offsets[j + 1]].copy_(mine[i][0].reshape(-1))
+                if i in previous and self.params[i].grad is not None:
+                    flat[offsets[j] : offsets[j + 1]].copy_(self.params[i].grad.reshape(-1))  # mine
                     flat[offsets[-1] + j] = 1  # this rank has a gradient for parameter i
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            bounded_wait(work, "reduce_gradients' all-reduce of the gradients", group=self.group, host_reads=False)
             for j, i in enumerate(bucket):
                 param, total = self.params[i], flat[offsets[j] : offsets[j + 1]].view_as(self.params[i])
-                if i in mine and not mine[i][1]:
-                    param.grad.add_(total - mine[i][0])  # previous + mine + (sum - mine)
-                elif i in mine:
-                    param.grad.copy_(total)
-                elif flat[offsets[-1] + j] > 0:  # only other ranks had a gradient for it
-                    param.grad = total.clone() if param.grad is None else param.grad.add_(total)
-                else:
+                before = previous[i] if i in previous else param.grad  # untouched when this backward missed it
+                if flat[offsets[-1] + j] == 0:  # no rank had a gradient for it
+                    if i in previous:
+                        param.grad = before
                     continue
+                if before is not None:
+                    param.grad = before.add_(total)  # previous + sum: the same operands on every rank
+                elif param.grad is not None:
+                    param.grad.copy_(total)  # reuses this backward's buffer
+                else:
+                    param.grad = total.clone()
                 written.append((param, param.grad, param.grad._version))
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._untouched, written))
 
@@ -479,7 +502,7 @@ def apply_ring_attention(
         A causal decoder whose attention goes through ``AttentionInterface`` (Llama, Mistral, Qwen2, ...).
     group : ProcessGroup, optional
         The context-parallel ranks (default: the default group; without an initialised process group, a ring of
-        one: plain attention).
+        one: plain attention, unless the process was launched as one of several ranks: ``WORLD_SIZE`` > 1 raises).
     mesh : DeviceMesh, optional
         Instead of ``group``: a 1-D mesh (its ranks are the ring, as ``group``), or a mesh with a dimension named
         ``cp`` (the ring) and data-parallel dimensions, reduced by FSDP2 (``fully_shard`` over the flattened mesh,
@@ -500,7 +523,11 @@ def apply_ring_attention(
         given with ``group``; ``reduce_gradients=True`` with a ``dp x cp`` mesh or under FSDP2; FSDP2 reducing over
         other ranks than the mesh's (Note [dp x cp gradients]). Unsupported features (attention
         dropout in training, sliding windows, soft-capping, padding masks reaching the model, KV caches) raise
-        when the model runs.
+        when the model runs. Also: no process group in a process launched with ``WORLD_SIZE`` > 1 (torchrun without
+        ``init_process_group``; Note [launched without a process group] in ``ring/comm.py``).
+    CommTimeoutError (RuntimeError)
+        From ``backward``: a rank of the group did not join the gradient sum within the communication timeout
+        (``RINGATTN_COMM_TIMEOUT``, default 600 s; Note [bounded waits] in ``ring/comm.py``).
     """
     _check_capabilities()
     if not isinstance(model, PreTrainedModel):
@@ -689,7 +716,7 @@ def _check_same_batch(group: Any, tensors: list[torch.Tensor | None]) -> None:
     device = _collective_device(group, tensors[0].device)
     mine = torch.tensor(fingerprint, dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
+    bounded_wait(dist.all_gather(every, mine, group=group, async_op=True), "shard_inputs' batch check", group=group)
     if any(not torch.equal(mine, other) for other in every):
         raise ConfigError(
             expected(
@@ -726,7 +753,8 @@ def shard_inputs(
         Unshifted labels, as transformers takes them (``ignore_index`` marks tokens not scored); shifted here over
         the FULL sequence before sharding, so the token after each cut keeps its target.
     group : ProcessGroup, optional
-        The context-parallel ranks (default group; without an initialised process group, a ring of one).
+        The context-parallel ranks (default group; without an initialised process group, a ring of one, unless
+        ``WORLD_SIZE`` > 1 says this process is one of several ranks: ConfigError).
     mesh : DeviceMesh, optional
         Instead of ``group``: the mesh of :func:`apply_ring_attention`. Every rank of its ``cp`` dimension passes the
         same full batch; each data-parallel replica its own, and ``num_items_in_batch`` counts the scored tokens of

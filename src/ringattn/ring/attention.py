@@ -452,6 +452,7 @@ def ring_attention(
     backend: str = "auto",
     sinks: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
+    timeout: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of this rank's queries over the keys/values of every rank of ``group``.
 
@@ -476,9 +477,11 @@ def ring_attention(
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``. Must be the same on every rank.
     group : ProcessGroup or DeviceMesh, optional
-        The ring (default: the default group). Without an initialised process group the call is a
-        ring of one and computes plain attention. A DeviceMesh: 1-D, or with a dimension named ``"cp"`` (the ring
-        is then ``mesh["cp"]``, as in torchtitan's ``dp x cp`` meshes).
+        The ring (default: the default group). Without an initialised process group the call is a ring of one and
+        computes plain attention, unless the environment says this process is one of several ranks (``WORLD_SIZE``
+        > 1, as torchrun sets it): then ConfigError (Note [launched without a process group] in ``ring/comm.py``).
+        A DeviceMesh: 1-D, or with a dimension named ``"cp"`` (the ring is then ``mesh["cp"]``, as in torchtitan's
+        ``dp x cp`` meshes).
     sharding : {"zigzag", "contiguous"}
         How the global sequence was cut (matters only when causal). ``"zigzag"``: the sequence is cut
         into ``2W`` chunks and rank r holds chunks ``r`` and ``2W-1-r`` concatenated (:func:`shard_sequence`);
@@ -501,6 +504,9 @@ def ring_attention(
         ``i - left .. i + right`` (-1: unbounded on that side; with ``causal``, ``right`` is at most 0). Blocks
         outside every window are not computed and ring steps no rank needs are not taken (Note [windows] in
         ``schedule.py``). ``None`` or ``(-1, -1)``: no window. The same on every rank.
+    timeout : float or timedelta, optional
+        Seconds any wait for another rank may last before CommTimeoutError (Note [bounded waits] in
+        ``ring/comm.py``); default ``RINGATTN_COMM_TIMEOUT`` from the environment, else 600.
 
     Returns
     -------
@@ -518,14 +524,17 @@ def ring_attention(
         backward will run (checked with one small all_gather before any transfer).
     AutogradError
         A double backward (``create_graph=True`` through the ring).
+    CommTimeoutError
+        On every rank still taking part, when another rank stops taking part (Note [bounded waits]).
     """
     options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend, window)
 
     # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
     def direct() -> Any:
-        return run_ring(q, k, v, RingComm(ops.process_group(group)), options, return_lse=return_lse, sinks=sinks)
+        comm = RingComm(ops.process_group(group), timeout=timeout)
+        return run_ring(q, k, v, comm, options, return_lse=return_lse, sinks=sinks)
 
-    return ops.call(q, k, v, None, group, options, return_lse, direct, sinks=sinks)
+    return ops.call(q, k, v, None, group, options, return_lse, direct, sinks=sinks, timeout=timeout)
 
 
 def run_ring(

@@ -15,7 +15,8 @@ calls ring attention, under ``aot_eager`` and ``inductor``.
 What travels through the schema, all primitives:
 
 * the process group as its name (``group.group_name``, what PyTorch's functional collectives carry), resolved in
-  the body; ``""`` is the default group (or a ring of one without a process group);
+  the body; ``""`` is the default group (or a ring of one without a process group); ``timeout`` in seconds (the
+  virtual ring's op takes ``world_size`` in the group's place, and ignores ``timeout``);
 * ``needs_grad``, computed by the entry point (grad mode and ``requires_grad`` of q, k, v: only the caller's frame
   knows them; inside the op autograd is below the dispatcher). It is compared across ranks by the check table;
 * every field of :class:`~ringattn.ring.attention.RingOptions`, typed by :data:`OPTION_SCHEMA` (adding an option is
@@ -45,6 +46,7 @@ tensors (``virtual.rebuild_per_rank``).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -185,10 +187,10 @@ class _CheckedComm:
         return [list(values) for _ in range(self.comm.world_size)]
 
 
-def _comm(name: str) -> Any:
+def _comm(name: str, timeout: float | None) -> Any:
     from .comm import RingComm
 
-    return RingComm(resolve_group(name))
+    return RingComm(resolve_group(name), timeout=timeout)
 
 
 # --- ringattn::ring_attention ------------------------------------------------------------------------------------
@@ -196,12 +198,12 @@ def _comm(name: str) -> Any:
 _LIB = torch.library.Library("ringattn", "FRAGMENT")  # noqa: TOR901 - the schema is built from OPTION_SCHEMA
 
 
-def _forward(q, k, v, cu_seqlens, sinks, group, needs_grad, invalid, *values):
+def _forward(q, k, v, cu_seqlens, sinks, group, timeout, needs_grad, invalid, *values):
     from .attention import _heads_first, prepare, ring_forward
     from .varlen import prepare_varlen
 
     options = decode_options(invalid, values)
-    comm = _comm(group)
+    comm = _comm(group, timeout)
     with _amp.autocast_off(q, k, v):
         if cu_seqlens is None:
             q4, k4, v4, cfg = prepare(q, k, v, options, comm, needs_grad=needs_grad, sinks=sinks)
@@ -213,7 +215,7 @@ def _forward(q, k, v, cu_seqlens, sinks, group, needs_grad, invalid, *values):
     return (_heads_first(out) if options.layout == "BNSD" else out), lse
 
 
-def _forward_fake(q, k, v, cu_seqlens, sinks, group, needs_grad, invalid, *values):
+def _forward_fake(q, k, v, cu_seqlens, sinks, group, timeout, needs_grad, invalid, *values):
     options = decode_options(invalid, values)
     c = compute_dtype(q.dtype)
     if cu_seqlens is not None and q.dim() == 3:  # (T, N, D) -> out (T, N, D), lse (N, T)
@@ -231,13 +233,13 @@ def _no_sinks_gradient(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty((0,))  # the 4th output of a backward op without sinks (op outputs may not be None)
 
 
-def _backward_op(dout, q, k, v, out, lse, cu_seqlens, sinks, group, *values):
+def _backward_op(dout, q, k, v, out, lse, cu_seqlens, sinks, group, timeout, *values):
     from .attention import _heads_first, prepare, ring_backward, sink_gradient
     from .varlen import prepare_varlen
 
     # The backward merges nothing: "torch" spares prepare the probe merge of backend="auto" (its result is unused).
     options = dataclasses.replace(decode_options("", values), backend="torch")
-    comm = _CheckedComm(_comm(group))
+    comm = _CheckedComm(_comm(group, timeout))
     with _amp.autocast_off(q, k, v):
         if cu_seqlens is None:
             q4, k4, v4, cfg = prepare(q, k, v, options, comm, needs_grad=True, sinks=sinks)
@@ -259,7 +261,7 @@ def _backward_op(dout, q, k, v, out, lse, cu_seqlens, sinks, group, *values):
     return dq, dk, dv, dsinks
 
 
-def _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, group, *values):
+def _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, group, timeout, *values):
     """dq, dk, dv in the inputs' shapes and dtypes, contiguous in the ring's ``(B, S, N, D)`` order (heads first
     for ``BNSD``), as ``ring_backward`` makes them."""
     options = decode_options("", values)
@@ -273,7 +275,7 @@ def _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, group, *values):
 # --- ringattn::simulate_ring_attention (the virtual ring, Note [virtual ring] in virtual.py) ------------------------
 
 
-def _virtual_forward(q, k, v, cu_seqlens, sinks, world_size, needs_grad, invalid, *values):
+def _virtual_forward(q, k, v, cu_seqlens, sinks, world_size, timeout, needs_grad, invalid, *values):
     from . import virtual
 
     options = decode_options(invalid, values)
@@ -283,11 +285,13 @@ def _virtual_forward(q, k, v, cu_seqlens, sinks, world_size, needs_grad, invalid
     return out, lse
 
 
-def _virtual_forward_fake(q, k, v, cu_seqlens, sinks, world_size, needs_grad, invalid, *values):
-    return _forward_fake(q, k, v, cu_seqlens, sinks, "", needs_grad, invalid, *values)  # the shapes of one rank's call
+def _virtual_forward_fake(q, k, v, cu_seqlens, sinks, world_size, timeout, needs_grad, invalid, *values):
+    return _forward_fake(
+        q, k, v, cu_seqlens, sinks, "", None, needs_grad, invalid, *values
+    )  # the shapes of one rank's call
 
 
-def _virtual_backward(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, *values):
+def _virtual_backward(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, timeout, *values):
     from . import virtual
 
     options = decode_options("", values)
@@ -299,25 +303,26 @@ def _virtual_backward(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, *v
     return dq, dk, dv, dsinks if dsinks is not None else _no_sinks_gradient(q)
 
 
-def _virtual_backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, *values):
-    return _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, "", *values)
+def _virtual_backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, world_size, timeout, *values):
+    return _backward_fake(dout, q, k, v, out, lse, cu_seqlens, sinks, "", None, *values)
 
 
 _LIB.define(
-    "ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? sinks, str group, bool needs_grad, "
-    f"str invalid, {_OPTIONS}) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "ring_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
-    f"Tensor? sinks, str group, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-_LIB.define(
-    "simulate_ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? sinks, int world_size, "
+    "ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? sinks, str group, float? timeout, "
     f"bool needs_grad, str invalid, {_OPTIONS}) -> (Tensor, Tensor)"
 )
 _LIB.define(
+    "ring_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens, "
+    f"Tensor? sinks, str group, float? timeout, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    "simulate_ring_attention(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens, Tensor? sinks, int world_size, "
+    f"float? timeout, bool needs_grad, str invalid, {_OPTIONS}) -> (Tensor, Tensor)"
+)
+_LIB.define(
     "simulate_ring_attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-    f"Tensor? cu_seqlens, Tensor? sinks, int world_size, {_OPTIONS}) -> (Tensor, Tensor, Tensor, Tensor)"
+    f"Tensor? cu_seqlens, Tensor? sinks, int world_size, float? timeout, {_OPTIONS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 for _name, _impl, _fake in (
     ("ring_attention", _forward, _forward_fake),
@@ -330,10 +335,10 @@ for _name, _impl, _fake in (
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_seqlens, sinks, ring, _needs_grad, _invalid, *values = inputs  # ring: group name or world_size
+    q, k, v, cu_seqlens, sinks, ring, timeout, _needs_grad, _invalid, *values = inputs  # ring: group or world_size
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
-    ctx.args = (ring, *values)
+    ctx.args = (ring, timeout, *values)
     ctx.mark_non_differentiable(lse)
 
 
@@ -342,7 +347,7 @@ def _autograd_backward(backward_op: Any, what: str) -> Callable:
         refuse_double_backward(what)
         q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
         dq, dk, dv, dsinks = backward_op(dout, q, k, v, out, lse, cu_seqlens, sinks, *ctx.args)
-        return (dq, dk, dv, None, dsinks if sinks is not None else None, *([None] * (3 + len(OPTION_SCHEMA))))
+        return (dq, dk, dv, None, dsinks if sinks is not None else None, *([None] * (4 + len(OPTION_SCHEMA))))
 
     return backward
 
@@ -378,18 +383,31 @@ def direct_call_ok(tensors: tuple[Any, ...]) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+def _seconds(timeout: Any) -> float | None | bool:
+    """``timeout`` (seconds or a timedelta) as the op's ``float?``; False for a value that is neither (the direct path's
+    RingComm names it)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        return timeout.total_seconds()
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        return float(timeout)
+    return False
+
+
 # Tests set this to False to run eager calls through the op. Tensors on other devices than CPU and CUDA (meta
 # included, which would run the fake impl) always take the direct path, whose checks name the device.
 DIRECT_EAGER = True
 
 
 def call(q, k, v, cu_seqlens, group, options, return_lse: bool, direct: Callable, *, sinks: Any = None,
-         world_size: int | None = None) -> Any:  # fmt: skip
+         timeout: Any = None, world_size: int | None = None) -> Any:  # fmt: skip
     """One entry point call: ``direct()`` (the eager code) when the op boundary would do nothing, else the op:
     ``ringattn::ring_attention`` over ``group``, or ``ringattn::simulate_ring_attention`` of ``world_size`` virtual
     ranks."""
     tensors = (q, k, v, *(t for t in (cu_seqlens, sinks) if t is not None))
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
+    seconds = _seconds(timeout)
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or seconds is False:
         return _eager_only(direct)()  # invalid inputs: the check table raises on every rank
     if direct_call_ok(tensors) and (DIRECT_EAGER or any(t.device.type not in ("cpu", "cuda") for t in tensors)):
         return direct()
@@ -400,5 +418,5 @@ def call(q, k, v, cu_seqlens, group, options, return_lse: bool, direct: Callable
         op, ring = torch.ops.ringattn.simulate_ring_attention, world_size
     else:
         op, ring = torch.ops.ringattn.ring_attention, group_name(group)
-    out, lse = op(q, k, v, cu_seqlens, sinks, ring, needs_grad, invalid, *values)
+    out, lse = op(q, k, v, cu_seqlens, sinks, ring, seconds, needs_grad, invalid, *values)
     return (out, lse) if return_lse else out

@@ -215,6 +215,7 @@ def ring_attention_varlen(
     backend: str = "auto",
     sinks: torch.Tensor | None = None,
     window: tuple[int, int] | None = None,
+    timeout: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention over a packed batch of documents, sequence-parallel over the ranks of ``group``.
 
@@ -259,6 +260,8 @@ def ring_attention_varlen(
         stays 0 and its gradients 0).
     window : (left, right), optional
         A sliding window within each document, by position in the document, as in :func:`ringattn.ring_attention`.
+    timeout : float or timedelta, optional
+        Seconds any wait for another rank may last, as in :func:`ringattn.ring_attention`.
 
     Returns
     -------
@@ -279,10 +282,10 @@ def ring_attention_varlen(
 
     # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
     def direct() -> Any:
-        comm = RingComm(ops.process_group(group))
+        comm = RingComm(ops.process_group(group), timeout=timeout)
         return run_ring_varlen(q, k, v, cu_seqlens, comm, options, return_lse=return_lse, sinks=sinks)
 
-    return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct, sinks=sinks)
+    return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct, sinks=sinks, timeout=timeout)
 
 
 def run_ring_varlen(

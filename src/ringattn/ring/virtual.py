@@ -14,8 +14,9 @@ collective), then passes it to the next rank in ring order. That keeps runs dete
 gives bitwise the results of spawned gloo ranks with the same thread count), never launches two kernels at
 once (numba's default threading layer aborts on concurrent calls; CUDA work lands on one stream in one
 order), and turns a schedule that would deadlock real ranks into an error instead of a hang: a full round of
-ranks that all wait is reported. The time of a virtual ring is therefore the SUM of all ranks' work on one
-device, which is what ``ringattn bench ring --virtual W`` compares with single-device attention.
+ranks that all wait is reported, with the CommTimeoutError real ranks raise when a peer stops taking part.
+The time of a virtual ring is therefore the SUM of all ranks' work on one device, which is what
+``ringattn bench ring --virtual W`` compares with single-device attention.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 from .. import _amp
-from ..errors import ConfigError, ShapeError, expected, refuse_double_backward
+from ..errors import CommTimeoutError, ConfigError, ShapeError, expected, refuse_double_backward
 from . import ops
 from .attention import (
     RingOptions,
@@ -71,7 +72,8 @@ class _Baton:
 
     def wait_until(self, rank: int, ready: Callable[[], bool]) -> None:
         """Return once it is ``rank``'s turn and ``ready()`` holds (checked under the lock); pass the baton on
-        while it does not. Raises ``_Aborted`` when another rank failed, ConfigError on a deadlock."""
+        while it does not. Raises ``_Aborted`` when another rank failed, CommTimeoutError on a deadlock (the error
+        real ranks raise when a peer stops taking part, Note [bounded waits] in ``comm.py``)."""
         with self.cond:
             while True:
                 if self.failure is not None:
@@ -82,11 +84,16 @@ class _Baton:
                         return
                     self.idle_passes += 1
                     if self.idle_passes > 2 * self.finished.count(False):
-                        raise ConfigError(
-                            "virtual ring: every rank is waiting for a message no rank will send (a deadlock of "
-                            "the ring schedule)"
+                        waiting = [r for r in range(self.world_size) if not self.finished[r]]
+                        done = [r for r in range(self.world_size) if self.finished[r]]
+                        raise CommTimeoutError(
+                            f"virtual ring: rank {rank} of {self.world_size} waits for a message or collective no "
+                            f"rank will send: ranks {waiting} all wait, ranks {done} have ended (a rank that stopped "
+                            "taking part, or a deadlock of the ring schedule); detected at once, without a timeout"
                         )
                     self._pass(rank)
+                    if self.turn == rank:  # every other rank has ended: nobody to wake this one, check again
+                        continue
                 self.cond.wait()
 
     def _pass(self, rank: int) -> None:
