@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,15 @@ import torch.distributed as dist
 from ring_spawn import reference, run_ranks
 
 import ringattn
-from ringattn.errors import AutogradError, ConfigError, DeviceError, DTypeError, LayoutError, ShapeError
+from ringattn.errors import (
+    AutogradError,
+    CommTimeoutError,
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    LayoutError,
+    ShapeError,
+)
 from ringattn.ring import ops, shard_sequence
 from ringattn.ring.attention import RingOptions
 
@@ -357,3 +368,37 @@ def _ranks(rank: int, world: int) -> None:
 @pytest.mark.timeout(150)
 def test_fullgraph_compile_on_two_gloo_ranks(tmp_path):
     run_ranks(_ranks, 2, tmp_path, deadline_s=140)
+
+
+def _stalled_peer(rank: int, world: int, flags: str) -> None:
+    """Rank 1 never calls the compiled ring: rank 0 raises CommTimeoutError after the ``timeout=`` it gave, which
+    travelled through the op's schema."""
+    ops.DIRECT_EAGER = False
+    q = torch.randn(1, 8, 2, 8)
+
+    def fn(x):
+        return ringattn.ring_attention(x, x, x, layout="BSND", causal=True, backend="torch", timeout=2.0)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    if rank == 1:
+        end = time.monotonic() + 60
+        while not (Path(flags) / "0").exists() and time.monotonic() < end:  # alive until rank 0 has raised
+            time.sleep(0.05)
+        os._exit(0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(CommTimeoutError, match=r"2 s, set by the timeout= argument"):
+            compiled(q)
+    finally:
+        (Path(flags) / "0").touch()
+    assert time.monotonic() - start < 2 + 8, "raised after the timeout= bound, not the process group's"
+    os._exit(0)  # the group cannot be used again (Note [bounded waits] in ring/comm.py)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(90)
+def test_timeout_travels_through_the_compiled_op(tmp_path):
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    run_ranks(_stalled_peer, 2, tmp_path, deadline_s=80, flags=str(flags))
+    assert (flags / "0").exists()
