@@ -17,8 +17,10 @@ What travels through the schema, all primitives:
 * the process group as its name (``group.group_name``, what PyTorch's functional collectives carry), resolved in
   the body; ``""`` is the default group (or a ring of one without a process group); ``timeout`` in seconds (the
   virtual ring's op takes ``world_size`` in the group's place, and ignores ``timeout``);
-* ``needs_grad``, computed by the entry point (grad mode and ``requires_grad`` of q, k, v: only the caller's frame
-  knows them; inside the op autograd is below the dispatcher). It is compared across ranks by the check table;
+* the tensors q, k, v, ``cu_seqlens`` and ``sinks`` (None when absent); the backward op returns ``dsinks`` as a
+  4th output, empty without sinks (op outputs cannot be None);
+* ``needs_grad``, computed by the entry point (grad mode and ``requires_grad`` of q, k, v, sinks: only the caller's
+  frame knows them; inside the op autograd is below the dispatcher). It is compared across ranks by the check table;
 * every field of :class:`~ringattn.ring.attention.RingOptions`, typed by :data:`OPTION_SCHEMA` (adding an option is
   one line there). The check table must see invalid options on every rank (the module docstring of
   ``checks.py``): a value its schema type cannot hold (``causal="yes"``) travels as the type's
@@ -30,13 +32,14 @@ The backward op validates nothing and gathers nothing: the forward checked this 
 whatever options the plans grow) and then ``ring_backward``.
 
 Direct eager calls: the op boundary (the autograd wrapper of ``torch.library``, the redispatch, the Dynamo-disable
-wrapper around the body, and the backward's second ``prepare``) measured 0.23 ms per forward + backward of a small
-call (W = 1, S = 256, 10% of it). As in Note [direct eager calls] in ``_ops.py``, an eager call with plain tensors,
-no torch-function or dispatch mode and no functorch transform runs the same code without it (``run_ring`` /
-``run_ring_varlen`` and the ``_RingAttention`` autograd.Function; ``_VirtualRing`` for the virtual ring), so eager
-behaviour and speed are those of the ring before the ops. Tensors on devices other than CPU and CUDA always take
-that path (on ``meta`` the op would run its fake impl; the checks name the device instead). Tests run both paths
-(``tests/ring/test_compile.py``).
+wrapper around the body, and the backward's second ``prepare``) measured 0.23-0.65 ms per forward + backward of a
+small call (W = 1, S = 256: 10-16% of it) on the shared 2-core VM, and within the noise of a W = 2 gloo training
+step of ``examples/transformers_ring.py`` (2 layers, S = 2048: 490-750 ms a step). As in Note [direct eager calls]
+in ``_ops.py``, an eager call with plain tensors, no torch-function or dispatch mode and no functorch transform runs
+the same code without it (``run_ring`` / ``run_ring_varlen`` and the ``_RingAttention`` autograd.Function;
+``_VirtualRing`` for the virtual ring), so eager behaviour and speed are those of the ring before the ops (the
+dispatch to it: 2 us a call). Tensors on devices other than CPU and CUDA always take that path (on ``meta`` the op
+would run its fake impl; the checks name the device instead). Tests run both paths (``tests/ring/test_compile.py``).
 
 The virtual ring (``simulate_ring_attention``) is the op ``ringattn::simulate_ring_attention`` with the world size
 in place of the group; its backward op rebuilds each virtual rank's shards and configuration from the call's
