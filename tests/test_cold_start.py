@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ringattn import backends
-from ringattn.backends import _warm, torch_eager
+from ringattn.backends import _kernel_cache, _warm, torch_eager
 
 
 def _fake_fused(kernel) -> types.ModuleType:
@@ -174,3 +174,110 @@ def test_a_forked_child_starts_its_own_worker() -> None:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+# --- compiles that outlive their program (Note [detached compiles] in backends/_warm.py) ------------------------------
+
+_SLOW_KERNEL = """
+import os, time
+
+import numba
+
+if os.environ.get("COLDSTART_SLOW_IMPORT"):  # the worker's import: long enough to outlive the program that asked
+    time.sleep(float(os.environ["COLDSTART_SLOW_IMPORT"]))
+
+
+@numba.njit(cache=True)
+def add_two(x):
+    return x + 2
+"""
+
+_ASKER = """
+import os, sys
+import numba, numpy as np
+import detached_kernel
+from ringattn.backends import _warm
+
+os.environ["COLDSTART_SLOW_IMPORT"] = sys.argv[1]
+job, worker = _warm.enqueue(detached_kernel.add_two, (numba.typeof(np.zeros(3)),))
+print(worker.pid, flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _private(tmp_path, monkeypatch) -> Path:
+    """A kernel module and a private cache directory (RINGATTN_CACHE_DIR, inherited by subprocesses)."""
+    (tmp_path / "detached_kernel.py").write_text(_SLOW_KERNEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1] / "src")]))
+    monkeypatch.setenv(_kernel_cache.CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; flock")
+def test_a_compile_outlives_the_program_that_asked(tmp_path, monkeypatch) -> None:
+    """A program queues a compile and ends at once; the detached worker finishes it into the disk cache, where the
+    next process finds it, and then exits: nothing is left running."""
+    import subprocess
+    import time
+
+    _private(tmp_path, monkeypatch)
+    asker = subprocess.run([sys.executable, "-c", _ASKER, "3"], capture_output=True, text=True, timeout=120)
+    assert asker.returncode == 0, asker.stderr
+    worker = int(asker.stdout.split()[0])
+    import detached_kernel
+
+    signature = (numba.typeof(np.zeros(3)),)
+    try:
+        assert _alive(worker) and not _warm.in_disk_cache(detached_kernel.add_two, signature)  # still importing
+        deadline = time.monotonic() + 120
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker)  # exited once its queue was empty
+        assert _warm.in_disk_cache(detached_kernel.add_two, signature)
+        assert list((tmp_path / "cache" / "compile-queue").iterdir()) == []
+        detached_kernel.add_two.compile(signature)
+        assert detached_kernel.add_two.stats.cache_hits  # loaded, not compiled, by this process
+    finally:
+        if _alive(worker):
+            os.kill(worker, 9)
+        sys.modules.pop("detached_kernel", None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock; SIGALRM")
+def test_a_worker_stops_at_its_time_limit_and_its_job_is_not_left_claimed(tmp_path, monkeypatch) -> None:
+    """A worker past its hard limit is killed mid-job; the job's leftover claim is recognised as stale (the lock is
+    free) and the asker compiles on its own thread rather than wait for it."""
+    import subprocess
+
+    _private(tmp_path, monkeypatch)
+    monkeypatch.setenv("COLDSTART_SLOW_IMPORT", "30")
+    import detached_kernel
+
+    signature = (numba.typeof(np.zeros(3)),)
+    queued = _warm.enqueue(detached_kernel.add_two, signature)  # starts a worker with the default limit: stop it
+    assert queued is not None
+    job, started = queued
+    started.kill()
+    started.wait()
+    if job.with_suffix(".running").exists():  # it had taken the job: queue it again for the worker below
+        os.replace(job.with_suffix(".running"), job)
+    worker = subprocess.run(
+        [sys.executable, "-c", f"from ringattn.backends import _warm; _warm.worker_main({str(job.parent)!r}, 1)"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    try:
+        assert worker.returncode == -14  # SIGALRM: killed at its limit, in the job's module import
+        assert job.with_suffix(".running").exists() and not job.exists()  # the leftover of the killed worker
+        assert not _warm._claimed(job) and not job.with_suffix(".running").exists()  # stale: removed
+        assert not _warm.in_disk_cache(detached_kernel.add_two, signature)
+    finally:
+        sys.modules.pop("detached_kernel", None)

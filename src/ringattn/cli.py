@@ -1,4 +1,5 @@
-"""The ``ringattn`` command: ``ringattn demo`` and ``ringattn bench`` (also ``python -m ringattn``)."""
+"""The ``ringattn`` command: ``ringattn demo``, ``ringattn bench`` and ``ringattn compile`` (also ``python -m
+ringattn``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``ringattn`` parser: ``demo`` with its options, and ``bench`` (whose options its own parsers own)."""
+    """The ``ringattn`` parser: ``demo`` with its options, ``bench`` and ``compile`` (whose options their own parsers
+    own)."""
     parser = argparse.ArgumentParser(prog="ringattn", description=__doc__.replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-ring", action="store_true", help="only the merge part")
     sub.add_parser("bench", help="benchmarks; `ringattn bench --help` for options", add_help=False)
+    sub.add_parser("compile", help="compile the fused CPU kernels ahead of time; --where, --clear", add_help=False)
     return parser
 
 
@@ -50,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["compile"]:
+        from .backends._compile_cli import main as compile_main
+
+        return compile_main(argv[1:])
     args = parser.parse_args(argv)
     from .demo import main as demo_main
 

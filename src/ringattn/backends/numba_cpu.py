@@ -71,8 +71,9 @@ L1-resident stage (bfloat16 chunks: straight from registers) and write it with s
 [streaming stores] in ``numba_stream.py``). The output statistics use plain stores: streaming their 32-byte
 rows measured 1.3x slower on the statistics phase, even now that a chunk writes them in runs.
 
-numba's disk cache keys a kernel on its own source file only: after editing ``numba_stream.py`` (or a helper
-the backward kernel inlines from here), delete ``backends/__pycache__/*.nb*``.
+Compiled kernels are cached in a per-user directory (Note [kernel cache] in ``_kernel_cache.py``), valid for the
+contents of every ``backends/numba_*.py`` (an edit of any of them compiles again); ``ringattn compile --clear``
+empties it.
 
 A row's inputs are read before its outputs are written and rows never share memory, so outputs may be
 exactly the input views (in-place accumulation).
@@ -98,7 +99,7 @@ from numba.extending import overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
 from .._contract import UpdateProblem
-from . import _warm, heads_outer, torch_eager
+from . import _kernel_cache, _warm, heads_outer, torch_eager
 from .numba_stream import (
     BF16_CHUNK,
     STREAM_BYTES,
@@ -108,6 +109,8 @@ from .numba_stream import (
     store_fence,
     stream32,
 )
+
+_kernel_cache.install()  # before the first cache=True kernel below (Note [kernel cache])
 
 NAME = "cpu"
 
