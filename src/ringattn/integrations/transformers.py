@@ -48,22 +48,29 @@ either done right by construction or raises:
 
 Note [torch.compile]
 --------------------
-``torch.compile(model)`` works: the attention function is wrapped in ``torch.compiler.disable`` (Dynamo cannot
-trace the ring: Python-level communication and numba kernels; traced, it fails inside numba's dispatcher), so each
-attention call runs eagerly between compiled regions. Measured with ``torch._dynamo.explain`` (torch 2.13,
-transformers 5.24, a Llama with 2 or with 4 layers): 8 graphs, 7 graph breaks, all at the disabled call, the same
-for both depths (the decoder layer's frames are compiled once and reused). The mask function breaks the graph only
-when a mask is passed (to refuse padding). A custom op around the ring would remove the breaks; not done yet.
+``torch.compile(model, fullgraph=True)`` holds the whole model in one graph: the ring is the custom op
+``ringattn::ring_attention`` (Note [ring under torch.compile] in ``ring/ops.py``), and the position check, which
+reads the position ids' values, is the custom op ``ringattn::check_positions`` (registered as a side effect, so no
+graph pass drops it; eager calls check directly, once per forward). Measured with ``torch._dynamo.explain`` (torch
+2.13, transformers 5.25, a 2-layer Llama): 1 graph, 0 breaks (7 breaks when the attention function was
+``torch.compiler.disable``d). The mask function breaks the graph only when a mask is passed (to refuse padding).
 
 Composition with DDP / FSDP
 ---------------------------
-The default ``reduce_gradients=True`` sums the gradients over the context-parallel group when each backward ends
-(Note [gradient sum over the group]). DDP and FSDP reduce the gradients themselves, so on top of them pass
-``reduce_gradients=False`` and give DDP / FSDP the flattened ``dp x cp`` group, multiplying the loss by the cp size:
-they average over ``dp * cp`` ranks, and ``cp`` times that average is the sum over cp averaged over dp (torchtitan
-does the same). Left at True under DDP / FSDP, the first backward raises ConfigError naming ``reduce_gradients``.
-Without data parallelism, ``reduce_gradients=False`` and :func:`all_reduce_gradients` after ``backward`` give the
-same gradients in one message per call.
+With a ``DeviceMesh`` holding a ``cp`` dimension and data-parallel ones (torchtitan's ``dp x cp``), pass it as
+``apply_ring_attention(model, mesh=mesh)`` and ``shard_inputs(..., mesh=mesh)`` and let FSDP2 (``fully_shard`` over
+the flattened mesh, or HSDP) or DDP reduce over all of its ranks: ``num_items_in_batch`` counts every replica's
+tokens and the integration scales the loss's gradient by the mesh size, so their average is the right sum, with no
+arithmetic on the loss (Note [dp x cp gradients] in ``integrations/_mesh.py``, which also lists the compositions
+refused). ``examples/fsdp2_cp.py`` trains that way.
+
+With a process group, the default ``reduce_gradients=True`` sums the gradients over the context-parallel group when
+each backward ends (Note [gradient sum over the group]). DDP and FSDP reduce the gradients themselves, so on top of
+them pass ``reduce_gradients=False`` and give DDP / FSDP the flattened ``dp x cp`` group, multiplying the loss by the
+cp size: they average over ``dp * cp`` ranks, and ``cp`` times that average is the sum over cp averaged over dp.
+Left at True under DDP / FSDP, the first backward (or, under FSDP2, the first loss) raises ConfigError naming
+``reduce_gradients``. Without data parallelism, ``reduce_gradients=False`` and :func:`all_reduce_gradients` after
+``backward`` give the same gradients in one message per call.
 
 ``ringattn.gather_sequence`` (to collect full logits, say) is NOT differentiable: use it for evaluation only.
 """
@@ -79,10 +86,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.fx.node import has_side_effect
 
 from ..errors import ConfigError, DTypeError, ShapeError, expected
+from ..ring import ops as ring_ops
 from ..ring import packed_shard_info, ring_attention, ring_attention_varlen, shard_packed, shard_sequence
 from ..ring.comm import bounded_wait, group_rank_world
+from . import _mesh
 
 try:
     import transformers
@@ -130,6 +140,11 @@ class _RingState:
     group: Any
     handles: list = dataclasses.field(default_factory=list)
     checked_positions: Any = None  # weakref to the last position-id tensor found correct
+    mesh: Any = None  # the DeviceMesh of apply_ring_attention(mesh=...), if any
+    grad_scale: int = 1  # the loss's gradient is multiplied by it (Note [dp x cp gradients] in _mesh.py)
+    reduce_gradients: bool = False  # the integration's own gradient hooks sum over the group
+    model: Any = None  # weakref to the model, for the composition check at the first eager loss
+    composition_checked: bool = False
 
 
 # id(config) -> state. Configs are shared by every attention module of a model, and the attention function
@@ -181,7 +196,23 @@ def _check_positions(position_ids: Any, local: int, state: _RingState, cu_seqlen
     state.checked_positions = weakref.ref(position_ids)
 
 
-@torch.compiler.disable
+@torch.library.custom_op("ringattn::check_positions", mutates_args=())
+def _check_positions_op(
+    position_ids: torch.Tensor | None, local: int, group: str, cu_seqlens: torch.Tensor | None
+) -> None:
+    """:func:`_check_positions` as a node of a compiled graph (Note [torch.compile]): it reads the values when the
+    graph runs. Registered as a side effect, so graph passes keep it although it returns nothing."""
+    _check_positions(position_ids, local, _RingState(ring_ops.resolve_group(group)), cu_seqlens)
+
+
+@_check_positions_op.register_fake
+def _(position_ids, local, group, cu_seqlens) -> None:
+    return None
+
+
+has_side_effect(torch.ops.ringattn.check_positions.default)
+
+
 def ring_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -236,7 +267,11 @@ def ring_attention_forward(
                 )
             )
     cu_seqlens = kwargs.get(CU_SEQLENS_KEY)
-    _check_positions(kwargs.get("position_ids"), query.shape[2], state, cu_seqlens)
+    if torch.compiler.is_compiling():
+        position_ids = kwargs.get("position_ids")
+        torch.ops.ringattn.check_positions(position_ids, query.shape[2], ring_ops.group_name(state.group), cu_seqlens)
+    else:
+        _check_positions(kwargs.get("position_ids"), query.shape[2], state, cu_seqlens)
     sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks: one logit per head (Note [attention sinks])
     window = _window(kwargs.get("sliding_window"))
     if cu_seqlens is None:
@@ -283,9 +318,11 @@ def _refuse_padding(attention_mask: torch.Tensor) -> None:
         )
 
 
-def _guard_loss(loss_function: Any) -> Any:
-    """The model's loss, refusing what would be silently wrong on a shard (Note [what the integration ...])."""
+def _guard_loss(loss_function: Any, state: _RingState) -> Any:
+    """The model's loss, refusing what would be silently wrong on a shard (Note [what the integration ...]); its
+    gradient scaled by ``state.grad_scale`` (Note [dp x cp gradients] in ``_mesh.py``)."""
     if getattr(loss_function, "_ringattn_guard", False):
+        loss_function._ringattn_state = state
         return loss_function
 
     @functools.wraps(loss_function)
@@ -306,11 +343,17 @@ def _guard_loss(loss_function: Any) -> Any:
                     "None",
                 )
             )
-        return loss_function(
+        loss = loss_function(
             logits, labels, vocab_size, num_items_in_batch=num_items_in_batch, shift_labels=shift_labels, **kwargs
         )
+        ring = guarded._ringattn_state
+        if not torch.compiler.is_compiling() and not ring.composition_checked and ring.model() is not None:
+            _mesh.check_composition(ring.model(), ring.mesh, ring.reduce_gradients)
+            ring.composition_checked = True
+        return _mesh.scale_gradient(loss, ring.grad_scale)
 
     guarded._ringattn_guard = True  # type: ignore[attr-defined]
+    guarded._ringattn_state = state  # type: ignore[attr-defined]
     return guarded
 
 
@@ -441,7 +484,7 @@ def _check_capabilities() -> None:
 
 
 def apply_ring_attention(
-    model: PreTrainedModel, group: Any = None, *, reduce_gradients: bool = True
+    model: PreTrainedModel, group: Any = None, *, mesh: Any = None, reduce_gradients: bool | None = None
 ) -> PreTrainedModel:
     """Make ``model``'s attention causal ring attention over ``group`` (context parallelism); returns ``model``.
 
@@ -454,20 +497,31 @@ def apply_ring_attention(
 
     Parameters
     ----------
-    model : transformers ``PreTrainedModel`` (not yet wrapped in DDP / FSDP / ``torch.compile``)
+    model : transformers ``PreTrainedModel`` (not yet wrapped in DDP / ``torch.compile``; ``fully_shard`` may come
+        before or after)
         A causal decoder whose attention goes through ``AttentionInterface`` (Llama, Mistral, Qwen2, ...).
     group : ProcessGroup, optional
         The context-parallel ranks (default: the default group; without an initialised process group, a ring of
         one: plain attention, unless the process was launched as one of several ranks: ``WORLD_SIZE`` > 1 raises).
-    reduce_gradients : bool
-        Install the gradient hooks. Pass False under DDP / FSDP (module docstring: they then reduce over the
-        flattened ``dp x cp`` group, the loss scaled by the cp size); left True there, ``backward`` raises.
+    mesh : DeviceMesh, optional
+        Instead of ``group``: a 1-D mesh (its ranks are the ring, as ``group``), or a mesh with a dimension named
+        ``cp`` (the ring) and data-parallel dimensions, reduced by FSDP2 (``fully_shard`` over the flattened mesh,
+        or HSDP) or DDP over all of its ranks: the integration then scales the loss's gradient by the mesh size so
+        that their average is the right sum (Note [dp x cp gradients] in ``integrations/_mesh.py``; pass the same
+        mesh to :func:`shard_inputs`).
+    reduce_gradients : bool, optional
+        Install the gradient hooks (default: True for ``group`` or a 1-D mesh, False for a ``dp x cp`` mesh). Pass
+        False when DDP / FSDP reduce the gradients: with ``mesh`` the loss's gradient is scaled for them; with
+        ``group`` they reduce over the flattened ``dp x cp`` group, the loss scaled by the cp size (module
+        docstring). Left True there, ``backward`` (DDP) or the first loss (FSDP2) raises.
 
     Raises
     ------
     ConfigError (ValueError, RuntimeError)
         ``model`` is not a transformers model, or its attention does not go through ``AttentionInterface``;
-        transformers is too old (needs ``AttentionMaskInterface``, 4.53+). Unsupported features (attention
+        transformers is too old (needs ``AttentionMaskInterface``, 4.53+); ``mesh`` not a 1-D or ``cp`` mesh, or
+        given with ``group``; ``reduce_gradients=True`` with a ``dp x cp`` mesh or under FSDP2; FSDP2 reducing over
+        other ranks than the mesh's (Note [dp x cp gradients]). Unsupported features (attention
         dropout in training, sliding windows, soft-capping, padding masks reaching the model, KV caches) raise
         when the model runs. Also: no process group in a process launched with ``WORLD_SIZE`` > 1 (torchrun without
         ``init_process_group``; Note [launched without a process group] in ``ring/comm.py``).
@@ -507,18 +561,42 @@ def apply_ring_attention(
     if old is not None:
         for handle in old.handles:
             handle.remove()
-    state = _RingState(group)
+    group, mesh, reduce_gradients, grad_scale = _mesh_composition(group, mesh, reduce_gradients)
+    _, world = _rank_world(group)
+    _mesh.check_composition(model, mesh, reduce_gradients and world > 1)
+    state = _RingState(group, mesh=mesh, grad_scale=grad_scale, reduce_gradients=reduce_gradients and world > 1,
+                       model=weakref.ref(model))  # fmt: skip
     for key, config in configs.items():
         _STATES[key] = state
         weakref.finalize(config, _STATES.pop, key, None)
-    model.loss_function = _guard_loss(model.loss_function)
-    _, world = _rank_world(group)
+    model.loss_function = _guard_loss(model.loss_function, state)
     if reduce_gradients and world > 1:
         params = [param for param in model.parameters() if param.requires_grad]
         summed = _GroupGradientSum(params, group)
         for index, param in enumerate(params):
             state.handles.append(param.register_hook(functools.partial(summed.hook, index)))
     return model
+
+
+def _mesh_composition(group: Any, mesh: Any, reduce_gradients: bool | None) -> tuple[Any, Any, bool, int]:
+    """``(cp group, mesh, reduce_gradients, loss-gradient scale)`` of ``apply_ring_attention``'s arguments."""
+    if _mesh.is_mesh(group) and mesh is None:  # a mesh given as the group
+        group, mesh = None, group
+    if mesh is None:
+        return group, None, True if reduce_gradients is None else reduce_gradients, 1
+    _mesh.check_mesh(mesh, group)
+    if reduce_gradients is None:
+        reduce_gradients = mesh.ndim == 1
+    elif reduce_gradients and mesh.ndim > 1:
+        raise ConfigError(
+            expected(
+                "reduce_gradients",
+                "None or False with a dp x cp mesh (FSDP / DDP over the mesh reduce the gradients: Note [dp x cp "
+                "gradients] in integrations/_mesh.py)",
+                True,
+            )
+        )
+    return ring_ops.process_group(mesh, "mesh"), mesh, reduce_gradients, 1 if reduce_gradients else mesh.size()
 
 
 def all_reduce_gradients(model: torch.nn.Module, group: Any = None) -> None:
@@ -654,6 +732,7 @@ def shard_inputs(
     labels: torch.Tensor | None = None,
     *,
     group: Any = None,
+    mesh: Any = None,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     cu_seqlens: Any = None,
@@ -676,6 +755,10 @@ def shard_inputs(
     group : ProcessGroup, optional
         The context-parallel ranks (default group; without an initialised process group, a ring of one, unless
         ``WORLD_SIZE`` > 1 says this process is one of several ranks: ConfigError).
+    mesh : DeviceMesh, optional
+        Instead of ``group``: the mesh of :func:`apply_ring_attention`. Every rank of its ``cp`` dimension passes the
+        same full batch; each data-parallel replica its own, and ``num_items_in_batch`` counts the scored tokens of
+        all of them (Note [dp x cp gradients] in ``integrations/_mesh.py``).
     attention_mask : Tensor ``(B, S)`` of 0/1, optional
         Right padding only (``1...1 0...0`` per row); padded tokens are not scored. Left padding or holes raise.
     position_ids, cu_seqlens : optional
@@ -720,6 +803,11 @@ def shard_inputs(
     cu = _packed_cu_seqlens(position_ids, cu_seqlens, batch, seq)
     if cu is not None and attention_mask is not None:
         raise ConfigError(expected("attention_mask", "None for a packed batch (documents end to end)", "a mask"))
+    if _mesh.is_mesh(group) and mesh is None:
+        group, mesh = None, group
+    if mesh is not None:
+        _mesh.check_mesh(mesh, group)
+        group = ring_ops.process_group(mesh, "mesh")
     rank, world = _rank_world(group)
     if world > 1:
         _check_same_batch(group, [ids, labels, attention_mask, cu])
@@ -755,7 +843,10 @@ def shard_inputs(
             scored = torch.arange(seq, device=ids.device) + 1 < lengths.unsqueeze(-1)
             shifted = shifted.masked_fill(~scored, ignore_index)
         local = cut(shifted, ignore_index)
-        out.update(labels=local, shift_labels=local, num_items_in_batch=(shifted != ignore_index).sum().to(torch.int64))
+        count = (shifted != ignore_index).sum().to(torch.int64)
+        if mesh is not None and _mesh.data_parallel_dims(mesh):  # every replica's tokens (Note [dp x cp gradients])
+            count = _mesh.count_over_replicas(count, mesh, _collective_device(group, ids.device))
+        out.update(labels=local, shift_labels=local, num_items_in_batch=count)
     elif attention_mask is not None:
         _right_padding_lengths(attention_mask)
     return out

@@ -11,10 +11,7 @@ are merged by the row-merge backend of the device
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,7 +19,7 @@ import torch.distributed as dist
 
 from .. import _amp, backends
 from ..errors import refuse_double_backward
-from . import checks
+from . import checks, ops
 from .blocks import attend, attend_backward, band_pieces, compute_dtype, resolve_impl
 from .comm import RingComm
 from .schedule import active_steps, chunks_per_rank, step_blocks, window_step_blocks
@@ -439,32 +436,6 @@ def local_merge_backend(q: Any, backend: Any) -> str | None:
         return None
 
 
-# Note [ring under torch.compile]
-# -------------------------------
-# The ring's entry points are opaque to torch.compile: one graph break per call, the ring itself runs eagerly.
-# Traced, Dynamo broke the graph 3 times inside ``ring_attention`` (imports, the comm object) and follows P2P
-# code it cannot capture. A custom op would need the ring's config (process group, plan) through the op schema;
-# the attention call is one break among a model's layers either way (ringattn.integrations.transformers
-# measured 7 breaks for 7 attention calls). ``torch.compiler.disable`` is applied at the first call made while
-# Dynamo is loaded, not at import: applying it imports torch._dynamo, 0.8 s of every ``import ringattn``.
-
-
-def opaque_to_compile(fn: Callable) -> Callable:
-    """``fn`` as one graph break under torch.compile (Note [ring under torch.compile]), without importing Dynamo."""
-    disabled: list[Callable] = []
-
-    @functools.wraps(fn)
-    def entry(*args: Any, **kwargs: Any) -> Any:
-        if "torch._dynamo" not in sys.modules:  # nothing can be compiling
-            return fn(*args, **kwargs)
-        if not disabled:
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
-
-    return entry
-
-
-@opaque_to_compile
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -505,10 +476,12 @@ def ring_attention(
         Mask key positions after the query position, in GLOBAL sequence order as set by ``sharding``.
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``. Must be the same on every rank.
-    group : ProcessGroup, optional
+    group : ProcessGroup or DeviceMesh, optional
         The ring (default: the default group). Without an initialised process group the call is a ring of one and
         computes plain attention, unless the environment says this process is one of several ranks (``WORLD_SIZE``
         > 1, as torchrun sets it): then ConfigError (Note [launched without a process group] in ``ring/comm.py``).
+        A DeviceMesh: 1-D, or with a dimension named ``"cp"`` (the ring is then ``mesh["cp"]``, as in torchtitan's
+        ``dp x cp`` meshes).
     sharding : {"zigzag", "contiguous"}
         How the global sequence was cut (matters only when causal). ``"zigzag"``: the sequence is cut
         into ``2W`` chunks and rank r holds chunks ``r`` and ``2W-1-r`` concatenated (:func:`shard_sequence`);
@@ -555,7 +528,13 @@ def ring_attention(
         On every rank still taking part, when another rank stops taking part (Note [bounded waits]).
     """
     options = RingOptions(causal, softmax_scale, layout, sharding, impl, backend, window)
-    return run_ring(q, k, v, RingComm(group, timeout=timeout), options, return_lse=return_lse, sinks=sinks)
+
+    # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
+    def direct() -> Any:
+        comm = RingComm(ops.process_group(group), timeout=timeout)
+        return run_ring(q, k, v, comm, options, return_lse=return_lse, sinks=sinks)
+
+    return ops.call(q, k, v, None, group, options, return_lse, direct, sinks=sinks, timeout=timeout)
 
 
 def run_ring(

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _amp
-from . import blocks, checks
+from . import blocks, checks, ops
 from .attention import (
     RingConfig,
     RingOptions,
@@ -43,7 +43,6 @@ from .attention import (
     add_slice_gradients,
     attend_slices,
     local_merge_backend,
-    opaque_to_compile,
 )
 from .blocks import ATEN, KERNELS, band_pieces, compute_dtype, resolve_impl
 from .comm import RingComm
@@ -201,7 +200,6 @@ def prepare_varlen(
     return q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cfg
 
 
-@opaque_to_compile  # Note [ring under torch.compile] in attention.py
 def ring_attention_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -246,8 +244,9 @@ def ring_attention_varlen(
         Causal attention within each document, by position in the document.
     softmax_scale : float, optional
         Multiplies the scores; default ``1 / sqrt(D)``. Must be the same on every rank.
-    group : ProcessGroup, optional
-        The ring (default: the default group; without an initialised process group, a ring of one).
+    group : ProcessGroup or DeviceMesh, optional
+        The ring (default: the default group; without an initialised process group, a ring of one); a DeviceMesh as
+        in :func:`ringattn.ring_attention` (1-D, or its ``"cp"`` dimension).
     return_lse : bool
         Also return the log-sum-exp (not differentiable).
     impl : {"auto", "sdpa", "cudnn", "flash", "efficient", "torch"}
@@ -280,8 +279,13 @@ def ring_attention_varlen(
         whether a backward will run); checked with one small all_gather before any transfer.
     """
     options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend, window)
-    comm = RingComm(group, timeout=timeout)
-    return run_ring_varlen(q, k, v, cu_seqlens, comm, options, return_lse=return_lse, sinks=sinks)
+
+    # The op ringattn::ring_attention, or this direct eager call (Note [ring under torch.compile] in ops.py)
+    def direct() -> Any:
+        comm = RingComm(ops.process_group(group), timeout=timeout)
+        return run_ring_varlen(q, k, v, cu_seqlens, comm, options, return_lse=return_lse, sinks=sinks)
+
+    return ops.call(q, k, v, cu_seqlens, group, options, return_lse, direct, sinks=sinks, timeout=timeout)
 
 
 def run_ring_varlen(

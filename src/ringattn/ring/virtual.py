@@ -32,10 +32,10 @@ import torch
 
 from .. import _amp
 from ..errors import CommTimeoutError, ConfigError, ShapeError, expected, refuse_double_backward
+from . import ops
 from .attention import (
     RingOptions,
     _heads_first,
-    opaque_to_compile,
     prepare,
     ring_backward,
     ring_forward,
@@ -260,54 +260,90 @@ def _unshard(shards: list[torch.Tensor], plan: _Plan, dim: int) -> torch.Tensor:
     return unshard_sequence(shards, sharding=_sharding(plan), dim=dim)
 
 
+def virtual_forward(q, k, v, sinks: Any, plan: _Plan, needs_grad: bool) -> tuple:
+    """Every virtual rank's forward: ``(out, lse, per_rank)``, out in the caller's layout, ``per_rank`` the
+    ``((q_r, k_r, v_r, out_r, lse_r), cfg)`` of each rank that its backward needs."""
+    shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
+
+    def rank_forward(comm: VirtualComm):
+        q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad, sinks)
+        out, lse = ring_forward(q_r, k_r, v_r, cfg, sinks)
+        return (q_r, k_r, v_r, out, lse), cfg
+
+    per_rank = run_virtual_ranks(plan.world_size, rank_forward)
+    out = _unshard([saved[3] for saved, _ in per_rank], plan, dim=1)  # (B, S, N, D); packed (T, N, D)
+    lse = _unshard([saved[4] for saved, _ in per_rank], plan, dim=2)  # (B, N, S); packed (N, T)
+    if plan.options.layout == "BNSD":
+        out = _heads_first(out)
+    return out, lse, per_rank
+
+
+def virtual_backward(dout: torch.Tensor, per_rank: list, plan: _Plan, sinks: Any) -> tuple:
+    """``(dq, dk, dv, dsinks)`` of the whole sequence (the caller's layout; dsinks None without sinks) from
+    :func:`virtual_forward`'s ``per_rank``."""
+    douts = _shards(dout, plan)
+
+    def rank_backward(comm: VirtualComm):
+        (q_r, k_r, v_r, out, lse), cfg = per_rank[comm.rank]
+        do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
+        do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
+        grads = ring_backward(do_r, q_r, k_r, v_r, out, lse, dataclasses.replace(cfg, comm=comm))
+        return (*grads, sink_gradient(do_r, out, lse, sinks) if sinks is not None else None)
+
+    grads = run_virtual_ranks(plan.world_size, rank_backward)
+    full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
+    if plan.options.layout == "BNSD":
+        full = [_heads_first(g) for g in full]
+    dsinks = torch.stack([g[3] for g in grads]).sum(0) if sinks is not None else None  # every rank's rows
+    return (*full, dsinks)
+
+
+class _CheckedRank:
+    """Virtual rank ``rank`` of a call the forward checked: its all_gather returns its own row for every rank."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        return [list(values) for _ in range(self.world_size)]
+
+
+def rebuild_per_rank(q, k, v, out, lse, sinks: Any, plan: _Plan) -> list:
+    """:func:`virtual_forward`'s ``per_rank`` from the call's inputs and outputs (the op's backward saves only
+    tensors): each rank's shards, and its configuration as ``prepare`` makes it, without the forward's checks."""
+    plan = dataclasses.replace(plan, options=dataclasses.replace(plan.options, backend="torch"))  # no probe merge
+    per_rank = []
+    for rank, inputs in enumerate(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True)):
+        q_r, k_r, v_r, cfg = plan.prepare(*inputs, _CheckedRank(rank, plan.world_size), True, sinks)
+        if plan.cu_seqlens is not None:
+            out_r = shard_packed(out, plan.cu_seqlens, rank, plan.world_size).unsqueeze(0)
+            lse_r = shard_packed(lse, plan.cu_seqlens, rank, plan.world_size, dim=1).unsqueeze(0)
+        else:
+            out_r = _shards(out, plan)[rank]
+            out_r = _heads_first(out_r) if plan.options.layout == "BNSD" else out_r
+            lse_r = shard_sequence(lse, rank, plan.world_size, sharding=_sharding(plan), dim=2)
+        per_rank.append(((q_r, k_r, v_r, out_r, lse_r), cfg))
+    return per_rank
+
+
 class _VirtualRing(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: Any, plan: _Plan, needs_grad: bool
     ) -> Any:
-        shards = list(zip(*(_shards(x, plan) for x in (q, k, v)), strict=True))
-
-        def rank_forward(comm: VirtualComm):
-            q_r, k_r, v_r, cfg = plan.prepare(*shards[comm.rank], comm, needs_grad, sinks)
-            out, lse = ring_forward(q_r, k_r, v_r, cfg, sinks)
-            return (q_r, k_r, v_r, out, lse), cfg
-
-        results = run_virtual_ranks(plan.world_size, rank_forward)
-        ctx.saved = [saved for saved, _ in results]
-        ctx.configs = [cfg for _, cfg in results]
+        out, lse, ctx.per_rank = virtual_forward(q, k, v, sinks, plan, needs_grad)
         ctx.plan = plan
         ctx.save_for_backward(sinks)
-        out = _unshard([saved[3] for saved in ctx.saved], plan, dim=1)  # (B, S, N, D); packed (T, N, D)
-        lse = _unshard([saved[4] for saved in ctx.saved], plan, dim=2)  # (B, N, S); packed (N, T)
-        if plan.options.layout == "BNSD":
-            out = _heads_first(out)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor, _dlse: Any) -> Any:
         refuse_double_backward("simulate_ring_attention")
-        plan = ctx.plan
-        douts = _shards(dout, plan)
-
-        def rank_backward(comm: VirtualComm):
-            q_r, k_r, v_r, out, lse = ctx.saved[comm.rank]
-            do_r = _heads_first(douts[comm.rank]) if plan.options.layout == "BNSD" else douts[comm.rank]
-            do_r = do_r.unsqueeze(0) if plan.cu_seqlens is not None else do_r
-            cfg = dataclasses.replace(ctx.configs[comm.rank], comm=comm)
-            grads = ring_backward(do_r, q_r, k_r, v_r, out, lse, cfg)
-            return (*grads, sink_gradient(do_r, out, lse, sinks) if sinks is not None else None)
-
         (sinks,) = ctx.saved_tensors
-        grads = run_virtual_ranks(plan.world_size, rank_backward)
-        full = [_unshard([g[i] for g in grads], plan, dim=1) for i in range(3)]  # (B, S, N, D) or (T, N, D) each
-        if plan.options.layout == "BNSD":
-            full = [_heads_first(g) for g in full]
-        dsinks = torch.stack([g[3] for g in grads]).sum(0) if sinks is not None else None  # every rank's rows
-        return (*full, dsinks, None, None)
+        return (*virtual_backward(dout, ctx.per_rank, ctx.plan, sinks), None, None)
 
 
-@opaque_to_compile  # Note [ring under torch.compile] in attention.py
 def simulate_ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -376,23 +412,32 @@ def simulate_ring_attention(
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(expected("world_size", "an int >= 1", repr(world_size)))
-    q, k, v = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
-    with _amp.autocast_off(q, k, v):
-        return _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend,
-                         cu_seqlens, sinks, window)  # fmt: skip
-
-
-def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, return_lse, impl, backend, cu_seqlens,
-              sinks, window):  # fmt: skip
     if cu_seqlens is not None:
-        causal = True if causal is None else causal
-        return _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend,
-                                sinks, window)  # fmt: skip
-    options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend, window)
-    # The whole call's checks first, as a ring of one (sharding needs valid tensors); then every virtual rank
-    # checks its shard again through the all-gather, as real ranks do.
-    prepare(q, k, v, options, _SoloComm(), needs_grad=False, sinks=sinks)
+        options = RingOptions(True if causal is None else causal, softmax_scale, "TND", "zigzag", impl, backend, window)
+    else:
+        options = RingOptions(False if causal is None else causal, softmax_scale, layout, sharding, impl, backend,
+                              window)  # fmt: skip
+
+    def direct() -> Any:
+        q_, k_, v_ = _amp.cast_inputs(q, k, v)  # Note [autocast] in _amp.py
+        with _amp.autocast_off(q_, k_, v_):
+            plan = checked_plan(q_, k_, v_, world_size, options, cu_seqlens, sinks)
+            needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q_, k_, v_, sinks))
+            out, lse = _VirtualRing.apply(q_, k_, v_, sinks, plan, needs_grad)
+        return (out, lse) if return_lse else out
+
+    # The op ringattn::simulate_ring_attention, or the direct eager call (Note [ring under torch.compile] in ops.py)
+    return ops.call(q, k, v, cu_seqlens, None, options, return_lse, direct, sinks=sinks, world_size=world_size)
+
+
+def checked_plan(q, k, v, world_size: int, options: RingOptions, cu_seqlens: Any, sinks: Any) -> _Plan:
+    """The whole call's checks, raising here (one process): as a ring of one, then whether the sequence cuts into
+    ``world_size`` shards; every virtual rank checks its shard again through the all-gather, as real ranks do."""
+    if cu_seqlens is not None:
+        return _checked_packed_plan(q, k, v, cu_seqlens, world_size, options, sinks)
+    prepare(q, k, v, options, _SoloComm(), needs_grad=False, sinks=sinks)  # sharding needs valid tensors
     seq_dim = 1 if options.layout == "BSND" else 2
+    sharding = options.sharding
     chunks = 2 * world_size if sharding == "zigzag" and world_size > 1 else world_size
     for name, x in (("q", q), ("k", k)):
         if x.shape[seq_dim] % chunks:
@@ -403,13 +448,10 @@ def _simulate(q, k, v, world_size, causal, softmax_scale, layout, sharding, retu
                     x.shape[seq_dim],
                 )
             )
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks))
-    out, lse = _VirtualRing.apply(q, k, v, sinks, _Plan(world_size, options, seq_dim), needs_grad)
-    return (out, lse) if return_lse else out
+    return _Plan(world_size, options, seq_dim)
 
 
-def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, return_lse, impl, backend, sinks, window):
-    options = RingOptions(causal, softmax_scale, "TND", "zigzag", impl, backend, window)
+def _checked_packed_plan(q, k, v, cu_seqlens, world_size: int, options: RingOptions, sinks: Any) -> _Plan:
     # The whole batch checked as a ring of one holding it all (cu_seqlens must end at T; its W = 1 slot count is
     # not asked of q), then every virtual rank checks its shard through the all-gather, as real ranks do.
     if isinstance(q, torch.Tensor) and q.dim() >= 1:
@@ -426,9 +468,7 @@ def _simulate_packed(q, k, v, cu_seqlens, world_size, causal, softmax_scale, ret
         for x in (q, k, v)
     ]
     prepare_varlen(*solo, cu_seqlens, options, _SoloComm(), needs_grad=False, sinks=sinks)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, sinks))
-    out, lse = _VirtualRing.apply(q, k, v, sinks, _Plan(world_size, options, 0, cu_seqlens), needs_grad)
-    return (out, lse) if return_lse else out
+    return _Plan(world_size, options, 0, cu_seqlens)
 
 
 class _SoloComm:
