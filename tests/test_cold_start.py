@@ -252,6 +252,7 @@ def test_a_compile_outlives_the_program_that_asked(tmp_path, monkeypatch) -> Non
         sys.modules.pop("detached_kernel", None)
 
 
+@pytest.mark.slow  # 30 s: a worker sleeps to its (shortened) time limit
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock; SIGALRM")
 def test_a_worker_stops_at_its_time_limit_and_its_job_is_not_left_claimed(tmp_path, monkeypatch) -> None:
     """A worker past its hard limit is killed mid-job; the job's leftover claim is recognised as stale (the lock is

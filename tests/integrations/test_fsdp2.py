@@ -107,6 +107,7 @@ def _compositions(rank: int, world: int) -> None:
     _raises(ConfigError, "group", lambda: ringattn.ring_attention(q, q, q, layout="BSND", group=unnamed))
 
 
+@pytest.mark.slow  # 4 processes, several trainings: the example under torchrun covers FSDP2 in the default run
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_hsdp_bf16_wrong_compositions_and_mesh_groups(tmp_path):

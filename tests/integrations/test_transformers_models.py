@@ -97,7 +97,7 @@ def _rank(rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_over_gloo(world_size, tmp_path) -> None:
     run_ranks(_rank, world_size, tmp_path, deadline_s=220)
 

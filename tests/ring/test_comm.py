@@ -189,7 +189,8 @@ def _stalled_peer(rank: int, world: int, scenario: str, flags: str) -> None:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(
     ("world_size", "scenario"),
-    [(2, "skip"), (3, "skip"), (2, "skip_backward"), (3, "skip_backward"), (2, "exit"), (3, "exit")],
+    [(2, "skip"), (3, "skip"), (2, "skip_backward"), (2, "exit")]
+    + [pytest.param(3, scenario, marks=pytest.mark.slow) for scenario in ("skip_backward", "exit")],
 )
 def test_every_other_rank_raises_within_the_timeout_when_a_peer_stops(world_size, scenario, tmp_path):
     flags = tmp_path / "flags"

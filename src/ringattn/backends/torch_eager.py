@@ -342,8 +342,8 @@ class _Merged:
     ``empty[k]`` (part k's empty flags, or None when it has no empty row: the common case skips every select),
     ``empty_stack`` (all of them, or None), ``all_empty`` (rows empty in every part, or None), ``new_max`` ``M``,
     ``decay`` ``exp(m_k - shift)``, ``scaled`` ``a_k``, ``new_sum`` ``L``. Lanes are narrowed to lane 0 when every
-    lane is bitwise lane 0. The formulas of ``_merge_rows_gather``; ``L`` sums the stacked parts (the gather path's
-    order for K = 2, within a rounding for more)."""
+    lane is bitwise lane 0. The formulas of ``_merge_rows_gather``; ``L`` adds the parts in order, as the fused kernels
+    do."""
 
     def __init__(self, parts_m, parts_l, row_map, compute: torch.dtype, lse_scale: float) -> None:
         # Per-batch statistics: the row index once, and lane 0 alone when all lanes are equal (checked before the
@@ -385,7 +385,13 @@ class _Merged:
         shift = new_max if all_empty is None else new_max.masked_fill(all_empty, 0.0)
         self.decay = torch.exp(maxima - shift)
         self.scaled = self.decay if sums is None else sums * self.decay
-        self.new_sum = self.scaled.sum(0)
+        # L in part order, one add at a time (as every fused kernel adds): a reduction over the stack may associate
+        # differently for another K, and then an empty part (a = 0, the identity of +) would change the bits of the
+        # merge of the others (Note [row merge]: such a row is bitwise the merge without it).
+        new_sum = self.scaled[0].clone()
+        for scaled in self.scaled[1:]:
+            new_sum += scaled
+        self.new_sum = new_sum
 
 
 def merge_rows(
@@ -525,7 +531,10 @@ def merge_rows_backward(
         dot = torch.stack([d[0] if len(d) == 1 else torch.cat(d, pieces[0][0]) for d in dots])
     else:
         dot = torch.zeros((len(parts_o), *grad_o.shape[:-1], lanes), dtype=compute, device=grad_o.device)
-    mean_dot = (weights * dot).sum(0)  # <g, o> recomputed from the parts
+    products = weights * dot
+    mean_dot = products[0].clone()  # <g, o> recomputed from the parts, in part order (as _Merged adds L)
+    for product in products[1:]:
+        mean_dot += product
     centred = dot - mean_dot
     # Output lane c holds merged lane c % lanes, so lane j's gradient sums those output lanes.
     g_m = _fold(_gather_rows(grad_m, row_map).to(compute), lanes)
