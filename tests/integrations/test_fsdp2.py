@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 import ringattn  # noqa: E402
+from integrations.test_transformers import _raises  # noqa: E402
 from ring.ring_spawn import run_ranks  # noqa: E402
 from ringattn.errors import ConfigError  # noqa: E402
 from ringattn.integrations.transformers import apply_ring_attention, shard_inputs  # noqa: E402
@@ -35,15 +36,6 @@ def _example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _raises(error, name: str, fn) -> None:
-    try:
-        fn()
-    except error as e:
-        assert str(e).startswith(f"{name}: expected"), str(e)
-    else:
-        raise AssertionError(f"expected {error.__name__} naming {name}")
 
 
 @pytest.mark.distributed
