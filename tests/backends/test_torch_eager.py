@@ -1,5 +1,5 @@
 """The portable ``torch`` backend's fast path (Note [torch merge passes] in ``backends/torch_eager.py``) against its
-gather path (``_merge_rows_gather``, ``_merge_rows_backward_gather``: the backend before the fast path), row by row.
+gather path (``torch_eager_before.py``: the backend before the fast path), row by row.
 
 Tolerances, fast path against gather path (both float32 arithmetic; float64 for float64):
 
@@ -22,6 +22,7 @@ import math
 
 import pytest
 import torch
+import torch_eager_before
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -84,7 +85,7 @@ def _outs(parts_o, parts_m, parts_l, lanes_out):
 def _check_forward(parts_o, parts_m, parts_l, lanes_out, lse_scale=1.0):
     want = _outs(parts_o, parts_m, parts_l, lanes_out)
     got = _outs(parts_o, parts_m, parts_l, lanes_out)
-    torch_eager._merge_rows_gather(parts_o, parts_m, parts_l, *want, lse_scale=lse_scale)
+    torch_eager_before._merge_rows_gather(parts_o, parts_m, parts_l, *want, lse_scale=lse_scale)
     torch_eager.merge_rows(parts_o, parts_m, parts_l, *got, lse_scale=lse_scale)
     k = len(parts_o)
     dtype = parts_o[0].dtype
@@ -219,7 +220,7 @@ def test_backward_against_the_gather_path(dtype, k, lanes, equal, lse, d):
         fn(grad_o, grad_m, grad_l, parts_o, parts_m, parts_l, back[0], back[1], back[2] if parts_l else None)
         return [t for ts in back for t in ts]
 
-    want = run(torch_eager._merge_rows_backward_gather)
+    want = run(torch_eager_before._merge_rows_backward_gather)
     got = run(torch_eager.merge_rows_backward)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     lowp = dtype in (torch.bfloat16, torch.float16)

@@ -325,3 +325,14 @@ def test_cuda_band_blocks_run_fa2_window_arguments(monkeypatch, window, packed) 
     want = _reference(*(lift(x) for x in (q, k, v, g)), mask)
     for name, x, e in zip(("out", "dq", "dk", "dv"), got, (want[0], *want[2:]), strict=True):
         torch.testing.assert_close(lift(x).double(), e, atol=3e-2, rtol=3e-2, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_bench_ring_reports_the_steps_a_window_takes(capsys) -> None:
+    from ringattn.bench.ring import main
+
+    assert main(["--window", "8"]) == 2  # needs --virtual: an argument error, named
+    assert "--window and --sharding need --virtual" in capsys.readouterr().err
+    args = ["--virtual", "--world-size", "4", "--seq-len", "128", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    assert main([*args, "--window", "4", "--sharding", "contiguous"]) == 0
+    out = capsys.readouterr().out
+    assert "ring steps taken [0, 1] of 4" in out and "single (window)" in out
